@@ -1,0 +1,81 @@
+//! `bertcuda bench`: speed as ratios against a reference, never as test assertions.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::data::prepare::{prepare, PrepareConfig, DEFAULT_SHARD_TOKENS};
+use crate::data::text::{list_input_files, CorpusReader, DEFAULT_MAX_LINE_BYTES};
+use crate::data::tokenizer::{BertTokenizer, LoadOptions};
+use crate::error::{Error, Result};
+
+pub struct PrepareBench {
+    pub text_mb: f64,
+    pub workers: usize,
+    /// The tokenizer alone: `encode_batch` / `encode_batch_fast` over every sentence, text already in memory.
+    pub encode_batch_mb_s: f64,
+    pub encode_batch_fast_mb_s: f64,
+    /// `prepare` end to end: read, clean, tokenize, write shards.
+    pub prepare_mb_s: f64,
+}
+
+/// prepare's MB/s of text next to the tokenizer's own batch encoding on the same text and threads.
+pub fn bench_prepare(
+    inputs: &[PathBuf],
+    tokenizer: &Path,
+    workers: usize,
+    repeats: usize,
+) -> Result<PrepareBench> {
+    let files = list_input_files(inputs)?;
+    let tok = BertTokenizer::load(tokenizer, LoadOptions::default())?;
+    let mut reader = CorpusReader::new(files, DEFAULT_MAX_LINE_BYTES);
+    let mut sentences = Vec::new();
+    while let Some(doc) = reader.next_document()? {
+        sentences.extend(doc);
+    }
+    let text_mb = reader.report.bytes as f64 / 1e6;
+    let repeats = repeats.max(1);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(workers)
+        .build()
+        .map_err(|e| Error::Invalid(format!("cannot start {workers} threads: {e}")))?;
+    let refs: Vec<&str> = sentences.iter().map(|s| s.as_str()).collect();
+    let time_best = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
+        let mut best = f64::INFINITY;
+        for _ in 0..repeats {
+            let t = Instant::now();
+            f()?;
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        Ok(best)
+    };
+    let enc_err = |e: tokenizers::Error| Error::Invalid(format!("encode_batch: {e}"));
+    let t_batch = pool.install(|| {
+        time_best(&|| tok.inner().encode_batch(refs.clone(), false).map(|_| ()).map_err(enc_err))
+    })?;
+    let t_fast = pool.install(|| {
+        time_best(&|| tok.inner().encode_batch_fast(refs.clone(), false).map(|_| ()).map_err(enc_err))
+    })?;
+    let out = std::env::temp_dir().join(format!("bertcuda-bench-prepare-{}", std::process::id()));
+    let cfg = PrepareConfig {
+        inputs: inputs.to_vec(),
+        tokenizer: tokenizer.to_path_buf(),
+        no_lowercase: false,
+        output: out.clone(),
+        workers,
+        overwrite: true,
+        max_line_bytes: DEFAULT_MAX_LINE_BYTES,
+        shard_tokens: DEFAULT_SHARD_TOKENS,
+        id_bytes: None,
+        progress: false,
+    };
+    let t_prepare = time_best(&|| prepare(&cfg).map(|_| ()));
+    let _ = std::fs::remove_dir_all(&out);
+    let t_prepare = t_prepare?;
+    Ok(PrepareBench {
+        text_mb,
+        workers,
+        encode_batch_mb_s: text_mb / t_batch,
+        encode_batch_fast_mb_s: text_mb / t_fast,
+        prepare_mb_s: text_mb / t_prepare,
+    })
+}

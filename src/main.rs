@@ -1,0 +1,345 @@
+//! The `bertcuda` command line: argument parsing and human output only; the work is in the library.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use bertcuda::data::prepare::{prepare, PrepareConfig, DEFAULT_SHARD_TOKENS};
+use bertcuda::data::shards;
+use bertcuda::data::text::{clean_line, list_input_files, CorpusReader, DEFAULT_MAX_LINE_BYTES};
+use bertcuda::data::tokenizer::{BertTokenizer, LoadOptions};
+use bertcuda::fsutil::AtomicDir;
+
+#[derive(Parser)]
+#[command(
+    name = "bertcuda",
+    version,
+    about = "BERT pretraining (MLM + NSP): tokenizer → token shards → training → evaluation"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a WordPiece vocabulary.
+    #[command(subcommand)]
+    Tokenizer(TokenizerCmd),
+    /// Print the token ids of texts, one JSON object per line.
+    #[command(after_help = "Examples:\n  bertcuda tokenize --tokenizer tok/ \"Hello world.\"\n  \
+        printf 'First segment.\\tSecond segment.\\n' | bertcuda tokenize --tokenizer tok/ --pair\n\n\
+        Output: {\"input_ids\": [...], \"token_type_ids\": [...]} per input, special tokens included.")]
+    Tokenize(TokenizeArgs),
+    /// Tokenize a text corpus into memory-mapped token shards.
+    #[command(
+        after_help = "Example:\n  bertcuda prepare --input corpus/ --tokenizer tok/ --output shards/\n\n\
+        Input: one sentence per line, a blank line between documents; files, directories (walked in sorted\n\
+        order) and .gz files."
+    )]
+    Prepare(PrepareArgs),
+    /// Check shard directories.
+    #[command(subcommand)]
+    Shards(ShardsCmd),
+    /// Measure speed against a reference.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum TokenizerCmd {
+    /// Train a BERT WordPiece vocabulary and write a Hugging Face tokenizer directory.
+    #[command(
+        after_help = "Example:\n  bertcuda tokenizer train --input corpus.txt --vocab-size 30522 --output tok/\n\n\
+        Writes vocab.txt, tokenizer.json, tokenizer_config.json and special_tokens_map.json;\n\
+        transformers' AutoTokenizer.from_pretrained(\"tok/\") loads them."
+    )]
+    Train(TokenizerTrainArgs),
+}
+
+#[derive(Args)]
+struct TokenizerTrainArgs {
+    /// Text files or directories (one sentence per line; .gz accepted).
+    #[arg(long, required = true, num_args = 1..)]
+    input: Vec<PathBuf>,
+    /// Vocabulary size, the five special tokens included.
+    #[arg(long, default_value_t = 30522)]
+    vocab_size: usize,
+    /// Output directory.
+    #[arg(long)]
+    output: PathBuf,
+    /// Keep case (a cased tokenizer); the default lower-cases and strips accents like bert-base-uncased.
+    #[arg(long)]
+    no_lowercase: bool,
+    /// Drop word pieces seen fewer times than this.
+    #[arg(long, default_value_t = 2)]
+    min_frequency: u64,
+    /// Replace an existing output directory.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+#[derive(Args)]
+struct TokenizeArgs {
+    /// A Hugging Face model or tokenizer directory, a tokenizer.json, or a vocab.txt.
+    #[arg(long)]
+    tokenizer: PathBuf,
+    /// Each input is a pair: segment A, a TAB, segment B.
+    #[arg(long)]
+    pair: bool,
+    /// With a bare vocab.txt: keep case.
+    #[arg(long)]
+    no_lowercase: bool,
+    /// Texts; standard-input lines when none are given.
+    text: Vec<String>,
+}
+
+#[derive(Args)]
+struct PrepareArgs {
+    /// Text files or directories (one sentence per line, a blank line between documents; .gz accepted).
+    #[arg(long, required = true, num_args = 1..)]
+    input: Vec<PathBuf>,
+    /// A Hugging Face model or tokenizer directory, a tokenizer.json, or a vocab.txt.
+    #[arg(long)]
+    tokenizer: PathBuf,
+    /// With a bare vocab.txt: keep case.
+    #[arg(long)]
+    no_lowercase: bool,
+    /// Output shard directory (written atomically).
+    #[arg(long)]
+    output: PathBuf,
+    /// Tokenizer threads (default: every core). The output does not depend on it.
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
+    /// Replace an existing output directory.
+    #[arg(long)]
+    overwrite: bool,
+    /// Lines longer than this many bytes are cut (and counted).
+    #[arg(long, default_value_t = DEFAULT_MAX_LINE_BYTES)]
+    max_line_bytes: usize,
+    /// Tokens per shard file.
+    #[arg(long, default_value_t = DEFAULT_SHARD_TOKENS)]
+    shard_tokens: u64,
+    /// Token id width in the shards: auto (16 bits when the vocabulary fits), 16 or 32.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "16", "32"])]
+    id_width: String,
+    /// No progress output.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Subcommand)]
+enum ShardsCmd {
+    /// Check every shard's header, size, checksum and ids, and the tokenizer; names the first bad file.
+    #[command(after_help = "Example:\n  bertcuda shards verify shards/")]
+    Verify { dir: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// prepare's MB/s of text next to the tokenizer's own encode_batch on the same text and threads.
+    #[command(after_help = "Example:\n  bertcuda bench prepare --input data/sample --tokenizer tok/")]
+    Prepare {
+        #[arg(long, required = true, num_args = 1..)]
+        input: Vec<PathBuf>,
+        #[arg(long)]
+        tokenizer: PathBuf,
+        /// Threads for both (default: every core).
+        #[arg(long, default_value_t = 0)]
+        workers: usize,
+        /// Runs of each; the best is reported.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Tokenizer(TokenizerCmd::Train(a)) => tokenizer_train(a),
+        Command::Tokenize(a) => tokenize(a),
+        Command::Prepare(a) => prepare_cmd(a),
+        Command::Shards(ShardsCmd::Verify { dir }) => {
+            let m = shards::verify(&dir)?;
+            println!(
+                "{}: OK — {} shards, {} documents, {} sentences, {} tokens",
+                dir.display(),
+                m.shards.len(),
+                m.documents,
+                m.sentences,
+                m.tokens
+            );
+            Ok(())
+        }
+        Command::Bench(BenchCmd::Prepare { input, tokenizer, workers, repeats }) => {
+            let workers = if workers == 0 { num_cpus() } else { workers };
+            let b = bertcuda::bench::bench_prepare(&input, &tokenizer, workers, repeats)?;
+            println!("text: {:.1} MB, {} threads", b.text_mb, b.workers);
+            println!("tokenizer encode_batch      : {:8.2} MB/s", b.encode_batch_mb_s);
+            println!("tokenizer encode_batch_fast : {:8.2} MB/s", b.encode_batch_fast_mb_s);
+            println!(
+                "bertcuda prepare            : {:8.2} MB/s  ({:.2}x encode_batch, {:.2}x encode_batch_fast)",
+                b.prepare_mb_s,
+                b.prepare_mb_s / b.encode_batch_mb_s,
+                b.prepare_mb_s / b.encode_batch_fast_mb_s
+            );
+            Ok(())
+        }
+    }
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+fn tokenizer_train(a: TokenizerTrainArgs) -> Result<()> {
+    let files = list_input_files(&a.input)?;
+    let out = AtomicDir::create(&a.output, a.overwrite)?;
+    let mut reader = CorpusReader::new(files, DEFAULT_MAX_LINE_BYTES);
+    // Stream sentences into the trainer; a read error stops the stream and is reported after.
+    let mut failure = None;
+    let sentences = std::iter::from_fn(|| loop {
+        if failure.is_some() {
+            return None;
+        }
+        match reader.next_document() {
+            Ok(Some(doc)) => return Some(doc),
+            Ok(None) => return None,
+            Err(e) => failure = Some(e),
+        }
+    })
+    .flatten();
+    let tok = BertTokenizer::train(sentences, a.vocab_size, a.min_frequency, !a.no_lowercase);
+    if let Some(e) = failure {
+        return Err(e.into());
+    }
+    let tok = tok?;
+    tok.save_hf(out.path())?;
+    let dir = out.commit()?;
+    let r = &reader.report;
+    eprintln!(
+        "trained a {} WordPiece vocabulary of {} tokens on {} lines ({:.1} MB) → {}",
+        if tok.do_lower_case { "lower-cased" } else { "cased" },
+        tok.vocab_size,
+        r.lines,
+        r.bytes as f64 / 1e6,
+        dir.display()
+    );
+    print_issues(r);
+    Ok(())
+}
+
+fn print_issues(r: &bertcuda::data::text::InputReport) {
+    for (what, n) in r.issues() {
+        if n > 0 {
+            eprintln!("  {what}: {n}");
+        }
+    }
+}
+
+fn tokenize(a: TokenizeArgs) -> Result<()> {
+    let tok = BertTokenizer::load(&a.tokenizer, LoadOptions { no_lowercase: a.no_lowercase })?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut one = |text: &str, where_: &dyn Fn() -> String| -> Result<()> {
+        let (ids, types) = if a.pair {
+            let Some((first, second)) = text.split_once('\t') else {
+                bail!("{}: --pair needs a TAB between segment A and segment B", where_());
+            };
+            tok.encode_with_specials(first, Some(second))?
+        } else {
+            tok.encode_with_specials(text, None)?
+        };
+        serde_json::to_writer(&mut out, &serde_json::json!({"input_ids": ids, "token_type_ids": types}))?;
+        out.write_all(b"\n")?;
+        Ok(())
+    };
+    if !a.text.is_empty() {
+        for (i, t) in a.text.iter().enumerate() {
+            one(t, &|| format!("argument {}", i + 1))?;
+        }
+    } else {
+        let stdin = std::io::stdin();
+        let mut lock = stdin.lock();
+        let mut buf = Vec::new();
+        let mut n = 0usize;
+        loop {
+            buf.clear();
+            if lock.read_until(b'\n', &mut buf).context("reading standard input")? == 0 {
+                break;
+            }
+            n += 1;
+            while matches!(buf.last(), Some(b'\n' | b'\r')) {
+                buf.pop();
+            }
+            let text = match std::str::from_utf8(&buf) {
+                Ok(s) => s.to_string(),
+                Err(_) => {
+                    // Keep the TAB of a pair; remove only the invalid bytes.
+                    eprintln!("warning: standard input line {n}: invalid UTF-8 removed");
+                    let parts: Vec<String> = buf.split(|&b| b == b'\t').map(|p| clean_line(p).0).collect();
+                    parts.join("\t")
+                }
+            };
+            one(&text, &|| format!("standard input line {n}"))?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn prepare_cmd(a: PrepareArgs) -> Result<()> {
+    let cfg = PrepareConfig {
+        inputs: a.input,
+        tokenizer: a.tokenizer,
+        no_lowercase: a.no_lowercase,
+        output: a.output,
+        workers: a.workers,
+        overwrite: a.overwrite,
+        max_line_bytes: a.max_line_bytes,
+        shard_tokens: a.shard_tokens,
+        id_bytes: match a.id_width.as_str() {
+            "16" => Some(2),
+            "32" => Some(4),
+            _ => None,
+        },
+        progress: !a.quiet,
+    };
+    let s = prepare(&cfg)?;
+    let m = &s.manifest;
+    eprintln!(
+        "prepared {} → {} in {:.1}s ({:.1} MB/s)",
+        cfg.inputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" "),
+        s.output.display(),
+        s.seconds,
+        m.report.bytes as f64 / 1e6 / s.seconds
+    );
+    eprintln!(
+        "  {} files, {:.1} MB, {} lines → {} documents, {} sentences, {} tokens in {} shard(s) of u{} ids",
+        m.report.files,
+        m.report.bytes as f64 / 1e6,
+        m.report.lines,
+        m.documents,
+        m.sentences,
+        m.tokens,
+        m.shards.len(),
+        m.id_bytes * 8
+    );
+    print_issues(&m.report);
+    Ok(())
+}

@@ -1,0 +1,71 @@
+//! Interoperability with transformers, run where python3 has it (`BERTCUDA_PYTHON` names the interpreter,
+//! default `python3`):  cargo test --test python_interop -- --ignored
+
+use std::path::Path;
+use std::process::Command;
+
+use bertcuda::data::tokenizer::{BertTokenizer, LoadOptions};
+
+fn python() -> String {
+    std::env::var("BERTCUDA_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Run a Python snippet with arguments; its stdout.
+fn run_python(code: &str, args: &[&str]) -> String {
+    let out = Command::new(python()).arg("-c").arg(code).args(args).output().expect("python3 runs");
+    assert!(out.status.success(), "python failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+const TEXTS: [&str; 6] = [
+    "Ownership is Rust's most unique feature.",
+    "Café résumé naïve ÀÉÎ",
+    "北京欢迎你 and 東京",
+    "a [MASK] token, and a long supercalifragilisticexpialidociously word",
+    "tab\there and  spaces",
+    "",
+];
+
+#[test]
+#[ignore = "needs python3 with transformers"]
+fn transformers_auto_tokenizer_loads_a_trained_tokenizer_and_agrees() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sample/rust-book.txt");
+    for lower in [true, false] {
+        let dir = tmp.path().join(format!("tok-{lower}"));
+        let mut args = vec![
+            "tokenizer",
+            "train",
+            "--input",
+            corpus.to_str().unwrap(),
+            "--vocab-size",
+            "2000",
+            "--output",
+            dir.to_str().unwrap(),
+        ];
+        if !lower {
+            args.push("--no-lowercase");
+        }
+        let st = Command::new(env!("CARGO_BIN_EXE_bertcuda")).args(&args).status().unwrap();
+        assert!(st.success());
+        let ours = BertTokenizer::load(&dir, LoadOptions::default()).unwrap();
+        assert_eq!(ours.do_lower_case, lower);
+        let code = r#"
+import json, sys
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+texts = json.loads(sys.argv[2])
+out = [tok(t)["input_ids"] for t in texts] + [tok(texts[0], texts[1])["input_ids"], tok(texts[0], texts[1])["token_type_ids"]]
+print(json.dumps(out))
+"#;
+        let texts = serde_json::to_string(&TEXTS).unwrap();
+        let theirs: Vec<Vec<u32>> =
+            serde_json::from_str(&run_python(code, &[dir.to_str().unwrap(), &texts])).unwrap();
+        for (i, t) in TEXTS.iter().enumerate() {
+            assert_eq!(ours.encode_with_specials(t, None).unwrap().0, theirs[i], "lower={lower} {t:?}");
+        }
+        let (ids, types) = ours.encode_with_specials(TEXTS[0], Some(TEXTS[1])).unwrap();
+        assert_eq!(ids, theirs[TEXTS.len()]);
+        assert_eq!(types, theirs[TEXTS.len() + 1]);
+    }
+}
