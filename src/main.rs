@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+use bertcuda::data::examples::ExampleConfig;
+use bertcuda::data::loader::{open_corpus, Cursor, Loader, LoaderConfig};
 use bertcuda::data::prepare::{prepare, PrepareConfig, DEFAULT_SHARD_TOKENS};
 use bertcuda::data::shards;
 use bertcuda::data::text::{clean_line, list_input_files, CorpusReader, DEFAULT_MAX_LINE_BYTES};
@@ -41,6 +43,11 @@ enum Command {
         order) and .gz files."
     )]
     Prepare(PrepareArgs),
+    /// Print the batches the model sees, one JSON object per batch.
+    #[command(after_help = "Example:\n  bertcuda inspect --data shards/ --batch-size 2 --decode\n\n\
+        Output: one line per batch with input_ids, token_type_ids, attention_mask, labels (-100 where not\n\
+        predicted) and next_sentence_label (absent with --no-nsp), each a list per sequence; --decode adds text.")]
+    Inspect(InspectArgs),
     /// Check shard directories.
     #[command(subcommand)]
     Shards(ShardsCmd),
@@ -131,6 +138,73 @@ struct PrepareArgs {
     quiet: bool,
 }
 
+/// The example and batch settings shared by inspect, train and eval.
+#[derive(Args, Clone)]
+struct DataArgs {
+    /// Shard directories made by `bertcuda prepare` (several are mixed into one corpus).
+    #[arg(long, required = true, num_args = 1..)]
+    data: Vec<PathBuf>,
+    /// Tokens per sequence, special tokens included.
+    #[arg(long, default_value_t = 128)]
+    max_seq_len: usize,
+    /// Probability of selecting a token for the masked-LM loss.
+    #[arg(long, default_value_t = 0.15)]
+    mlm_probability: f64,
+    /// Probability of a shorter target length for a document's examples (Google's short_seq_prob).
+    #[arg(long, default_value_t = 0.1)]
+    short_seq_prob: f64,
+    /// MLM only: one segment of whole sentences, no next-sentence label.
+    #[arg(long)]
+    no_nsp: bool,
+    /// Select whole words (a word and its ## pieces) for masking.
+    #[arg(long)]
+    whole_word_mask: bool,
+    /// Cap on predicted tokens per sequence (a random subset is kept when more are selected).
+    #[arg(long)]
+    max_predictions_per_seq: Option<usize>,
+    /// Pad every batch to --max-seq-len instead of its longest sequence.
+    #[arg(long)]
+    pad_to_max: bool,
+}
+
+impl DataArgs {
+    fn examples(&self, seed: u64) -> ExampleConfig {
+        ExampleConfig {
+            max_seq_len: self.max_seq_len,
+            short_seq_prob: self.short_seq_prob,
+            nsp: !self.no_nsp,
+            mlm_probability: self.mlm_probability,
+            whole_word_mask: self.whole_word_mask,
+            max_predictions_per_seq: self.max_predictions_per_seq,
+            seed,
+        }
+    }
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    num_batches: u64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 0)]
+    epoch: u64,
+    /// First batch of the epoch to print.
+    #[arg(long, default_value_t = 0)]
+    start_batch: u64,
+    #[arg(long, default_value_t = 0)]
+    rank: usize,
+    #[arg(long, default_value_t = 1)]
+    world_size: usize,
+    /// Add a human-readable `text` per sequence.
+    #[arg(long)]
+    decode: bool,
+}
+
 #[derive(Subcommand)]
 enum ShardsCmd {
     /// Check every shard's header, size, checksum and ids, and the tokenizer; names the first bad file.
@@ -174,6 +248,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Tokenizer(TokenizerCmd::Train(a)) => tokenizer_train(a),
         Command::Tokenize(a) => tokenize(a),
         Command::Prepare(a) => prepare_cmd(a),
+        Command::Inspect(a) => inspect(a),
         Command::Shards(ShardsCmd::Verify { dir }) => {
             let m = shards::verify(&dir)?;
             println!(
@@ -341,5 +416,48 @@ fn prepare_cmd(a: PrepareArgs) -> Result<()> {
         m.id_bytes * 8
     );
     print_issues(&m.report);
+    Ok(())
+}
+
+fn inspect(a: InspectArgs) -> Result<()> {
+    let corpus = open_corpus(&a.data.data)?;
+    let cfg = LoaderConfig {
+        examples: a.data.examples(a.seed),
+        batch_size: a.batch_size,
+        rank: a.rank,
+        world_size: a.world_size,
+        pad_to_max: a.data.pad_to_max,
+        drop_last: false,
+    };
+    let cursor = Cursor { epoch: a.epoch, batch: a.start_batch };
+    let mut loader = Loader::start(corpus.clone(), cfg, cursor, 1, 2, None)?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    for _ in 0..a.num_batches {
+        let Some(batch) = loader.next_batch() else { break };
+        let batch = batch?;
+        let rows = |v: &[u32]| serde_json::json!(v.chunks(batch.seq_len.max(1)).collect::<Vec<_>>());
+        let mut obj = serde_json::json!({
+            "input_ids": rows(&batch.input_ids),
+            "token_type_ids": rows(&batch.token_type_ids),
+            "attention_mask": batch.attention_mask.chunks(batch.seq_len.max(1)).collect::<Vec<_>>(),
+            "labels": batch.labels.chunks(batch.seq_len.max(1)).collect::<Vec<_>>(),
+        });
+        if let Some(nsp) = &batch.next_sentence_label {
+            obj["next_sentence_label"] = serde_json::json!(nsp);
+        }
+        if a.decode {
+            let text = (0..batch.batch_size)
+                .map(|i| {
+                    let ids = &batch.row(&batch.input_ids, i)[..batch.lengths[i] as usize];
+                    corpus.tokenizer.decode(ids, false)
+                })
+                .collect::<bertcuda::Result<Vec<_>>>()?;
+            obj["text"] = serde_json::json!(text);
+        }
+        serde_json::to_writer(&mut out, &obj)?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
     Ok(())
 }
