@@ -79,3 +79,58 @@ pub fn bench_prepare(
         prepare_mb_s: text_mb / t_prepare,
     })
 }
+
+pub struct LoaderBench {
+    pub max_seq_len: usize,
+    /// Sequences per second of one loader thread making batches (examples, masking, collation).
+    pub seq_per_s: f64,
+    /// Building one epoch's index (all threads), seconds, and its examples.
+    pub index_seconds: f64,
+    pub epoch_examples: usize,
+}
+
+/// One loader thread's sequences per second at each sequence length.
+pub fn bench_loader(
+    dirs: &[PathBuf],
+    seq_lens: &[usize],
+    batch_size: usize,
+    seconds: f64,
+) -> Result<Vec<LoaderBench>> {
+    use crate::data::examples::ExampleConfig;
+    use crate::data::loader::{EpochPlan, LoaderConfig};
+    let corpus = crate::data::loader::open_corpus(dirs)?;
+    let one =
+        rayon::ThreadPoolBuilder::new().num_threads(1).build().map_err(|e| Error::Invalid(e.to_string()))?;
+    let mut out = Vec::new();
+    for &t in seq_lens {
+        let cfg = LoaderConfig {
+            examples: ExampleConfig { max_seq_len: t, ..Default::default() },
+            batch_size,
+            rank: 0,
+            world_size: 1,
+            pad_to_max: false,
+            drop_last: false,
+        };
+        cfg.validate()?;
+        let start = Instant::now();
+        let plan = EpochPlan::new(&corpus, &cfg, 0)?;
+        let index_seconds = start.elapsed().as_secs_f64();
+        let batches = plan.batches(&cfg);
+        let (mut seqs, mut k) = (0usize, 0u64);
+        let start = Instant::now();
+        one.install(|| {
+            while start.elapsed().as_secs_f64() < seconds {
+                let b = plan.batch(&corpus, &cfg, k % batches);
+                seqs += b.batch_size;
+                k += 1;
+            }
+        });
+        out.push(LoaderBench {
+            max_seq_len: t,
+            seq_per_s: seqs as f64 / start.elapsed().as_secs_f64(),
+            index_seconds,
+            epoch_examples: plan.epoch_examples(),
+        });
+    }
+    Ok(out)
+}

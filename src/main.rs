@@ -214,6 +214,17 @@ enum ShardsCmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Sequences per second of one loader thread at max_seq_len 128 and 512.
+    #[command(after_help = "Example:\n  bertcuda bench loader --data shards/")]
+    Loader {
+        #[arg(long, required = true, num_args = 1..)]
+        data: Vec<PathBuf>,
+        #[arg(long, default_value_t = 256)]
+        batch_size: usize,
+        /// Seconds per sequence length.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+    },
     /// prepare's MB/s of text next to the tokenizer's own encode_batch on the same text and threads.
     #[command(after_help = "Example:\n  bertcuda bench prepare --input data/sample --tokenizer tok/")]
     Prepare {
@@ -259,6 +270,15 @@ fn run(cli: Cli) -> Result<()> {
                 m.sentences,
                 m.tokens
             );
+            Ok(())
+        }
+        Command::Bench(BenchCmd::Loader { data, batch_size, seconds }) => {
+            for b in bertcuda::bench::bench_loader(&data, &[128, 512], batch_size, seconds)? {
+                println!(
+                    "max_seq_len {:4}: {:9.0} sequences/s on one loader thread (epoch index: {} examples in {:.3}s)",
+                    b.max_seq_len, b.seq_per_s, b.epoch_examples, b.index_seconds
+                );
+            }
             Ok(())
         }
         Command::Bench(BenchCmd::Prepare { input, tokenizer, workers, repeats }) => {

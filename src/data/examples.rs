@@ -225,7 +225,15 @@ fn document_instances(lens: &[u32], doc: u32, cfg: &ExampleConfig, epoch: u64, o
         len += lens[i] as u64;
         if i == n - 1 || len >= target {
             let chunk = i + 1 - start;
-            let mut inst = Instance { doc, first: start as u32, target: target as u16, a_sents: chunk as u16, b_sents: 0, random_next: false, forced_random: false };
+            let mut inst = Instance {
+                doc,
+                first: start as u32,
+                target: target as u16,
+                a_sents: chunk as u16,
+                b_sents: 0,
+                random_next: false,
+                forced_random: false,
+            };
             {
                 let a_end = if chunk >= 2 { rng.range_inclusive(1, chunk as u64 - 1) as usize } else { 1 };
                 inst.a_sents = a_end as u16;
@@ -247,7 +255,15 @@ fn document_instances(lens: &[u32], doc: u32, cfg: &ExampleConfig, epoch: u64, o
 }
 
 fn single(doc: u32, first: usize, sents: usize, target: u64) -> Instance {
-    Instance { doc, first: first as u32, target: target as u16, a_sents: sents as u16, b_sents: 0, random_next: false, forced_random: false }
+    Instance {
+        doc,
+        first: first as u32,
+        target: target as u16,
+        a_sents: sents as u16,
+        b_sents: 0,
+        random_next: false,
+        forced_random: false,
+    }
 }
 
 /// The examples of one epoch, in corpus order (the loader shuffles).
@@ -283,7 +299,12 @@ pub struct Example {
 
 /// Trim the longer segment, from the front or the back with probability 0.5 each, until the pair fits
 /// (Google's `truncate_seq_pair`). Segments are ranges into a token buffer.
-fn truncate_seq_pair(a: &mut std::ops::Range<usize>, b: &mut std::ops::Range<usize>, max: usize, rng: &mut KeyedRng) {
+fn truncate_seq_pair(
+    a: &mut std::ops::Range<usize>,
+    b: &mut std::ops::Range<usize>,
+    max: usize,
+    rng: &mut KeyedRng,
+) {
     while a.len() + b.len() > max {
         let longer = if a.len() > b.len() { &mut *a } else { &mut *b };
         if rng.bernoulli(0.5) {
@@ -306,7 +327,11 @@ pub fn make(corpus: &Corpus, cfg: &ExampleConfig, epoch: u64, sample: u64, inst:
             let other = if corpus.documents > 1 {
                 // Uniform over the other documents.
                 let r = rng.below(corpus.documents - 1) as u32;
-                if r >= inst.doc { r + 1 } else { r }
+                if r >= inst.doc {
+                    r + 1
+                } else {
+                    r
+                }
             } else {
                 inst.doc
             };
@@ -319,7 +344,12 @@ pub fn make(corpus: &Corpus, cfg: &ExampleConfig, epoch: u64, sample: u64, inst:
                 }
             }
         } else {
-            corpus.append_sentences(inst.doc, inst.first as usize + inst.a_sents as usize, inst.b_sents as usize, &mut buf);
+            corpus.append_sentences(
+                inst.doc,
+                inst.first as usize + inst.a_sents as usize,
+                inst.b_sents as usize,
+                &mut buf,
+            );
         }
         let (mut a, mut b) = (0..a_len, a_len..buf.len());
         truncate_seq_pair(&mut a, &mut b, cfg.max_seq_len - 3, &mut rng);
@@ -349,7 +379,12 @@ pub fn make(corpus: &Corpus, cfg: &ExampleConfig, epoch: u64, sample: u64, inst:
 /// MLM masking: each maskable token (or word, with whole-word masking) is selected with probability
 /// `mlm_probability`; special tokens are never selected. Of the selected tokens 80% become `[MASK]`, 10% a
 /// random non-special token, 10% stay. Labels hold the original token where selected, -100 elsewhere.
-fn mask_tokens(corpus: &Corpus, cfg: &ExampleConfig, mut ids: Vec<u32>, rng: &mut KeyedRng) -> (Vec<u32>, Vec<i32>) {
+fn mask_tokens(
+    corpus: &Corpus,
+    cfg: &ExampleConfig,
+    mut ids: Vec<u32>,
+    rng: &mut KeyedRng,
+) -> (Vec<u32>, Vec<i32>) {
     let special = corpus.special.all();
     let is_special = |id: u32| special.contains(&id);
     // Units of selection: [start, end) token ranges (single tokens, or words with their ## pieces).
@@ -362,7 +397,10 @@ fn mask_tokens(corpus: &Corpus, cfg: &ExampleConfig, mut ids: Vec<u32>, rng: &mu
         }
         let mut j = i + 1;
         if cfg.whole_word_mask {
-            while j < ids.len() && !is_special(ids[j]) && corpus.continuation.get(ids[j] as usize).copied().unwrap_or(false) {
+            while j < ids.len()
+                && !is_special(ids[j])
+                && corpus.continuation.get(ids[j] as usize).copied().unwrap_or(false)
+            {
                 j += 1;
             }
         }

@@ -42,7 +42,11 @@ impl LoaderConfig {
             bail!("--batch-size must be at least 1");
         }
         if self.world_size == 0 || self.rank >= self.world_size {
-            bail!("--rank {} must be below --world-size {} (and the world size at least 1)", self.rank, self.world_size);
+            bail!(
+                "--rank {} must be below --world-size {} (and the world size at least 1)",
+                self.rank,
+                self.world_size
+            );
         }
         Ok(())
     }
@@ -90,7 +94,10 @@ impl Batch {
             token_type_ids: vec![0; b * t],
             attention_mask: vec![0; b * t],
             labels: vec![IGNORE_INDEX; b * t],
-            next_sentence_label: examples.first().and_then(|e| e.next_sentence_label).map(|_| Vec::with_capacity(b)),
+            next_sentence_label: examples
+                .first()
+                .and_then(|e| e.next_sentence_label)
+                .map(|_| Vec::with_capacity(b)),
             masked_positions: Vec::new(),
             lengths: Vec::with_capacity(b),
             cursor,
@@ -134,7 +141,10 @@ impl EpochPlan {
     pub fn new(corpus: &Corpus, cfg: &LoaderConfig, epoch: u64) -> Result<Self> {
         let index = epoch_index(corpus, &cfg.examples, epoch);
         if index.len() > u32::MAX as usize {
-            return Err(Error::Invalid(format!("{} examples in one epoch: more than this build indexes (2^32)", index.len())));
+            return Err(Error::Invalid(format!(
+                "{} examples in one epoch: more than this build indexes (2^32)",
+                index.len()
+            )));
         }
         let mut all: Vec<u32> = (0..index.len() as u32).collect();
         KeyedRng::new(stream::SHUFFLE, &[cfg.examples.seed, epoch]).shuffle(&mut all);
@@ -196,7 +206,14 @@ pub struct Loader {
 impl Loader {
     /// Start at `cursor`; `threads` build each batch's examples in parallel; `prefetch` batches are kept
     /// ready. With `epochs` = Some(n) the stream ends after epoch n-1.
-    pub fn start(corpus: Arc<Corpus>, cfg: LoaderConfig, cursor: Cursor, threads: usize, prefetch: usize, epochs: Option<u64>) -> Result<Self> {
+    pub fn start(
+        corpus: Arc<Corpus>,
+        cfg: LoaderConfig,
+        cursor: Cursor,
+        threads: usize,
+        prefetch: usize,
+        epochs: Option<u64>,
+    ) -> Result<Self> {
         cfg.validate()?;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads.max(1))
