@@ -2,10 +2,15 @@
 //! Rust host. The layers, from the bottom: `data` (tokenizer, shards, examples, loader), `model`,
 //! `optim`, `train`; the binary in `main.rs` only parses arguments and prints.
 
+// Ops take their shapes as arguments, and numeric loops index several arrays by one position.
+#![allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+
+pub mod backend;
 pub mod bench;
 pub mod data;
 pub mod error;
 pub mod fsutil;
+pub mod model;
 pub mod progress;
 
 pub use error::{Error, Result};

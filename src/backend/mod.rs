@@ -1,0 +1,238 @@
+//! The `Backend` trait: memory and the ops the BERT forward and backward passes are written against. The
+//! CPU backend (`cpu`) is the reference; the CUDA backend runs hand-written kernels and cuBLAS.
+//!
+//! Memory is the backend's: `alloc` hands out a `Buf` (floats) or `Ints` (i32), a plain (buffer, offset,
+//! length) handle like a device pointer, and `Buf::at` takes sub-regions of it. An op names its outputs and
+//! inputs; outputs never overlap inputs or each other (checked).
+//!
+//! The contract of every op, as in llm.c: **parameter gradients accumulate (`+=`), activations and
+//! activation gradients are written (`=`)** unless an argument says otherwise. Shapes are row-major and
+//! given in the comments: N = batch·seq rows, H hidden, I intermediate, V vocabulary, M head rows.
+
+pub mod cpu;
+pub mod philox;
+
+use crate::error::Result;
+use crate::model::config::Activation;
+
+/// A region of a float buffer, in elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Buf {
+    pub id: u32,
+    pub off: usize,
+    pub len: usize,
+}
+
+/// A region of an i32 buffer, in elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ints {
+    pub id: u32,
+    pub off: usize,
+    pub len: usize,
+}
+
+impl Buf {
+    /// Elements [off, off + len) of this region.
+    pub fn at(self, off: usize, len: usize) -> Buf {
+        assert!(off + len <= self.len, "region [{off}, {}) outside a buffer of {}", off + len, self.len);
+        Buf { id: self.id, off: self.off + off, len }
+    }
+    /// The first `len` elements.
+    pub fn prefix(self, len: usize) -> Buf {
+        self.at(0, len)
+    }
+    pub fn overlaps(&self, o: &Buf) -> bool {
+        self.id == o.id && self.off < o.off + o.len && o.off < self.off + self.len
+    }
+}
+
+impl Ints {
+    pub fn at(self, off: usize, len: usize) -> Ints {
+        assert!(off + len <= self.len, "region [{off}, {}) outside a buffer of {}", off + len, self.len);
+        Ints { id: self.id, off: self.off + off, len }
+    }
+    pub fn prefix(self, len: usize) -> Ints {
+        self.at(0, len)
+    }
+}
+
+/// What keys a dropout mask: the same key gives the same mask in forward and backward, on every backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DropoutKey {
+    pub seed: u64,
+    /// The micro-step (forward/backward pass) counter.
+    pub step: u64,
+    /// Which dropout site: layer and place in the layer.
+    pub site: u64,
+}
+
+/// A dropout: drop probability and its key.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Dropout {
+    pub p: f32,
+    pub key: DropoutKey,
+}
+
+/// Labels of rows that take no part in a loss.
+pub const IGNORE_INDEX: i32 = -100;
+
+pub trait Backend {
+    /// One line for logs: which device, which precision.
+    fn describe(&self) -> String;
+
+    // ---- memory -------------------------------------------------------------------------------------
+    /// A zeroed float buffer.
+    fn alloc(&self, len: usize) -> Result<Buf>;
+    /// A zeroed i32 buffer.
+    fn alloc_ints(&self, len: usize) -> Result<Ints>;
+    fn upload(&self, dst: Buf, src: &[f32]) -> Result<()>;
+    fn upload_f64(&self, dst: Buf, src: &[f64]) -> Result<()>;
+    fn download(&self, src: Buf) -> Result<Vec<f32>>;
+    fn download_f64(&self, src: Buf) -> Result<Vec<f64>>;
+    fn upload_ints(&self, dst: Ints, src: &[i32]) -> Result<()>;
+    fn fill(&self, dst: Buf, value: f32) -> Result<()>;
+    fn copy(&self, dst: Buf, src: Buf) -> Result<()>;
+
+    // ---- dense algebra ------------------------------------------------------------------------------
+    /// C (m, n) = or += op(A) · op(B), with op(A) (m, k) — A stored (m, k), or (k, m) when `a_t` — and
+    /// op(B) (k, n) — B stored (k, n), or (n, k) when `b_t`. `accumulate` chooses `+=`.
+    fn matmul(
+        &self,
+        c: Buf,
+        a: Buf,
+        b: Buf,
+        m: usize,
+        n: usize,
+        k: usize,
+        a_t: bool,
+        b_t: bool,
+        accumulate: bool,
+    ) -> Result<()>;
+    /// out (rows, cols) += bias (cols), every row.
+    fn add_bias(&self, out: Buf, bias: Buf, rows: usize, cols: usize) -> Result<()>;
+    /// dbias (cols) += Σ_rows dout (rows, cols).
+    fn bias_grad(&self, dbias: Buf, dout: Buf, rows: usize, cols: usize) -> Result<()>;
+    /// out (n) = a + b.
+    fn add(&self, out: Buf, a: Buf, b: Buf) -> Result<()>;
+    /// out (1) = Σ inp.
+    fn sum(&self, out: Buf, inp: Buf) -> Result<()>;
+
+    // ---- embeddings ---------------------------------------------------------------------------------
+    /// out (B·T, H) = word[ids] + position[t] + token_type[types].
+    fn embeddings_fwd(
+        &self,
+        out: Buf,
+        ids: Ints,
+        types: Ints,
+        word: Buf,
+        position: Buf,
+        token_type: Buf,
+        batch: usize,
+        seq: usize,
+        h: usize,
+    ) -> Result<()>;
+    /// dword, dposition, dtoken_type += the scatter of dout (B·T, H); deterministic.
+    fn embeddings_bwd(
+        &self,
+        dword: Buf,
+        dposition: Buf,
+        dtoken_type: Buf,
+        dout: Buf,
+        ids: Ints,
+        types: Ints,
+        batch: usize,
+        seq: usize,
+        h: usize,
+    ) -> Result<()>;
+
+    // ---- normalisation and activations --------------------------------------------------------------
+    /// out (rows, c) = (inp − mean) · rstd · w + b; mean, rstd (rows) saved for backward.
+    fn layernorm_fwd(
+        &self,
+        out: Buf,
+        mean: Buf,
+        rstd: Buf,
+        inp: Buf,
+        w: Buf,
+        b: Buf,
+        rows: usize,
+        c: usize,
+        eps: f32,
+    ) -> Result<()>;
+    /// dinp (rows, c) =; dw, db (c) +=.
+    fn layernorm_bwd(
+        &self,
+        dinp: Buf,
+        dw: Buf,
+        db: Buf,
+        dout: Buf,
+        inp: Buf,
+        mean: Buf,
+        rstd: Buf,
+        w: Buf,
+        rows: usize,
+        c: usize,
+    ) -> Result<()>;
+    /// out = gelu(inp), elementwise.
+    fn gelu_fwd(&self, out: Buf, inp: Buf, act: Activation) -> Result<()>;
+    /// dinp = dout · gelu'(inp).
+    fn gelu_bwd(&self, dinp: Buf, dout: Buf, inp: Buf, act: Activation) -> Result<()>;
+    /// out = tanh(inp).
+    fn tanh_fwd(&self, out: Buf, inp: Buf) -> Result<()>;
+    /// dinp = dout · (1 − out²).
+    fn tanh_bwd(&self, dinp: Buf, dout: Buf, out: Buf) -> Result<()>;
+    /// out = inp · keep / (1 − p), keep drawn from the key (element index as the counter).
+    fn dropout_fwd(&self, out: Buf, inp: Buf, d: Dropout) -> Result<()>;
+    /// dinp = dout · keep / (1 − p), the same mask regenerated.
+    fn dropout_bwd(&self, dinp: Buf, dout: Buf, d: Dropout) -> Result<()>;
+
+    // ---- attention ----------------------------------------------------------------------------------
+    /// Floats of state `attention_fwd` saves for backward.
+    fn attention_state_len(&self, batch: usize, seq: usize, heads: usize) -> usize;
+    /// out (B·T, H) = softmax(Q Kᵀ/√d + mask) V per head, Q, K, V the thirds of qkv (B·T, 3H); keys where
+    /// mask (B, T) is 0 are excluded; probabilities dropped out with `dropout`. Saves `state`.
+    fn attention_fwd(
+        &self,
+        out: Buf,
+        state: Buf,
+        qkv: Buf,
+        mask: Ints,
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        head_size: usize,
+        dropout: Option<Dropout>,
+    ) -> Result<()>;
+    /// dqkv (B·T, 3H) =.
+    fn attention_bwd(
+        &self,
+        dqkv: Buf,
+        dout: Buf,
+        qkv: Buf,
+        state: Buf,
+        mask: Ints,
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        head_size: usize,
+        dropout: Option<Dropout>,
+    ) -> Result<()>;
+
+    // ---- rows and losses ----------------------------------------------------------------------------
+    /// out (m, c) = inp[rows] (inp (·, c)).
+    fn gather_rows(&self, out: Buf, inp: Buf, rows: Ints, m: usize, c: usize) -> Result<()>;
+    /// dinp[rows] += dout (m, c).
+    fn scatter_add_rows(&self, dinp: Buf, dout: Buf, rows: Ints, m: usize, c: usize) -> Result<()>;
+    /// Softmax cross-entropy per row: losses (m) = logsumexp(logits) − logits[label], 0 where the label is
+    /// IGNORE_INDEX. With `grad_scale`, logits (m, v) are overwritten by (softmax − onehot) · grad_scale
+    /// (0 on ignored rows).
+    fn cross_entropy(
+        &self,
+        losses: Buf,
+        logits: Buf,
+        labels: Ints,
+        m: usize,
+        v: usize,
+        grad_scale: Option<f64>,
+    ) -> Result<()>;
+}

@@ -1,0 +1,851 @@
+//! BERT for pretraining (`BertForPreTraining`): one forward and one backward, written once against the
+//! `Backend` trait, like llm.c's gpt2_forward/gpt2_backward. Post-LN encoder; pooler; MLM head (transform,
+//! then the decoder tied to the word embeddings plus `cls.predictions.bias`) run on the rows asked for —
+//! the masked positions in training, every position for full logits; NSP head on the pooled output.
+//! Loss = mean MLM cross-entropy over predicted tokens + mean NSP cross-entropy, as transformers.
+//!
+//! Activations are planned once for the largest batch and sequence and reused. The MLM decoder runs in
+//! chunks of `Plan::logit_rows` rows; in training each chunk's backward follows its forward at once (the
+//! loss is a sum over rows), so the (rows, V) logits are never all in memory.
+
+use crate::backend::{Backend, Buf, Dropout, DropoutKey, Ints, IGNORE_INDEX};
+use crate::bail;
+use crate::error::Result;
+use crate::model::config::{Activation, ModelConfig};
+use crate::model::params::{LayerOffsets, ParamTable};
+
+/// The largest shapes the activations are planned for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    pub max_batch: usize,
+    pub max_seq: usize,
+    /// Rows of MLM logits computed at once.
+    pub logit_rows: usize,
+}
+
+impl Plan {
+    pub fn new(max_batch: usize, max_seq: usize) -> Self {
+        Plan { max_batch, max_seq, logit_rows: 2048.min(max_batch * max_seq).max(1) }
+    }
+}
+
+/// One batch as the model takes it, row-major (batch, seq).
+#[derive(Debug, Clone, Copy)]
+pub struct Inputs<'a> {
+    pub batch: usize,
+    pub seq: usize,
+    pub input_ids: &'a [u32],
+    pub token_type_ids: &'a [u32],
+    pub attention_mask: &'a [u8],
+    /// Flat positions b·seq + t the MLM head runs on.
+    pub head_rows: &'a [u32],
+    /// Their labels (IGNORE_INDEX: no loss), or None: no MLM loss.
+    pub head_labels: Option<&'a [i32]>,
+    /// (batch) 0 = B follows A, 1 = random; None: no NSP loss.
+    pub nsp_labels: Option<&'a [u32]>,
+}
+
+impl<'a> Inputs<'a> {
+    /// The loader's batch, with the MLM head on its masked positions.
+    pub fn from_batch(b: &'a crate::data::loader::Batch, labels: &'a mut Vec<i32>) -> Self {
+        labels.clear();
+        labels.extend(b.masked_positions.iter().map(|&p| b.labels[p as usize]));
+        Inputs {
+            batch: b.batch_size,
+            seq: b.seq_len,
+            input_ids: &b.input_ids,
+            token_type_ids: &b.token_type_ids,
+            attention_mask: &b.attention_mask,
+            head_rows: &b.masked_positions,
+            head_labels: Some(labels),
+            nsp_labels: b.next_sentence_label.as_deref(),
+        }
+    }
+}
+
+/// Dropout on (training); off in evaluation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Train {
+    pub seed: u64,
+    /// The micro-step: a new mask every forward pass.
+    pub step: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Losses {
+    pub mlm: Option<f64>,
+    pub nsp: Option<f64>,
+    /// Rows whose label counted in the MLM loss.
+    pub mlm_tokens: usize,
+}
+
+impl Losses {
+    /// MLM + NSP, the ones present; None when neither is.
+    pub fn total(&self) -> Option<f64> {
+        match (self.mlm, self.nsp) {
+            (None, None) => None,
+            (a, b) => Some(a.unwrap_or(0.0) + b.unwrap_or(0.0)),
+        }
+    }
+}
+
+/// Saved activations of one encoder layer; shapes for N = batch·seq rows.
+struct LayerActs {
+    qkv: Buf,       // (N, 3H)
+    att_state: Buf, // backend-specific (probabilities or log-sum-exp)
+    ctx: Buf,       // (N, H) attention output before its dense layer
+    sum1: Buf,      // (N, H) x + dropout(attention dense): LN1 input
+    mean1: Buf,     // (N)
+    rstd1: Buf,     // (N)
+    h1: Buf,        // (N, H) LN1 output: FFN input and residual
+    ff1: Buf,       // (N, I) before GELU
+    gelu: Buf,      // (N, I)
+    sum2: Buf,      // (N, H) h1 + dropout(FFN out): LN2 input
+    mean2: Buf,     // (N)
+    rstd2: Buf,     // (N)
+}
+
+struct Acts {
+    emb: Buf,      // (N, H) word + position + type: embedding LN input
+    emb_mean: Buf, // (N)
+    emb_rstd: Buf, // (N)
+    emb_ln: Buf,   // (N, H) LN output before dropout
+    x: Vec<Buf>,   // L+1 × (N, H): encoder layer inputs, x[L] = last hidden state
+    layers: Vec<LayerActs>,
+    tmp: Buf, // (N, H) a dense output before dropout
+    // pooler and NSP head
+    cls_in: Buf,     // (B, H)
+    pooled: Buf,     // (B, H) after tanh
+    pool_pre: Buf,   // (B, H) before tanh
+    nsp_logits: Buf, // (B, 2)
+    nsp_losses: Buf, // (B)
+    // MLM head, rows R ≤ N
+    head_in: Buf,    // (R, H)
+    head_t: Buf,     // (R, H) transform dense output
+    head_g: Buf,     // (R, H) GELU
+    head_mean: Buf,  // (R)
+    head_rstd: Buf,  // (R)
+    head_h: Buf,     // (R, H) LN output: decoder input
+    logits: Buf,     // (logit_rows, V)
+    mlm_losses: Buf, // (R)
+    loss_sum: Buf,   // (1)
+    // gradients of activations
+    dx: Buf,     // (N, H)
+    dx2: Buf,    // (N, H)
+    dwide: Buf,  // (N, max(3H, I))
+    dwide2: Buf, // (N, I)
+    dhead: Buf,  // (R, H)
+    dhead2: Buf, // (R, H)
+    // inputs
+    ids: Ints,         // (N)
+    types: Ints,       // (N)
+    mask: Ints,        // (N)
+    cls_rows: Ints,    // (B)
+    head_rows: Ints,   // (R)
+    head_labels: Ints, // (R)
+    nsp_labels: Ints,  // (B)
+}
+
+pub struct Bert<'a, B: Backend> {
+    pub be: &'a B,
+    pub config: ModelConfig,
+    pub table: ParamTable,
+    act: Activation,
+    pub plan: Plan,
+    /// All parameters, one buffer; `table` gives each one's place.
+    pub params: Buf,
+    /// Their gradients, the same layout.
+    pub grads: Buf,
+    a: Acts,
+    /// Floats allocated for activations and inputs.
+    pub activation_floats: usize,
+}
+
+/// Dropout sites, for the mask keys.
+fn site(layer: usize, which: u64) -> u64 {
+    (layer as u64) * 4 + which
+}
+const SITE_ATTN_PROBS: u64 = 0;
+const SITE_ATTN_OUT: u64 = 1;
+const SITE_FFN_OUT: u64 = 2;
+const SITE_EMBEDDINGS: u64 = u64::MAX;
+
+impl<'a, B: Backend> Bert<'a, B> {
+    /// Allocate parameters, gradients and activations for `plan`; parameters are zero until loaded.
+    pub fn new(be: &'a B, config: ModelConfig, plan: Plan) -> Result<Self> {
+        config.validate()?;
+        if plan.max_seq > config.max_position_embeddings {
+            bail!(
+                "sequence length {} exceeds the model's max_position_embeddings {}",
+                plan.max_seq,
+                config.max_position_embeddings
+            );
+        }
+        if plan.max_batch == 0 || plan.max_seq == 0 {
+            bail!("the batch size and sequence length must be at least 1");
+        }
+        let act = config.activation()?;
+        let table = ParamTable::new(&config);
+        let params = be.alloc(table.total)?;
+        let grads = be.alloc(table.total)?;
+        let (b, n) = (plan.max_batch, plan.max_batch * plan.max_seq);
+        let (h, i, v, l) =
+            (config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers);
+        let mut floats = 0usize;
+        let mut f = |len: usize| -> Result<Buf> {
+            floats += len;
+            be.alloc(len)
+        };
+        let state = be.attention_state_len(plan.max_batch, plan.max_seq, config.num_attention_heads);
+        let mut layers = Vec::with_capacity(l);
+        for _ in 0..l {
+            layers.push(LayerActs {
+                qkv: f(n * 3 * h)?,
+                att_state: f(state)?,
+                ctx: f(n * h)?,
+                sum1: f(n * h)?,
+                mean1: f(n)?,
+                rstd1: f(n)?,
+                h1: f(n * h)?,
+                ff1: f(n * i)?,
+                gelu: f(n * i)?,
+                sum2: f(n * h)?,
+                mean2: f(n)?,
+                rstd2: f(n)?,
+            });
+        }
+        let a = Acts {
+            emb: f(n * h)?,
+            emb_mean: f(n)?,
+            emb_rstd: f(n)?,
+            emb_ln: f(n * h)?,
+            x: (0..=l).map(|_| f(n * h)).collect::<Result<_>>()?,
+            layers,
+            tmp: f(n * h)?,
+            cls_in: f(b * h)?,
+            pooled: f(b * h)?,
+            pool_pre: f(b * h)?,
+            nsp_logits: f(b * 2)?,
+            nsp_losses: f(b)?,
+            head_in: f(n * h)?,
+            head_t: f(n * h)?,
+            head_g: f(n * h)?,
+            head_mean: f(n)?,
+            head_rstd: f(n)?,
+            head_h: f(n * h)?,
+            logits: f(plan.logit_rows * v)?,
+            mlm_losses: f(n)?,
+            loss_sum: f(1)?,
+            dx: f(n * h)?,
+            dx2: f(n * h)?,
+            dwide: f(n * (3 * h).max(i))?,
+            dwide2: f(n * i)?,
+            dhead: f(n * h)?,
+            dhead2: f(n * h)?,
+            ids: be.alloc_ints(n)?,
+            types: be.alloc_ints(n)?,
+            mask: be.alloc_ints(n)?,
+            cls_rows: be.alloc_ints(b)?,
+            head_rows: be.alloc_ints(n)?,
+            head_labels: be.alloc_ints(n)?,
+            nsp_labels: be.alloc_ints(b)?,
+        };
+        let activation_floats = floats + 7 * n;
+        Ok(Bert { be, config, table, act, plan, params, grads, a, activation_floats })
+    }
+
+    fn p(&self, off: usize, len: usize) -> Buf {
+        self.params.at(off, len)
+    }
+    fn g(&self, off: usize, len: usize) -> Buf {
+        self.grads.at(off, len)
+    }
+
+    /// Load all parameters (in table order, `table.total` floats).
+    pub fn set_params(&self, values: &[f32]) -> Result<()> {
+        if values.len() != self.table.total {
+            bail!("internal: {} parameter values for {} parameters", values.len(), self.table.total);
+        }
+        self.be.upload(self.params, values)
+    }
+
+    pub fn zero_grads(&self) -> Result<()> {
+        self.be.fill(self.grads, 0.0)
+    }
+
+    fn upload_inputs(&self, inp: &Inputs) -> Result<()> {
+        let (b, t) = (inp.batch, inp.seq);
+        let n = b * t;
+        if b > self.plan.max_batch || t > self.plan.max_seq {
+            bail!(
+                "a batch of {b}×{t} is larger than the {}×{} planned",
+                self.plan.max_batch,
+                self.plan.max_seq
+            );
+        }
+        if inp.input_ids.len() != n || inp.token_type_ids.len() != n || inp.attention_mask.len() != n {
+            bail!("input_ids, token_type_ids and attention_mask must each hold batch × seq = {n} values");
+        }
+        let v = self.config.vocab_size;
+        if let Some(bad) = inp.input_ids.iter().find(|&&x| x as usize >= v) {
+            bail!("token id {bad} is outside the model's vocabulary of {v}");
+        }
+        let tv = self.config.type_vocab_size;
+        if let Some(bad) = inp.token_type_ids.iter().find(|&&x| x as usize >= tv) {
+            bail!("token type id {bad} is outside the model's type_vocab_size {tv}");
+        }
+        if let Some(bad) = inp.head_rows.iter().find(|&&r| r as usize >= n) {
+            bail!("MLM position {bad} is outside the batch's {n} positions");
+        }
+        if let Some(l) = inp.head_labels {
+            if l.len() != inp.head_rows.len() {
+                bail!("internal: {} MLM labels for {} rows", l.len(), inp.head_rows.len());
+            }
+            if let Some(bad) = l.iter().find(|&&x| x != IGNORE_INDEX && (x < 0 || x as usize >= v)) {
+                bail!(
+                    "MLM label {bad} is outside the vocabulary of {v} (use -100 for positions not predicted)"
+                );
+            }
+        }
+        if let Some(l) = inp.nsp_labels {
+            if l.len() != b {
+                bail!("next_sentence_label must hold one label per sequence ({b}), not {}", l.len());
+            }
+            if let Some(bad) = l.iter().find(|&&x| x > 1) {
+                bail!("next_sentence_label {bad} must be 0 (B follows A) or 1 (B is random)");
+            }
+        }
+        let as_i32 = |v: &[u32]| v.iter().map(|&x| x as i32).collect::<Vec<_>>();
+        self.be.upload_ints(self.a.ids, &as_i32(inp.input_ids))?;
+        self.be.upload_ints(self.a.types, &as_i32(inp.token_type_ids))?;
+        self.be
+            .upload_ints(self.a.mask, &inp.attention_mask.iter().map(|&x| x as i32).collect::<Vec<_>>())?;
+        self.be.upload_ints(self.a.cls_rows, &(0..b).map(|i| (i * t) as i32).collect::<Vec<_>>())?;
+        self.be.upload_ints(self.a.head_rows, &as_i32(inp.head_rows))?;
+        if let Some(l) = inp.head_labels {
+            self.be.upload_ints(self.a.head_labels, l)?;
+        }
+        if let Some(l) = inp.nsp_labels {
+            self.be.upload_ints(self.a.nsp_labels, &as_i32(l))?;
+        }
+        Ok(())
+    }
+
+    fn dropout(&self, p: f64, train: Option<Train>, site: u64) -> Option<Dropout> {
+        match train {
+            Some(t) if p > 0.0 => {
+                Some(Dropout { p: p as f32, key: DropoutKey { seed: t.seed, step: t.step, site } })
+            }
+            _ => None,
+        }
+    }
+
+    fn linear_fwd(
+        &self,
+        out: Buf,
+        inp: Buf,
+        w: usize,
+        b: usize,
+        rows: usize,
+        in_f: usize,
+        out_f: usize,
+    ) -> Result<()> {
+        let be = self.be;
+        be.matmul(
+            out.prefix(rows * out_f),
+            inp.prefix(rows * in_f),
+            self.p(w, out_f * in_f),
+            rows,
+            out_f,
+            in_f,
+            false,
+            true,
+            false,
+        )?;
+        be.add_bias(out, self.p(b, out_f), rows, out_f)
+    }
+
+    /// dinp (rows, in) = or += dout · W; dW += doutᵀ · inp; db += Σ dout.
+    fn linear_bwd(
+        &self,
+        dinp: Option<(Buf, bool)>,
+        dout: Buf,
+        inp: Buf,
+        w: usize,
+        b: usize,
+        rows: usize,
+        in_f: usize,
+        out_f: usize,
+    ) -> Result<()> {
+        let be = self.be;
+        let dout = dout.prefix(rows * out_f);
+        if let Some((dinp, acc)) = dinp {
+            be.matmul(
+                dinp.prefix(rows * in_f),
+                dout,
+                self.p(w, out_f * in_f),
+                rows,
+                in_f,
+                out_f,
+                false,
+                false,
+                acc,
+            )?;
+        }
+        be.matmul(
+            self.g(w, out_f * in_f),
+            dout,
+            inp.prefix(rows * in_f),
+            out_f,
+            in_f,
+            rows,
+            true,
+            false,
+            true,
+        )?;
+        be.bias_grad(self.g(b, out_f), dout, rows, out_f)
+    }
+
+    /// The encoder: embeddings and every layer; leaves the last hidden state in x[L].
+    fn encoder_fwd(&self, inp: &Inputs, train: Option<Train>) -> Result<()> {
+        let (be, c, a, top) = (self.be, &self.config, &self.a, &self.table.top);
+        let (b, t) = (inp.batch, inp.seq);
+        let n = b * t;
+        let (h, i, v, nh, hs) =
+            (c.hidden_size, c.intermediate_size, c.vocab_size, c.num_attention_heads, c.head_size());
+        let eps = c.layer_norm_eps as f32;
+        let nhid = n * h;
+        be.embeddings_fwd(
+            a.emb.prefix(nhid),
+            a.ids,
+            a.types,
+            self.p(top.word, v * h),
+            self.p(top.position, c.max_position_embeddings * h),
+            self.p(top.token_type, c.type_vocab_size * h),
+            b,
+            t,
+            h,
+        )?;
+        let emb_drop = self.dropout(c.hidden_dropout_prob, train, SITE_EMBEDDINGS);
+        let ln_out = if emb_drop.is_some() { a.emb_ln } else { a.x[0] };
+        be.layernorm_fwd(
+            ln_out.prefix(nhid),
+            a.emb_mean,
+            a.emb_rstd,
+            a.emb.prefix(nhid),
+            self.p(top.emb_ln_w, h),
+            self.p(top.emb_ln_b, h),
+            n,
+            h,
+            eps,
+        )?;
+        if let Some(d) = emb_drop {
+            be.dropout_fwd(a.x[0].prefix(nhid), a.emb_ln.prefix(nhid), d)?;
+        }
+        for (l, (lo, la)) in self.table.layers.iter().zip(&a.layers).enumerate() {
+            let x = a.x[l].prefix(nhid);
+            self.linear_fwd(la.qkv, x, lo.qkv_w, lo.qkv_b, n, h, 3 * h)?;
+            let probs_drop = self.dropout(c.attention_probs_dropout_prob, train, site(l, SITE_ATTN_PROBS));
+            be.attention_fwd(
+                la.ctx.prefix(nhid),
+                la.att_state,
+                la.qkv.prefix(n * 3 * h),
+                a.mask.prefix(n),
+                b,
+                t,
+                nh,
+                hs,
+                probs_drop,
+            )?;
+            self.linear_fwd(a.tmp, la.ctx, lo.attn_out_w, lo.attn_out_b, n, h, h)?;
+            self.residual_dropout(
+                la.sum1.prefix(nhid),
+                x,
+                a.tmp.prefix(nhid),
+                self.dropout(c.hidden_dropout_prob, train, site(l, SITE_ATTN_OUT)),
+            )?;
+            be.layernorm_fwd(
+                la.h1.prefix(nhid),
+                la.mean1,
+                la.rstd1,
+                la.sum1.prefix(nhid),
+                self.p(lo.ln1_w, h),
+                self.p(lo.ln1_b, h),
+                n,
+                h,
+                eps,
+            )?;
+            self.linear_fwd(la.ff1, la.h1, lo.ff1_w, lo.ff1_b, n, h, i)?;
+            be.gelu_fwd(la.gelu.prefix(n * i), la.ff1.prefix(n * i), self.act)?;
+            self.linear_fwd(a.tmp, la.gelu, lo.ff2_w, lo.ff2_b, n, i, h)?;
+            self.residual_dropout(
+                la.sum2.prefix(nhid),
+                la.h1.prefix(nhid),
+                a.tmp.prefix(nhid),
+                self.dropout(c.hidden_dropout_prob, train, site(l, SITE_FFN_OUT)),
+            )?;
+            be.layernorm_fwd(
+                a.x[l + 1].prefix(nhid),
+                la.mean2,
+                la.rstd2,
+                la.sum2.prefix(nhid),
+                self.p(lo.ln2_w, h),
+                self.p(lo.ln2_b, h),
+                n,
+                h,
+                eps,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// sum = residual + dropout(branch); the branch buffer is reused as scratch.
+    fn residual_dropout(&self, sum: Buf, residual: Buf, branch: Buf, d: Option<Dropout>) -> Result<()> {
+        match d {
+            None => self.be.add(sum, residual, branch),
+            Some(d) => {
+                self.be.dropout_fwd(sum, branch, d)?;
+                self.be.copy(branch, sum)?;
+                self.be.add(sum, residual, branch)
+            }
+        }
+    }
+
+    fn pooler_fwd(&self, inp: &Inputs) -> Result<()> {
+        let (be, a, top, h) = (self.be, &self.a, &self.table.top, self.config.hidden_size);
+        let b = inp.batch;
+        be.gather_rows(
+            a.cls_in.prefix(b * h),
+            a.x[self.config.num_hidden_layers],
+            a.cls_rows.prefix(b),
+            b,
+            h,
+        )?;
+        self.linear_fwd(a.pool_pre, a.cls_in, top.pooler_w, top.pooler_b, b, h, h)?;
+        be.tanh_fwd(a.pooled.prefix(b * h), a.pool_pre.prefix(b * h))?;
+        self.linear_fwd(a.nsp_logits, a.pooled, top.nsp_w, top.nsp_b, b, h, 2)
+    }
+
+    /// The MLM transform on `rows` gathered rows: head_h = LN(gelu(dense(x[rows]))).
+    fn head_transform_fwd(&self, rows: usize) -> Result<()> {
+        let (be, a, top, c) = (self.be, &self.a, &self.table.top, &self.config);
+        let h = c.hidden_size;
+        let rh = rows * h;
+        be.gather_rows(a.head_in.prefix(rh), a.x[c.num_hidden_layers], a.head_rows.prefix(rows), rows, h)?;
+        self.linear_fwd(a.head_t, a.head_in, top.mlm_dense_w, top.mlm_dense_b, rows, h, h)?;
+        be.gelu_fwd(a.head_g.prefix(rh), a.head_t.prefix(rh), self.act)?;
+        be.layernorm_fwd(
+            a.head_h.prefix(rh),
+            a.head_mean,
+            a.head_rstd,
+            a.head_g.prefix(rh),
+            self.p(top.mlm_ln_w, h),
+            self.p(top.mlm_ln_b, h),
+            rows,
+            h,
+            c.layer_norm_eps as f32,
+        )
+    }
+
+    /// Logits of head rows [r0, r0 + k) into the logits buffer: head_h · word_embeddingsᵀ + bias.
+    fn decoder_fwd(&self, r0: usize, k: usize) -> Result<Buf> {
+        let (be, a, top, c) = (self.be, &self.a, &self.table.top, &self.config);
+        let (h, v) = (c.hidden_size, c.vocab_size);
+        let logits = a.logits.prefix(k * v);
+        be.matmul(logits, a.head_h.at(r0 * h, k * h), self.p(top.word, v * h), k, v, h, false, true, false)?;
+        be.add_bias(logits, self.p(top.mlm_bias, v), k, v)?;
+        Ok(logits)
+    }
+
+    /// Forward, and with `backward` the gradients of the loss added into `grads` (scaled by `loss_scale`).
+    /// Dropout on with `train`.
+    pub fn step(
+        &self,
+        inp: &Inputs,
+        train: Option<Train>,
+        backward: bool,
+        loss_scale: f32,
+    ) -> Result<Losses> {
+        self.upload_inputs(inp)?;
+        let (be, a, top, c) = (self.be, &self.a, &self.table.top, &self.config);
+        let (b, t) = (inp.batch, inp.seq);
+        let n = b * t;
+        let (h, v) = (c.hidden_size, c.vocab_size);
+        self.encoder_fwd(inp, train)?;
+        let mut losses = Losses::default();
+        if backward {
+            be.fill(a.dx.prefix(n * h), 0.0)?;
+        }
+
+        // NSP head
+        if let Some(nsp) = inp.nsp_labels {
+            self.pooler_fwd(inp)?;
+            let scale = backward.then_some(loss_scale as f64 / b as f64);
+            be.cross_entropy(
+                a.nsp_losses.prefix(b),
+                a.nsp_logits.prefix(b * 2),
+                a.nsp_labels.prefix(b),
+                b,
+                2,
+                scale,
+            )?;
+            be.sum(a.loss_sum, a.nsp_losses.prefix(b))?;
+            losses.nsp = Some(be.download_f64(a.loss_sum)?[0] / nsp.len() as f64);
+            if backward {
+                // nsp_logits now hold d(loss)/d(logits)
+                self.linear_bwd(
+                    Some((a.dhead, false)),
+                    a.nsp_logits,
+                    a.pooled,
+                    top.nsp_w,
+                    top.nsp_b,
+                    b,
+                    h,
+                    2,
+                )?;
+                be.tanh_bwd(a.dhead2.prefix(b * h), a.dhead.prefix(b * h), a.pooled.prefix(b * h))?;
+                self.linear_bwd(
+                    Some((a.dhead, false)),
+                    a.dhead2,
+                    a.cls_in,
+                    top.pooler_w,
+                    top.pooler_b,
+                    b,
+                    h,
+                    h,
+                )?;
+                be.scatter_add_rows(a.dx.prefix(n * h), a.dhead.prefix(b * h), a.cls_rows.prefix(b), b, h)?;
+            }
+        }
+
+        // MLM head on the rows asked for, the decoder in chunks
+        let rows = inp.head_rows.len();
+        let counted = inp.head_labels.map(|l| l.iter().filter(|&&x| x != IGNORE_INDEX).count()).unwrap_or(0);
+        if rows > 0 && counted > 0 {
+            self.head_transform_fwd(rows)?;
+            let scale = backward.then_some(loss_scale as f64 / counted as f64);
+            if backward {
+                be.fill(a.dhead.prefix(rows * h), 0.0)?;
+            }
+            let mut r0 = 0;
+            while r0 < rows {
+                let k = self.plan.logit_rows.min(rows - r0);
+                let logits = self.decoder_fwd(r0, k)?;
+                be.cross_entropy(a.mlm_losses.at(r0, k), logits, a.head_labels.at(r0, k), k, v, scale)?;
+                if backward {
+                    // logits now hold d(loss)/d(logits): the decoder's backward, tied weight included
+                    be.matmul(
+                        a.dhead.at(r0 * h, k * h),
+                        logits,
+                        self.p(top.word, v * h),
+                        k,
+                        h,
+                        v,
+                        false,
+                        false,
+                        false,
+                    )?;
+                    be.matmul(
+                        self.g(top.word, v * h),
+                        logits,
+                        a.head_h.at(r0 * h, k * h),
+                        v,
+                        h,
+                        k,
+                        true,
+                        false,
+                        true,
+                    )?;
+                    be.bias_grad(self.g(top.mlm_bias, v), logits, k, v)?;
+                }
+                r0 += k;
+            }
+            be.sum(a.loss_sum, a.mlm_losses.prefix(rows))?;
+            losses.mlm = Some(be.download_f64(a.loss_sum)?[0] / counted as f64);
+            losses.mlm_tokens = counted;
+            if backward {
+                let rh = rows * h;
+                be.layernorm_bwd(
+                    a.dhead2.prefix(rh),
+                    self.g(top.mlm_ln_w, h),
+                    self.g(top.mlm_ln_b, h),
+                    a.dhead.prefix(rh),
+                    a.head_g.prefix(rh),
+                    a.head_mean,
+                    a.head_rstd,
+                    self.p(top.mlm_ln_w, h),
+                    rows,
+                    h,
+                )?;
+                be.gelu_bwd(a.dhead.prefix(rh), a.dhead2.prefix(rh), a.head_t.prefix(rh), self.act)?;
+                self.linear_bwd(
+                    Some((a.dhead2, false)),
+                    a.dhead,
+                    a.head_in,
+                    top.mlm_dense_w,
+                    top.mlm_dense_b,
+                    rows,
+                    h,
+                    h,
+                )?;
+                be.scatter_add_rows(
+                    a.dx.prefix(n * h),
+                    a.dhead2.prefix(rh),
+                    a.head_rows.prefix(rows),
+                    rows,
+                    h,
+                )?;
+            }
+        }
+
+        if backward {
+            self.encoder_bwd(inp, train)?;
+        }
+        Ok(losses)
+    }
+
+    /// Backward through the encoder from dx = d(loss)/d(last hidden state).
+    fn encoder_bwd(&self, inp: &Inputs, train: Option<Train>) -> Result<()> {
+        let (be, c, a, top) = (self.be, &self.config, &self.a, &self.table.top);
+        let (b, t) = (inp.batch, inp.seq);
+        let n = b * t;
+        let (h, i, v, nh, hs) =
+            (c.hidden_size, c.intermediate_size, c.vocab_size, c.num_attention_heads, c.head_size());
+        let nhid = n * h;
+        let (dx, dx2) = (a.dx.prefix(nhid), a.dx2.prefix(nhid));
+        for l in (0..c.num_hidden_layers).rev() {
+            let (lo, la): (&LayerOffsets, &LayerActs) = (&self.table.layers[l], &a.layers[l]);
+            // out = LN2(sum2): dsum2 into dx2; the residual carries it to h1
+            be.layernorm_bwd(
+                dx2,
+                self.g(lo.ln2_w, h),
+                self.g(lo.ln2_b, h),
+                dx,
+                la.sum2.prefix(nhid),
+                la.mean2,
+                la.rstd2,
+                self.p(lo.ln2_w, h),
+                n,
+                h,
+            )?;
+            // FFN branch: dff2 = dropout'(dsum2)
+            let dff2 = match self.dropout(c.hidden_dropout_prob, train, site(l, SITE_FFN_OUT)) {
+                Some(d) => {
+                    be.dropout_bwd(dx, dx2, d)?;
+                    dx
+                }
+                None => dx2,
+            };
+            let dgelu = a.dwide2.prefix(n * i);
+            self.linear_bwd(Some((dgelu, false)), dff2, la.gelu, lo.ff2_w, lo.ff2_b, n, i, h)?;
+            let dff1 = a.dwide.prefix(n * i);
+            be.gelu_bwd(dff1, dgelu, la.ff1.prefix(n * i), self.act)?;
+            // dh1 = dsum2 (still in dx2) + dff1 · W1
+            self.linear_bwd(Some((dx2, true)), dff1, la.h1, lo.ff1_w, lo.ff1_b, n, h, i)?;
+            // h1 = LN1(sum1): dsum1 into dx
+            be.layernorm_bwd(
+                dx,
+                self.g(lo.ln1_w, h),
+                self.g(lo.ln1_b, h),
+                dx2,
+                la.sum1.prefix(nhid),
+                la.mean1,
+                la.rstd1,
+                self.p(lo.ln1_w, h),
+                n,
+                h,
+            )?;
+            let dattn = match self.dropout(c.hidden_dropout_prob, train, site(l, SITE_ATTN_OUT)) {
+                Some(d) => {
+                    be.dropout_bwd(dx2, dx, d)?;
+                    dx2
+                }
+                None => dx,
+            };
+            let dctx = a.tmp.prefix(nhid);
+            self.linear_bwd(Some((dctx, false)), dattn, la.ctx, lo.attn_out_w, lo.attn_out_b, n, h, h)?;
+            let dqkv = a.dwide.prefix(n * 3 * h);
+            let probs_drop = self.dropout(c.attention_probs_dropout_prob, train, site(l, SITE_ATTN_PROBS));
+            be.attention_bwd(
+                dqkv,
+                dctx,
+                la.qkv.prefix(n * 3 * h),
+                la.att_state,
+                a.mask.prefix(n),
+                b,
+                t,
+                nh,
+                hs,
+                probs_drop,
+            )?;
+            // dx (the layer input) = dsum1 + dqkv · Wqkv
+            self.linear_bwd(Some((dx, true)), dqkv, a.x[l], lo.qkv_w, lo.qkv_b, n, h, 3 * h)?;
+        }
+        // embeddings: x0 = dropout(LN(emb))
+        let demb_ln = match self.dropout(c.hidden_dropout_prob, train, SITE_EMBEDDINGS) {
+            Some(d) => {
+                be.dropout_bwd(dx2, dx, d)?;
+                dx2
+            }
+            None => dx,
+        };
+        let demb = if demb_ln == dx { dx2 } else { dx };
+        be.layernorm_bwd(
+            demb,
+            self.g(top.emb_ln_w, h),
+            self.g(top.emb_ln_b, h),
+            demb_ln,
+            a.emb.prefix(nhid),
+            a.emb_mean,
+            a.emb_rstd,
+            self.p(top.emb_ln_w, h),
+            n,
+            h,
+        )?;
+        be.embeddings_bwd(
+            self.g(top.word, v * h),
+            self.g(top.position, c.max_position_embeddings * h),
+            self.g(top.token_type, c.type_vocab_size * h),
+            demb,
+            a.ids,
+            a.types,
+            b,
+            t,
+            h,
+        )
+    }
+
+    /// Outputs for inspection (eval mode): last hidden state (B·T·H), pooler output (B·H), NSP logits (B·2).
+    pub fn outputs(&self, inp: &Inputs) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        self.upload_inputs(inp)?;
+        self.encoder_fwd(inp, None)?;
+        self.pooler_fwd(inp)?;
+        let (b, n, h) = (inp.batch, inp.batch * inp.seq, self.config.hidden_size);
+        let a = &self.a;
+        Ok((
+            self.be.download(a.x[self.config.num_hidden_layers].prefix(n * h))?,
+            self.be.download(a.pooled.prefix(b * h))?,
+            self.be.download(a.nsp_logits.prefix(b * 2))?,
+        ))
+    }
+
+    /// MLM logits (rows × V) of the head rows (eval mode).
+    pub fn mlm_logits(&self, inp: &Inputs) -> Result<Vec<f32>> {
+        self.upload_inputs(inp)?;
+        self.encoder_fwd(inp, None)?;
+        let rows = inp.head_rows.len();
+        let v = self.config.vocab_size;
+        let mut out = Vec::with_capacity(rows * v);
+        if rows == 0 {
+            return Ok(out);
+        }
+        self.head_transform_fwd(rows)?;
+        let mut r0 = 0;
+        while r0 < rows {
+            let k = self.plan.logit_rows.min(rows - r0);
+            out.extend(self.be.download(self.decoder_fwd(r0, k)?)?);
+            r0 += k;
+        }
+        Ok(out)
+    }
+}
