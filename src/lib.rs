@@ -10,6 +10,7 @@ pub mod bench;
 pub mod data;
 pub mod error;
 pub mod fsutil;
+pub mod infer;
 pub mod model;
 pub mod progress;
 

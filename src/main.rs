@@ -14,6 +14,7 @@ use bertcuda::data::shards;
 use bertcuda::data::text::{clean_line, list_input_files, CorpusReader, DEFAULT_MAX_LINE_BYTES};
 use bertcuda::data::tokenizer::{BertTokenizer, LoadOptions};
 use bertcuda::fsutil::AtomicDir;
+use bertcuda::infer::{BatchFile, LoadedModel, Pooling};
 
 #[derive(Parser)]
 #[command(
@@ -48,6 +49,19 @@ enum Command {
         Output: one line per batch with input_ids, token_type_ids, attention_mask, labels (-100 where not\n\
         predicted) and next_sentence_label (absent with --no-nsp), each a list per sequence; --decode adds text.")]
     Inspect(InspectArgs),
+    /// Run a model on a batch given as JSON: losses, and with --dump its outputs (and gradients).
+    #[command(after_help = "Example:\n  bertcuda forward --model out/ --batch batch.json --dump out.safetensors --grads\n\n\
+        batch.json: {\"input_ids\": [[...]], \"token_type_ids\": [[...]], \"attention_mask\": [[...]],\n\
+        \"labels\": [[...]] (optional, -100 where not predicted), \"next_sentence_label\": [...] (optional)}.\n\
+        Prints {\"loss\", \"mlm_loss\", \"nsp_loss\"} (null when its labels are absent; loss = the sum of the others).")]
+    Forward(ForwardArgs),
+    /// The most likely tokens for each [MASK] in a text.
+    #[command(after_help = "Example:\n  bertcuda fill-mask --model out/ \"Rust is a [MASK] language.\"\n\n\
+        Prints one JSON object per [MASK]: its position and the top-k tokens with their probabilities.")]
+    FillMask(FillMaskArgs),
+    /// One embedding vector per text, one JSON array per line.
+    #[command(after_help = "Example:\n  bertcuda embed --model out/ --pooling mean \"First text.\" \"Second text.\"")]
+    Embed(EmbedArgs),
     /// Check shard directories.
     #[command(subcommand)]
     Shards(ShardsCmd),
@@ -205,6 +219,44 @@ struct InspectArgs {
     decode: bool,
 }
 
+#[derive(Args)]
+struct ForwardArgs {
+    /// A model directory (config.json, model.safetensors).
+    #[arg(long)]
+    model: PathBuf,
+    /// The batch, as JSON.
+    #[arg(long)]
+    batch: PathBuf,
+    #[arg(long, default_value = "cpu", value_parser = ["cpu"])]
+    device: String,
+    /// Write last_hidden_state, pooler_output, prediction_logits and seq_relationship_logits (f32) here.
+    #[arg(long)]
+    dump: Option<PathBuf>,
+    /// With --dump: also the loss's gradient of every parameter, as grad.<name>.
+    #[arg(long, requires = "dump")]
+    grads: bool,
+}
+
+#[derive(Args)]
+struct FillMaskArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, default_value_t = 5)]
+    top_k: usize,
+    text: String,
+}
+
+#[derive(Args)]
+struct EmbedArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// pooler: BertPooler's output; cls: the [CLS] hidden state; mean: the mean over the text's tokens.
+    #[arg(long, default_value = "pooler", value_parser = ["pooler", "cls", "mean"])]
+    pooling: String,
+    #[arg(required = true)]
+    text: Vec<String>,
+}
+
 #[derive(Subcommand)]
 enum ShardsCmd {
     /// Check every shard's header, size, checksum and ids, and the tokenizer; names the first bad file.
@@ -260,6 +312,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Tokenize(a) => tokenize(a),
         Command::Prepare(a) => prepare_cmd(a),
         Command::Inspect(a) => inspect(a),
+        Command::Forward(a) => forward(a),
+        Command::FillMask(a) => fill_mask(a),
+        Command::Embed(a) => embed(a),
         Command::Shards(ShardsCmd::Verify { dir }) => {
             let m = shards::verify(&dir)?;
             println!(
@@ -479,5 +534,47 @@ fn inspect(a: InspectArgs) -> Result<()> {
         out.write_all(b"\n")?;
     }
     out.flush()?;
+    Ok(())
+}
+
+fn load_model(dir: &std::path::Path) -> Result<LoadedModel> {
+    let m = LoadedModel::load(dir)?;
+    if m.heads_initialised() || !m.report.ignored.is_empty() {
+        eprintln!("{}: {}", dir.display(), m.report.summary());
+    }
+    Ok(m)
+}
+
+fn forward(a: ForwardArgs) -> Result<()> {
+    let model = load_model(&a.model)?;
+    let fb = BatchFile::read(&a.batch)?.flatten(&a.batch)?;
+    let r = bertcuda::infer::forward(&model, &fb, a.dump.is_some(), a.grads)?;
+    if let Some(path) = &a.dump {
+        bertcuda::infer::write_safetensors(path, &r.tensors)?;
+    }
+    println!("{}", bertcuda::infer::losses_json(&r.losses));
+    Ok(())
+}
+
+fn fill_mask(a: FillMaskArgs) -> Result<()> {
+    let model = load_model(&a.model)?;
+    let tok = bertcuda::infer::model_tokenizer(&a.model)?;
+    for (pos, preds) in bertcuda::infer::fill_mask(&model, &tok, &a.text, a.top_k)? {
+        println!("{}", serde_json::json!({"position": pos, "predictions": preds}));
+    }
+    Ok(())
+}
+
+fn embed(a: EmbedArgs) -> Result<()> {
+    let model = load_model(&a.model)?;
+    let tok = bertcuda::infer::model_tokenizer(&a.model)?;
+    let pooling = match a.pooling.as_str() {
+        "cls" => Pooling::Cls,
+        "mean" => Pooling::Mean,
+        _ => Pooling::Pooler,
+    };
+    for v in bertcuda::infer::embed(&model, &tok, &a.text, pooling)? {
+        println!("{}", serde_json::to_string(&v)?);
+    }
     Ok(())
 }

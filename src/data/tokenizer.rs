@@ -120,7 +120,11 @@ impl BertTokenizer {
         Self::finish(inner, lowercase, path)
     }
 
-    fn finish(inner: Tokenizer, do_lower_case: bool, path: &Path) -> Result<Self> {
+    fn finish(mut inner: Tokenizer, do_lower_case: bool, path: &Path) -> Result<Self> {
+        // Padding and truncation saved in a tokenizer.json (sentence-transformers saves both) are off, as
+        // in transformers until asked for: callers pad and cut themselves.
+        inner.with_padding(None);
+        inner.with_truncation(None).map_err(|e| Error::corrupt(path, e.to_string()))?;
         let id = |t: &str| {
             inner.token_to_id(t).ok_or_else(|| {
                 Error::corrupt(
