@@ -69,3 +69,65 @@ print(json.dumps(out))
         assert_eq!(types, theirs[TEXTS.len() + 1]);
     }
 }
+
+fn read_tensors(path: &Path) -> std::collections::HashMap<String, (Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(n, t)| {
+            assert_eq!(t.dtype(), safetensors::Dtype::F32, "{n}");
+            let v = t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            (n, (t.shape().to_vec(), v))
+        })
+        .collect()
+}
+
+/// max |a − b| / max |b|. A tensor whose true gradient is zero (the key bias: softmax ignores a constant
+/// added to every score of a row) holds rounding noise on both sides: there the scale is 1 (absolute).
+fn rel(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let scale = if scale < 1e-6 { 1.0 } else { scale };
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+#[test]
+#[ignore = "needs python3 with torch and transformers"]
+fn outputs_losses_and_every_gradient_equal_transformers_bert_for_pretraining() {
+    let tmp = tempfile::tempdir().unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/parity/hf_reference.py");
+    let st = Command::new(python()).arg(&script).arg(tmp.path()).status().unwrap();
+    assert!(st.success());
+    let dump = tmp.path().join("ours.safetensors");
+    let out = Command::new(env!("CARGO_BIN_EXE_bertcuda"))
+        .args(["forward", "--model"])
+        .arg(tmp.path().join("model"))
+        .arg("--batch")
+        .arg(tmp.path().join("batch.json"))
+        .arg("--dump")
+        .arg(&dump)
+        .arg("--grads")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let losses: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let theirs = read_tensors(&tmp.path().join("reference.safetensors"));
+    let ours = read_tensors(&dump);
+    let want = &theirs["loss"].1;
+    for (k, key) in ["loss", "mlm_loss", "nsp_loss"].iter().enumerate() {
+        let got = losses[key].as_f64().unwrap() as f32;
+        assert!((got - want[k]).abs() <= 1e-4 * want[k].abs(), "{key}: {got} vs {}", want[k]);
+    }
+    let mut compared = 0;
+    for (name, (shape, want)) in &theirs {
+        if name == "loss" {
+            continue;
+        }
+        let (s, got) = ours.get(name).unwrap_or_else(|| panic!("{name} missing from bertcuda's dump"));
+        assert_eq!(s, shape, "{name}");
+        let e = rel(got, want);
+        assert!(e <= 1e-4, "{name}: relative error {e:e}");
+        compared += 1;
+    }
+    assert!(compared > 40, "{compared}");
+}
