@@ -134,3 +134,63 @@ pub fn bench_loader(
     }
     Ok(out)
 }
+
+pub struct ModelBench {
+    pub preset: String,
+    pub batch: usize,
+    pub seq: usize,
+    pub threads: usize,
+    /// Forward + backward steps per second (dropout on, MLM head on the masked 15%).
+    pub steps_per_s: f64,
+    pub params: usize,
+    /// Activation memory planned for the batch, bytes.
+    pub activation_bytes: usize,
+}
+
+/// Forward + backward steps per second of the CPU backend on a random batch.
+pub fn bench_model(preset: &str, batch: usize, seq: usize, steps: usize) -> Result<ModelBench> {
+    use crate::backend::cpu::Cpu;
+    use crate::data::rng::KeyedRng;
+    use crate::model::bert::{Bert, Inputs, Plan, Train};
+    use crate::model::config::ModelConfig;
+    use crate::model::params::ParamTable;
+    let config = ModelConfig::preset(preset, 30522)?;
+    let be = Cpu::<f32>::new();
+    let model = Bert::new(&be, config.clone(), Plan::new(batch, seq))?;
+    let table = ParamTable::new(&config);
+    model.set_params(&table.init(&config, 0))?;
+    let n = batch * seq;
+    let mut rng = KeyedRng::new(7, &[1]);
+    let ids: Vec<u32> = (0..n).map(|_| 1000 + rng.below(29000) as u32).collect();
+    let types: Vec<u32> = (0..n).map(|i| ((i % seq) >= seq / 2) as u32).collect();
+    let mask = vec![1u8; n];
+    let rows: Vec<u32> = (0..n as u32).filter(|_| rng.bernoulli(0.15)).collect();
+    let labels: Vec<i32> = rows.iter().map(|&r| ids[r as usize] as i32).collect();
+    let nsp: Vec<u32> = (0..batch as u32).map(|i| i % 2).collect();
+    let inp = Inputs {
+        batch,
+        seq,
+        input_ids: &ids,
+        token_type_ids: &types,
+        attention_mask: &mask,
+        head_rows: &rows,
+        head_labels: Some(&labels),
+        nsp_labels: Some(&nsp),
+    };
+    for s in 0..2 {
+        model.step(&inp, Some(Train { seed: 0, step: s }), true, 1.0)?;
+    }
+    let start = Instant::now();
+    for s in 0..steps.max(1) {
+        model.step(&inp, Some(Train { seed: 0, step: 2 + s as u64 }), true, 1.0)?;
+    }
+    Ok(ModelBench {
+        preset: preset.into(),
+        batch,
+        seq,
+        threads: rayon::current_num_threads(),
+        steps_per_s: steps.max(1) as f64 / start.elapsed().as_secs_f64(),
+        params: table.total,
+        activation_bytes: model.activation_floats * 4,
+    })
+}

@@ -91,13 +91,18 @@ impl BatchFile {
                 return Err(bad(key, format!("{} sequences, input_ids has {b}", rows.len())));
             }
             if let Some((i, r)) = rows.iter().enumerate().find(|(_, r)| r.len() != t) {
-                return Err(bad(key, format!("sequence {i} has {} values; every sequence must have {t} (pad them)", r.len())));
+                return Err(bad(
+                    key,
+                    format!("sequence {i} has {} values; every sequence must have {t} (pad them)", r.len()),
+                ));
             }
             Ok(rows.concat())
         };
         let to_u32 = |key: &str, v: Vec<i64>| -> Result<Vec<u32>> {
             v.into_iter()
-                .map(|x| u32::try_from(x).map_err(|_| bad(key, format!("value {x} is negative or too large"))))
+                .map(|x| {
+                    u32::try_from(x).map_err(|_| bad(key, format!("value {x} is negative or too large")))
+                })
                 .collect()
         };
         let input_ids = to_u32("input_ids", flat("input_ids", &self.input_ids)?)?;
@@ -119,13 +124,17 @@ impl BatchFile {
             Some(r) => Some(
                 flat("labels", r)?
                     .into_iter()
-                    .map(|x| i32::try_from(x).map_err(|_| bad("labels", format!("value {x} is out of range"))))
+                    .map(|x| {
+                        i32::try_from(x).map_err(|_| bad("labels", format!("value {x} is out of range")))
+                    })
                     .collect::<Result<_>>()?,
             ),
             None => None,
         };
         let nsp = match &self.next_sentence_label {
-            Some(v) if v.len() != b => return Err(bad("next_sentence_label", format!("{} labels for {b} sequences", v.len()))),
+            Some(v) if v.len() != b => {
+                return Err(bad("next_sentence_label", format!("{} labels for {b} sequences", v.len())))
+            }
             Some(v) => Some(to_u32("next_sentence_label", v.clone())?),
             None => None,
         };
@@ -172,7 +181,11 @@ pub fn forward(model: &LoadedModel, fb: &FlatBatch, outputs: bool, grads: bool) 
     if backward {
         let g = be.download(m.grads)?;
         for p in &m.table.params {
-            tensors.push((format!("grad.{}", p.name), p.shape.clone(), g[p.offset..p.offset + p.len].to_vec()));
+            tensors.push((
+                format!("grad.{}", p.name),
+                p.shape.clone(),
+                g[p.offset..p.offset + p.len].to_vec(),
+            ));
         }
     }
     Ok(ForwardResult { losses, tensors })
@@ -183,7 +196,12 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]
     let views = tensors
         .iter()
         .map(|(n, shape, v)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytemuck::cast_slice(v)).map(|t| (n.clone(), t))
+            safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                shape.clone(),
+                bytemuck::cast_slice(v),
+            )
+            .map(|t| (n.clone(), t))
         })
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| Error::Invalid(format!("internal: {e}")))?;
@@ -194,7 +212,10 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]
 /// The tokenizer of a model directory.
 pub fn model_tokenizer(dir: &Path) -> Result<BertTokenizer> {
     BertTokenizer::load(dir, LoadOptions::default()).map_err(|e| {
-        Error::Invalid(format!("{e}\n(the model directory {} needs its tokenizer files: tokenizer.json or vocab.txt)", dir.display()))
+        Error::Invalid(format!(
+            "{e}\n(the model directory {} needs its tokenizer files: tokenizer.json or vocab.txt)",
+            dir.display()
+        ))
     })
 }
 
@@ -206,20 +227,38 @@ pub struct Prediction {
 }
 
 /// `bertcuda fill-mask`: for each [MASK] in the text, its position and the top-k predictions.
-pub fn fill_mask(model: &LoadedModel, tok: &BertTokenizer, text: &str, top_k: usize) -> Result<Vec<(usize, Vec<Prediction>)>> {
+pub fn fill_mask(
+    model: &LoadedModel,
+    tok: &BertTokenizer,
+    text: &str,
+    top_k: usize,
+) -> Result<Vec<(usize, Vec<Prediction>)>> {
     let (ids, types) = tok.encode_with_specials(text, None)?;
-    let rows: Vec<u32> = ids.iter().enumerate().filter(|(_, &id)| id == tok.special.mask).map(|(i, _)| i as u32).collect();
+    let rows: Vec<u32> =
+        ids.iter().enumerate().filter(|(_, &id)| id == tok.special.mask).map(|(i, _)| i as u32).collect();
     if rows.is_empty() {
         bail!("the text has no {} token to fill", "[MASK]");
     }
     let t = ids.len();
     if t > model.config.max_position_embeddings {
-        bail!("the text is {t} tokens long; the model takes at most {}", model.config.max_position_embeddings);
+        bail!(
+            "the text is {t} tokens long; the model takes at most {}",
+            model.config.max_position_embeddings
+        );
     }
     let be = Cpu::<f32>::new();
     let m = model.model(&be, 1, t)?;
     let mask = vec![1u8; t];
-    let inp = Inputs { batch: 1, seq: t, input_ids: &ids, token_type_ids: &types, attention_mask: &mask, head_rows: &rows, head_labels: None, nsp_labels: None };
+    let inp = Inputs {
+        batch: 1,
+        seq: t,
+        input_ids: &ids,
+        token_type_ids: &types,
+        attention_mask: &mask,
+        head_rows: &rows,
+        head_labels: None,
+        nsp_labels: None,
+    };
     let logits = m.mlm_logits(&inp)?;
     let v = model.config.vocab_size;
     let mut out = Vec::new();
@@ -256,8 +295,14 @@ pub enum Pooling {
 }
 
 /// `bertcuda embed`: one vector per text.
-pub fn embed(model: &LoadedModel, tok: &BertTokenizer, texts: &[String], pooling: Pooling) -> Result<Vec<Vec<f32>>> {
-    let enc: Vec<(Vec<u32>, Vec<u32>)> = texts.iter().map(|t| tok.encode_with_specials(t, None)).collect::<Result<_>>()?;
+pub fn embed(
+    model: &LoadedModel,
+    tok: &BertTokenizer,
+    texts: &[String],
+    pooling: Pooling,
+) -> Result<Vec<Vec<f32>>> {
+    let enc: Vec<(Vec<u32>, Vec<u32>)> =
+        texts.iter().map(|t| tok.encode_with_specials(t, None)).collect::<Result<_>>()?;
     let t = enc.iter().map(|e| e.0.len()).max().unwrap_or(0);
     let max = model.config.max_position_embeddings;
     if t > max {
@@ -272,7 +317,16 @@ pub fn embed(model: &LoadedModel, tok: &BertTokenizer, texts: &[String], pooling
     }
     let be = Cpu::<f32>::new();
     let m = model.model(&be, b, t)?;
-    let inp = Inputs { batch: b, seq: t, input_ids: &ids, token_type_ids: &types, attention_mask: &mask, head_rows: &[], head_labels: None, nsp_labels: None };
+    let inp = Inputs {
+        batch: b,
+        seq: t,
+        input_ids: &ids,
+        token_type_ids: &types,
+        attention_mask: &mask,
+        head_rows: &[],
+        head_labels: None,
+        nsp_labels: None,
+    };
     let (last, pooled, _) = m.outputs(&inp)?;
     let h = model.config.hidden_size;
     Ok((0..b)

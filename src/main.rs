@@ -50,17 +50,21 @@ enum Command {
         predicted) and next_sentence_label (absent with --no-nsp), each a list per sequence; --decode adds text.")]
     Inspect(InspectArgs),
     /// Run a model on a batch given as JSON: losses, and with --dump its outputs (and gradients).
-    #[command(after_help = "Example:\n  bertcuda forward --model out/ --batch batch.json --dump out.safetensors --grads\n\n\
+    #[command(
+        after_help = "Example:\n  bertcuda forward --model out/ --batch batch.json --dump out.safetensors --grads\n\n\
         batch.json: {\"input_ids\": [[...]], \"token_type_ids\": [[...]], \"attention_mask\": [[...]],\n\
         \"labels\": [[...]] (optional, -100 where not predicted), \"next_sentence_label\": [...] (optional)}.\n\
-        Prints {\"loss\", \"mlm_loss\", \"nsp_loss\"} (null when its labels are absent; loss = the sum of the others).")]
+        Prints {\"loss\", \"mlm_loss\", \"nsp_loss\"} (null when its labels are absent; loss = the sum of the others)."
+    )]
     Forward(ForwardArgs),
     /// The most likely tokens for each [MASK] in a text.
     #[command(after_help = "Example:\n  bertcuda fill-mask --model out/ \"Rust is a [MASK] language.\"\n\n\
         Prints one JSON object per [MASK]: its position and the top-k tokens with their probabilities.")]
     FillMask(FillMaskArgs),
     /// One embedding vector per text, one JSON array per line.
-    #[command(after_help = "Example:\n  bertcuda embed --model out/ --pooling mean \"First text.\" \"Second text.\"")]
+    #[command(
+        after_help = "Example:\n  bertcuda embed --model out/ --pooling mean \"First text.\" \"Second text.\""
+    )]
     Embed(EmbedArgs),
     /// Check shard directories.
     #[command(subcommand)]
@@ -266,6 +270,18 @@ enum ShardsCmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Forward + backward steps per second of the CPU backend (compare: benches/torch_cpu.py).
+    #[command(after_help = "Example:\n  bertcuda bench model --preset mini --batch-size 8 --seq 128")]
+    Model {
+        #[arg(long, default_value = "tiny")]
+        preset: String,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+    },
     /// Sequences per second of one loader thread at max_seq_len 128 and 512.
     #[command(after_help = "Example:\n  bertcuda bench loader --data shards/")]
     Loader {
@@ -324,6 +340,21 @@ fn run(cli: Cli) -> Result<()> {
                 m.documents,
                 m.sentences,
                 m.tokens
+            );
+            Ok(())
+        }
+        Command::Bench(BenchCmd::Model { preset, batch_size, seq, steps }) => {
+            let b = bertcuda::bench::bench_model(&preset, batch_size, seq, steps)?;
+            println!(
+                "bertcuda cpu {} ({:.1} M parameters, activations {:.0} MB) batch {}×{}: {:.2} steps/s ({:.1} sequences/s) on {} threads",
+                b.preset,
+                b.params as f64 / 1e6,
+                b.activation_bytes as f64 / 1e6,
+                b.batch,
+                b.seq,
+                b.steps_per_s,
+                b.steps_per_s * b.batch as f64,
+                b.threads
             );
             Ok(())
         }

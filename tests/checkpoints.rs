@@ -18,7 +18,9 @@ fn root() -> PathBuf {
 
 /// all-MiniLM-L6-v2, fetched by scripts/fetch-test-models.sh (the README's test command runs it).
 fn minilm_dir() -> PathBuf {
-    let dir = std::env::var("BERTCUDA_MINILM").map(PathBuf::from).unwrap_or_else(|_| root().join(".cache/models/all-MiniLM-L6-v2"));
+    let dir = std::env::var("BERTCUDA_MINILM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root().join(".cache/models/all-MiniLM-L6-v2"));
     assert!(
         dir.join("model.safetensors").is_file(),
         "{} is missing: run scripts/fetch-test-models.sh (part of the README's test command)",
@@ -39,8 +41,10 @@ fn small_config() -> ModelConfig {
 #[test]
 fn minilm_embeddings_equal_transformers() {
     let dir = minilm_dir();
-    let expected: serde_json::Value =
-        serde_json::from_str(&fs::read_to_string(root().join("tests/fixtures/minilm/expected.json")).unwrap()).unwrap();
+    let expected: serde_json::Value = serde_json::from_str(
+        &fs::read_to_string(root().join("tests/fixtures/minilm/expected.json")).unwrap(),
+    )
+    .unwrap();
     let model = LoadedModel::load(&dir).unwrap();
     assert_eq!(model.config.hidden_size, 384);
     assert_eq!(model.config.num_hidden_layers, 6);
@@ -83,23 +87,35 @@ fn save_then_load_gives_the_same_parameters_in_hf_layout() {
     assert_eq!(meta.metadata().as_ref().unwrap().get("format").map(String::as_str), Some("pt"));
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let names = st.names();
-    assert!(names.contains(&"cls.predictions.bias") && names.contains(&"bert.encoder.layer.1.attention.self.key.weight"));
+    assert!(
+        names.contains(&"cls.predictions.bias")
+            && names.contains(&"bert.encoder.layer.1.attention.self.key.weight")
+    );
     assert!(!names.iter().any(|n| n.contains("decoder")));
-    let config: serde_json::Value = serde_json::from_str(&fs::read_to_string(tmp.path().join("config.json")).unwrap()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(tmp.path().join("config.json")).unwrap()).unwrap();
     assert_eq!(config["model_type"], "bert");
     assert_eq!(config["architectures"][0], "BertForPreTraining");
     assert_eq!(config["position_embedding_type"], "absolute");
 }
 
 /// Write a checkpoint whose tensors are the given (name, values) of `params` renamed by `rename`.
-fn write_variant(dir: &Path, c: &ModelConfig, params: &[f32], rename: impl Fn(&str) -> Option<String>, extra: Vec<(String, Vec<usize>, Vec<f32>)>) {
+fn write_variant(
+    dir: &Path,
+    c: &ModelConfig,
+    params: &[f32],
+    rename: impl Fn(&str) -> Option<String>,
+    extra: Vec<(String, Vec<usize>, Vec<f32>)>,
+) {
     fs::create_dir_all(dir).unwrap();
     c.save(&dir.join("config.json")).unwrap();
     let table = ParamTable::new(c);
     let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = table
         .params
         .iter()
-        .filter_map(|p| rename(&p.name).map(|n| (n, p.shape.clone(), params[p.offset..p.offset + p.len].to_vec())))
+        .filter_map(|p| {
+            rename(&p.name).map(|n| (n, p.shape.clone(), params[p.offset..p.offset + p.len].to_vec()))
+        })
         .collect();
     tensors.extend(extra);
     bertcuda::infer::write_safetensors(&dir.join("model.safetensors"), &tensors).unwrap();
@@ -121,10 +137,21 @@ fn loads_masked_lm_bare_model_and_legacy_checkpoints() {
         &mlm,
         &c,
         &params,
-        |n| (!n.starts_with("bert.pooler") && !n.starts_with("cls.seq") && n != "cls.predictions.bias").then(|| n.to_string()),
+        |n| {
+            (!n.starts_with("bert.pooler") && !n.starts_with("cls.seq") && n != "cls.predictions.bias")
+                .then(|| n.to_string())
+        },
         vec![
-            ("cls.predictions.decoder.weight".into(), vec![v, h], params[word.offset..word.offset + word.len].to_vec()),
-            ("cls.predictions.decoder.bias".into(), vec![v], params[bias.offset..bias.offset + bias.len].to_vec()),
+            (
+                "cls.predictions.decoder.weight".into(),
+                vec![v, h],
+                params[word.offset..word.offset + word.len].to_vec(),
+            ),
+            (
+                "cls.predictions.decoder.bias".into(),
+                vec![v],
+                params[bias.offset..bias.offset + bias.len].to_vec(),
+            ),
             ("bert.embeddings.position_ids".into(), vec![1, 20], (0..20).map(|x| x as f32).collect()),
         ],
     );
@@ -132,8 +159,19 @@ fn loads_masked_lm_bare_model_and_legacy_checkpoints() {
     assert_eq!(&p[bias.offset..bias.offset + bias.len], &params[bias.offset..bias.offset + bias.len]);
     let mut init: Vec<&str> = r.initialised.iter().map(String::as_str).collect();
     init.sort();
-    assert_eq!(init, ["bert.pooler.dense.bias", "bert.pooler.dense.weight", "cls.seq_relationship.bias", "cls.seq_relationship.weight"]);
-    assert!(r.ignored.iter().any(|n| n.contains("decoder.weight")) && r.ignored.iter().any(|n| n.contains("position_ids")));
+    assert_eq!(
+        init,
+        [
+            "bert.pooler.dense.bias",
+            "bert.pooler.dense.weight",
+            "cls.seq_relationship.bias",
+            "cls.seq_relationship.weight"
+        ]
+    );
+    assert!(
+        r.ignored.iter().any(|n| n.contains("decoder.weight"))
+            && r.ignored.iter().any(|n| n.contains("position_ids"))
+    );
 
     // Bare BertModel with legacy LayerNorm names and no "bert." prefix.
     let bare = tmp.path().join("bare");
@@ -149,9 +187,18 @@ fn loads_masked_lm_bare_model_and_legacy_checkpoints() {
     );
     let (_, p, r) = load_pretrained(&bare, 77).unwrap();
     for info in table.params.iter().filter(|i| i.name.starts_with("bert.")) {
-        assert_eq!(&p[info.offset..info.offset + info.len], &params[info.offset..info.offset + info.len], "{}", info.name);
+        assert_eq!(
+            &p[info.offset..info.offset + info.len],
+            &params[info.offset..info.offset + info.len],
+            "{}",
+            info.name
+        );
     }
-    assert!(r.initialised.iter().all(|n| n.starts_with("cls.")) && r.initialised.len() == 7, "{:?}", r.initialised);
+    assert!(
+        r.initialised.iter().all(|n| n.starts_with("cls.")) && r.initialised.len() == 7,
+        "{:?}",
+        r.initialised
+    );
     assert_eq!(r.ignored, ["classifier.weight"]);
 }
 
@@ -169,7 +216,12 @@ fn bad_checkpoints_get_clear_errors() {
     write_variant(&wrong, &c, &params, |n| Some(n.to_string()), vec![]);
     bigger.save(&wrong.join("config.json")).unwrap();
     let e = msg(&wrong);
-    assert!(e.contains("bert.encoder.layer.0.intermediate.dense.bias") && e.contains("[24]") && e.contains("[30]"), "{e}");
+    assert!(
+        e.contains("bert.encoder.layer.0.intermediate.dense.bias")
+            && e.contains("[24]")
+            && e.contains("[30]"),
+        "{e}"
+    );
 
     let torch_only = tmp.path().join("torch");
     fs::create_dir_all(&torch_only).unwrap();
@@ -198,7 +250,8 @@ fn bad_checkpoints_get_clear_errors() {
 
 #[test]
 fn configs_read_hf_fields_and_refuse_impossible_ones() {
-    let c: ModelConfig = serde_json::from_str(r#"{"hidden_size": 64, "num_attention_heads": 4, "foo": 1}"#).unwrap();
+    let c: ModelConfig =
+        serde_json::from_str(r#"{"hidden_size": 64, "num_attention_heads": 4, "foo": 1}"#).unwrap();
     assert_eq!(c.position_embedding_type, "absolute");
     assert_eq!(c.layer_norm_eps, 1e-12);
     assert_eq!(c.extra["foo"], 1);
@@ -242,11 +295,13 @@ fn forward_prints_losses_and_dumps_outputs_and_gradients() {
     let (ok, out, err) = run(&["forward", "--model", m, "--batch", b, "--dump", d, "--grads"]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    let (loss, mlm, nsp) = (v["loss"].as_f64().unwrap(), v["mlm_loss"].as_f64().unwrap(), v["nsp_loss"].as_f64().unwrap());
+    let (loss, mlm, nsp) =
+        (v["loss"].as_f64().unwrap(), v["mlm_loss"].as_f64().unwrap(), v["nsp_loss"].as_f64().unwrap());
     assert!((loss - mlm - nsp).abs() < 1e-6 && mlm > 2.0 && nsp > 0.3, "{v}");
     let bytes = fs::read(&dump).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let shapes: HashMap<String, Vec<usize>> = st.tensors().into_iter().map(|(n, t)| (n, t.shape().to_vec())).collect();
+    let shapes: HashMap<String, Vec<usize>> =
+        st.tensors().into_iter().map(|(n, t)| (n, t.shape().to_vec())).collect();
     assert_eq!(shapes["last_hidden_state"], [2, 6, 16]);
     assert_eq!(shapes["pooler_output"], [2, 16]);
     assert_eq!(shapes["prediction_logits"], [2, 6, 31]);
