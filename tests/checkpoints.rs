@@ -208,7 +208,7 @@ fn bad_checkpoints_get_clear_errors() {
     let c = small_config();
     let table = ParamTable::new(&c);
     let params = table.init(&c, 3);
-    let msg = |dir: &Path| load_pretrained(dir, 0).err().expect("an error").to_string();
+    let msg = |dir: &Path| load_pretrained(dir, 0).expect_err("an error").to_string();
 
     let wrong = tmp.path().join("wrong-shape");
     let mut bigger = c.clone();
