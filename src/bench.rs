@@ -151,7 +151,7 @@ pub struct ModelBench {
 pub fn bench_model(preset: &str, batch: usize, seq: usize, steps: usize) -> Result<ModelBench> {
     use crate::backend::cpu::Cpu;
     use crate::data::rng::KeyedRng;
-    use crate::model::bert::{Bert, Inputs, Plan, Train};
+    use crate::model::bert::{Bert, Inputs, Plan, StepOptions, Train};
     use crate::model::config::ModelConfig;
     use crate::model::params::ParamTable;
     let config = ModelConfig::preset(preset, 30522)?;
@@ -178,11 +178,14 @@ pub fn bench_model(preset: &str, batch: usize, seq: usize, steps: usize) -> Resu
         nsp_labels: Some(&nsp),
     };
     for s in 0..2 {
-        model.step(&inp, Some(Train { seed: 0, step: s }), true, 1.0)?;
+        model.step(&inp, StepOptions { train: Some(Train { seed: 0, step: s }), ..StepOptions::grads() })?;
     }
     let start = Instant::now();
     for s in 0..steps.max(1) {
-        model.step(&inp, Some(Train { seed: 0, step: 2 + s as u64 }), true, 1.0)?;
+        model.step(
+            &inp,
+            StepOptions { train: Some(Train { seed: 0, step: 2 + s as u64 }), ..StepOptions::grads() },
+        )?;
     }
     Ok(ModelBench {
         preset: preset.into(),

@@ -10,7 +10,7 @@ use crate::backend::Backend;
 use crate::bail;
 use crate::data::tokenizer::{BertTokenizer, LoadOptions};
 use crate::error::{Error, IoContext, Result};
-use crate::model::bert::{Bert, Inputs, Losses, Plan};
+use crate::model::bert::{Bert, Inputs, Losses, Plan, StepOptions};
 use crate::model::config::ModelConfig;
 use crate::model::hf::{load_pretrained, LoadReport};
 
@@ -177,7 +177,7 @@ pub fn forward(model: &LoadedModel, fb: &FlatBatch, outputs: bool, grads: bool) 
     if grads && !backward {
         bail!("--grads needs labels or next_sentence_label in the batch: there is no loss to differentiate");
     }
-    let losses = m.step(&inp, None, backward, 1.0)?;
+    let losses = m.step(&inp, StepOptions { backward, ..StepOptions::eval() })?;
     if backward {
         let g = be.download(m.grads)?;
         for p in &m.table.params {
@@ -350,4 +350,16 @@ pub fn embed(
 /// Losses as the JSON `bertcuda forward` prints.
 pub fn losses_json(l: &Losses) -> serde_json::Value {
     serde_json::json!({"loss": l.total(), "mlm_loss": l.mlm, "nsp_loss": l.nsp})
+}
+
+/// `bertcuda eval`: the model on fixed batches of the corpus.
+pub fn evaluate(
+    model: &LoadedModel,
+    corpus: &crate::data::examples::Corpus,
+    cfg: &crate::data::loader::LoaderConfig,
+    max_batches: usize,
+) -> Result<crate::train::EvalResult> {
+    let be = Cpu::<f32>::new();
+    let m = model.model(&be, cfg.batch_size, cfg.examples.max_seq_len)?;
+    crate::train::evaluate(&m, corpus, cfg, max_batches)
 }

@@ -7,11 +7,15 @@
 
 pub mod backend;
 pub mod bench;
+pub mod checkpoint;
 pub mod data;
 pub mod error;
 pub mod fsutil;
 pub mod infer;
 pub mod model;
+pub mod optim;
 pub mod progress;
+pub mod tensorboard;
+pub mod train;
 
 pub use error::{Error, Result};

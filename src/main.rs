@@ -49,6 +49,18 @@ enum Command {
         Output: one line per batch with input_ids, token_type_ids, attention_mask, labels (-100 where not\n\
         predicted) and next_sentence_label (absent with --no-nsp), each a list per sequence; --decode adds text.")]
     Inspect(InspectArgs),
+    /// Pretrain BERT (MLM + NSP); with no arguments, a tiny model on the sample corpus.
+    #[command(
+        after_help = "Examples:\n  bertcuda train                      # the tiny preset on the shipped sample corpus\n  \
+        bertcuda train --data shards/ --output out/ --model-config base --max-steps 100000\n  \
+        bertcuda train --data shards/ --output out/ --init-from path/to/bert-base-uncased   # continued pretraining\n  \
+        bertcuda train --data shards/ --output out/ --resume auto\n\n\
+        A --config FILE (TOML or JSON) may hold the same keys as the flags (snake_case); flags win."
+    )]
+    Train(Box<TrainArgs>),
+    /// Evaluate a model: MLM loss, accuracy and perplexity, NSP loss and accuracy.
+    #[command(after_help = "Example:\n  bertcuda eval --model out/ --data shards/ --json")]
+    Eval(EvalArgs),
     /// Run a model on a batch given as JSON: losses, and with --dump its outputs (and gradients).
     #[command(
         after_help = "Example:\n  bertcuda forward --model out/ --batch batch.json --dump out.safetensors --grads\n\n\
@@ -223,6 +235,144 @@ struct InspectArgs {
     decode: bool,
 }
 
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// Flags of `train`; every one optional so a config file can supply it (flags win).
+#[derive(Args, serde::Serialize)]
+struct TrainArgs {
+    /// A TOML or JSON file with the same keys as these flags (snake_case).
+    #[arg(long)]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Shard directories made by `bertcuda prepare`.
+    #[arg(long, num_args = 1..)]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    data: Vec<PathBuf>,
+    /// Output directory: checkpoints, metrics.jsonl, runs/ (TensorBoard), the final model.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// A preset (tiny, mini, small, medium, base, large) or a config.json.
+    #[arg(long)]
+    model_config: Option<String>,
+    /// A Hugging Face BERT checkpoint to continue pretraining (DAPT/TAPT).
+    #[arg(long)]
+    init_from: Option<PathBuf>,
+    /// auto (a GPU when there is one), cpu or cuda.
+    #[arg(long)]
+    device: Option<String>,
+    /// fp32, bf16 or fp16 (dynamic loss scaling).
+    #[arg(long)]
+    precision: Option<String>,
+    #[arg(long)]
+    per_device_batch_size: Option<usize>,
+    #[arg(long)]
+    gradient_accumulation_steps: Option<usize>,
+    #[arg(long)]
+    learning_rate: Option<f64>,
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    #[arg(long)]
+    adam_beta1: Option<f64>,
+    #[arg(long)]
+    adam_beta2: Option<f64>,
+    #[arg(long)]
+    adam_epsilon: Option<f64>,
+    #[arg(long)]
+    warmup_steps: Option<u64>,
+    #[arg(long)]
+    warmup_ratio: Option<f64>,
+    /// linear, cosine, constant or constant_with_warmup.
+    #[arg(long)]
+    lr_scheduler: Option<String>,
+    #[arg(long)]
+    max_steps: Option<u64>,
+    #[arg(long)]
+    num_train_epochs: Option<f64>,
+    #[arg(long)]
+    max_grad_norm: Option<f64>,
+    #[arg(long)]
+    max_seq_len: Option<usize>,
+    #[arg(long)]
+    mlm_probability: Option<f64>,
+    #[arg(long)]
+    short_seq_prob: Option<f64>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
+    no_nsp: bool,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
+    whole_word_mask: bool,
+    #[arg(long)]
+    max_predictions_per_seq: Option<usize>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
+    pad_to_max: bool,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    logging_steps: Option<u64>,
+    #[arg(long)]
+    save_steps: Option<u64>,
+    /// Checkpoints kept (at least 2); older ones are deleted once a new one is complete.
+    #[arg(long)]
+    save_total_limit: Option<usize>,
+    #[arg(long, num_args = 1..)]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    eval_data: Vec<PathBuf>,
+    #[arg(long)]
+    eval_steps: Option<u64>,
+    #[arg(long)]
+    eval_batches: Option<usize>,
+    /// Continue a run: `auto` (the newest checkpoint that verifies; the default with no value) or a
+    /// checkpoint directory.
+    #[arg(long, num_args = 0..=1, default_missing_value = "auto")]
+    resume: Option<String>,
+    #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
+    overwrite_output: bool,
+    /// Let a resumed run change its schedule (max steps, epochs, learning rate, warmup).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
+    allow_config_change: bool,
+    /// Non-finite steps in a row that stop an fp32/bf16 run.
+    #[arg(long)]
+    max_nonfinite_steps: Option<u64>,
+    #[arg(long)]
+    loader_threads: Option<usize>,
+    /// No progress bar or periodic progress lines.
+    #[arg(long)]
+    #[serde(skip)]
+    quiet: bool,
+    /// Testing: make the gradients of these steps non-finite.
+    #[arg(long, hide = true, num_args = 1..)]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    debug_nonfinite_steps: Vec<u64>,
+    /// Testing: pause inside each checkpoint save, before its commit.
+    #[arg(long, hide = true)]
+    debug_pause_in_save_ms: Option<u64>,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// A model directory (config.json, model.safetensors).
+    #[arg(long)]
+    model: PathBuf,
+    #[command(flatten)]
+    data: DataArgs,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Batches evaluated at most (the first ones of epoch 0).
+    #[arg(long, default_value_t = 100)]
+    max_batches: usize,
+    /// Seed of the pairs and masks: the same seed gives two models the same predictions to make.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Args)]
 struct ForwardArgs {
     /// A model directory (config.json, model.safetensors).
@@ -311,7 +461,12 @@ enum BenchCmd {
 
 fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -328,6 +483,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Tokenize(a) => tokenize(a),
         Command::Prepare(a) => prepare_cmd(a),
         Command::Inspect(a) => inspect(a),
+        Command::Train(a) => train(*a),
+        Command::Eval(a) => eval(a),
         Command::Forward(a) => forward(a),
         Command::FillMask(a) => fill_mask(a),
         Command::Embed(a) => embed(a),
@@ -606,6 +763,124 @@ fn embed(a: EmbedArgs) -> Result<()> {
     };
     for v in bertcuda::infer::embed(&model, &tok, &a.text, pooling)? {
         println!("{}", serde_json::to_string(&v)?);
+    }
+    Ok(())
+}
+
+/// The main job of `bertcuda train` with no arguments: the tiny preset on the sample corpus shipped in the
+/// repository; its tokenizer and shards are made on the first run into .cache/default-run.
+fn default_run_config() -> Result<serde_json::Value> {
+    let root = [std::env::current_dir()?, PathBuf::from(env!("CARGO_MANIFEST_DIR"))]
+        .into_iter()
+        .find(|d| d.join("data/sample/rust-book.txt").is_file())
+        .context("the sample corpus data/sample/rust-book.txt is not here; run from the bertcuda repository or pass --data")?;
+    let cache = root.join(".cache/default-run");
+    let (tok, shards) = (cache.join("tokenizer"), cache.join("shards"));
+    let sample = root.join("data/sample");
+    if !tok.join("tokenizer.json").is_file() {
+        eprintln!(
+            "default run: training a WordPiece vocabulary on {} into {}",
+            sample.display(),
+            tok.display()
+        );
+        tokenizer_train(TokenizerTrainArgs {
+            input: vec![sample.clone()],
+            vocab_size: 8000,
+            output: tok.clone(),
+            no_lowercase: false,
+            min_frequency: 2,
+            overwrite: true,
+        })?;
+    }
+    if bertcuda::data::shards::read_manifest(&shards).is_err() {
+        eprintln!("default run: preparing shards into {}", shards.display());
+        prepare(&PrepareConfig {
+            inputs: vec![sample],
+            tokenizer: tok,
+            no_lowercase: false,
+            output: shards.clone(),
+            workers: 0,
+            overwrite: true,
+            max_line_bytes: DEFAULT_MAX_LINE_BYTES,
+            shard_tokens: DEFAULT_SHARD_TOKENS,
+            id_bytes: None,
+            progress: false,
+        })?;
+    }
+    let output = root.join("runs/tiny-sample");
+    eprintln!(
+        "default run: tiny BERT on the sample corpus → {} (the output is replaced each run)",
+        output.display()
+    );
+    Ok(serde_json::json!({
+        "data": [shards],
+        "output": output,
+        "model_config": "tiny",
+        "per_device_batch_size": 32,
+        "learning_rate": 1e-3,
+        "warmup_ratio": 0.1,
+        "max_steps": 600,
+        "logging_steps": 20,
+        "save_steps": 200,
+        "overwrite_output": true,
+    }))
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    let no_args = a.config.is_none() && a.data.is_empty() && a.output.is_none() && a.resume.is_none();
+    let file = match &a.config {
+        Some(p) => Some(bertcuda::train::TrainConfig::file_values(p)?),
+        None if no_args => Some(default_run_config()?),
+        None => None,
+    };
+    let mut flags = serde_json::to_value(&a)?;
+    if a.quiet {
+        flags["progress"] = false.into();
+    }
+    let cfg = bertcuda::train::TrainConfig::resolve(file, flags)?;
+    let stop = bertcuda::train::install_signal_handlers()?;
+    let summary = bertcuda::train::train(cfg, stop)?;
+    if let (Some(first), Some(last)) = (summary.losses.first(), summary.losses.last()) {
+        eprintln!("loss: {first:.4} at the first step of this run, {last:.4} at step {}", summary.steps);
+    }
+    Ok(())
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    let model = LoadedModel::load(&a.model)?;
+    let corpus = open_corpus(&a.data.data)?;
+    if let Ok(t) = BertTokenizer::load(&a.model, LoadOptions::default()) {
+        corpus.sets[0].check_tokenizer(&t)?;
+    }
+    let cfg = LoaderConfig {
+        examples: a.data.examples(a.seed),
+        batch_size: a.batch_size,
+        rank: 0,
+        world_size: 1,
+        pad_to_max: a.data.pad_to_max,
+        drop_last: false,
+    };
+    cfg.validate()?;
+    let mut r = bertcuda::infer::evaluate(&model, &corpus, &cfg, a.max_batches)?;
+    let missing = |prefix: &str| model.report.initialised.iter().any(|n| n.starts_with(prefix));
+    if missing("cls.seq_relationship") {
+        eprintln!("{}: no NSP head in the checkpoint; NSP results omitted", a.model.display());
+        (r.nsp_loss, r.nsp_accuracy) = (None, None);
+    }
+    if missing("cls.predictions") {
+        eprintln!("{}: no MLM head in the checkpoint; MLM results omitted", a.model.display());
+        (r.mlm_loss, r.mlm_accuracy, r.perplexity) = (None, None, None);
+    }
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
+        println!("sequences      {}", r.sequences);
+        println!("mlm_loss       {}", f(r.mlm_loss));
+        println!("mlm_accuracy   {}", f(r.mlm_accuracy));
+        println!("perplexity     {}", f(r.perplexity));
+        println!("nsp_loss       {}", f(r.nsp_loss));
+        println!("nsp_accuracy   {}", f(r.nsp_accuracy));
     }
     Ok(())
 }

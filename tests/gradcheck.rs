@@ -5,7 +5,7 @@
 use bertcuda::backend::cpu::Cpu;
 use bertcuda::backend::{Backend, Buf, Dropout, DropoutKey, IGNORE_INDEX};
 use bertcuda::data::rng::KeyedRng;
-use bertcuda::model::bert::{Bert, Inputs, Plan, Train};
+use bertcuda::model::bert::{Bert, Inputs, Plan, StepOptions, Train};
 use bertcuda::model::config::{Activation, ModelConfig};
 use bertcuda::model::params::ParamTable;
 
@@ -365,13 +365,13 @@ fn whole_model_gradients_match_finite_differences() {
     for train in [None, Some(Train { seed: 3, step: 7 })] {
         be.upload_f64(model.params, &params).unwrap();
         model.zero_grads().unwrap();
-        let losses = model.step(&inp, train, true, 1.0).unwrap();
+        let losses = model.step(&inp, StepOptions { train, ..StepOptions::grads() }).unwrap();
         assert!(losses.mlm.unwrap() > 0.0 && losses.nsp.unwrap() > 0.0);
         assert_eq!(losses.mlm_tokens, 5);
         let grads = be.download_f64(model.grads).unwrap();
         let loss_at = |p: &[f64]| {
             be.upload_f64(model.params, p).unwrap();
-            model.step(&inp, train, false, 1.0).unwrap().total().unwrap()
+            model.step(&inp, StepOptions { train, ..StepOptions::eval() }).unwrap().total().unwrap()
         };
         let mut p = params.clone();
         let mut failures = Vec::new();
@@ -406,9 +406,9 @@ fn gradients_accumulate_and_loss_scale_scales_them() {
     let batch = test_batch();
     let inp = inputs(&batch);
     model.zero_grads().unwrap();
-    model.step(&inp, None, true, 1.0).unwrap();
+    model.step(&inp, StepOptions::grads()).unwrap();
     let once = be.download_f64(model.grads).unwrap();
-    model.step(&inp, None, true, 3.0).unwrap();
+    model.step(&inp, StepOptions { loss_scale: 3.0, ..StepOptions::grads() }).unwrap();
     let sum = be.download_f64(model.grads).unwrap();
     for (a, b) in once.iter().zip(&sum) {
         assert!((b - 4.0 * a).abs() <= 1e-9 * (1.0 + a.abs()), "{a} {b}");

@@ -11,7 +11,7 @@ use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub, SubAssign};
 
 use rayon::prelude::*;
 
-use crate::backend::{philox, Backend, Buf, Dropout, Ints, IGNORE_INDEX};
+use crate::backend::{philox, AdamWStep, Backend, Buf, Dropout, Ints, IGNORE_INDEX};
 use crate::bail;
 use crate::error::Result;
 use crate::model::config::Activation;
@@ -275,6 +275,10 @@ impl<T: Real> Backend for Cpu<T> {
         let ints = unsafe { &mut *self.ints.get() };
         ints[dst.id as usize][dst.off..dst.off + src.len()].copy_from_slice(src);
         Ok(())
+    }
+
+    fn download_ints(&self, src: Ints) -> Result<Vec<i32>> {
+        Ok(self.ints(src)?.to_vec())
     }
 
     fn fill(&self, dst: Buf, value: f32) -> Result<()> {
@@ -765,6 +769,74 @@ impl<T: Real> Backend for Cpu<T> {
             }
         });
         Ok(())
+    }
+
+    fn sum_squares(&self, out: Buf, x: Buf) -> Result<()> {
+        self.check(&[out], &[x])?;
+        let xs = unsafe { self.r(x) };
+        // Fixed blocks summed in order: the same result for any thread count.
+        let partials: Vec<f64> =
+            xs.par_chunks(1 << 14).map(|c| c.iter().map(|v| v.to_f64() * v.to_f64()).sum()).collect();
+        unsafe { self.w(out)[0] = T::from_f64(partials.iter().sum()) };
+        Ok(())
+    }
+
+    fn scale(&self, x: Buf, factor: f32) -> Result<()> {
+        self.check(&[x], &[])?;
+        let f = T::from_f64(factor as f64);
+        unsafe { self.w(x) }.par_iter_mut().for_each(|v| *v *= f);
+        Ok(())
+    }
+
+    fn adamw(&self, params: Buf, grads: Buf, m: Buf, v: Buf, decay: Ints, h: &AdamWStep) -> Result<()> {
+        self.check(&[params, m, v], &[grads])?;
+        let n = params.len;
+        if grads.len != n || m.len != n || v.len != n || decay.len != n {
+            bail!("internal: adamw buffers of different lengths");
+        }
+        let decay = self.ints(decay)?;
+        let (p, g, mv, vv) = unsafe { (self.w(params), self.r(grads), self.w(m), self.w(v)) };
+        // As torch's single-tensor AdamW, in the parameters' precision.
+        let c = |x: f64| T::from_f64(x);
+        let (lr, b1, b2, eps, wd) =
+            (h.lr as f64, h.beta1 as f64, h.beta2 as f64, h.eps as f64, h.weight_decay as f64);
+        let bc1 = 1.0 - b1.powi(h.step as i32);
+        let bc2_sqrt = (1.0 - b2.powi(h.step as i32)).sqrt();
+        let (decay_f, step_size) = (c(1.0 - lr * wd), c(lr / bc1));
+        let (one_b1, b2t, one_b2, bc2s, epst) = (c(1.0 - b1), c(b2), c(1.0 - b2), c(bc2_sqrt), c(eps));
+        p.par_iter_mut()
+            .zip(g.par_iter())
+            .zip(mv.par_iter_mut().zip(vv.par_iter_mut()))
+            .zip(decay.par_iter())
+            .for_each(|(((p, &g), (m, v)), &d)| {
+                if d != 0 {
+                    *p *= decay_f;
+                }
+                *m += (g - *m) * one_b1;
+                *v = *v * b2t + g * g * one_b2;
+                let denom = v.sqrt() / bc2s + epst;
+                *p -= step_size * (*m / denom);
+            });
+        Ok(())
+    }
+
+    fn argmax_rows(&self, out: Ints, logits: Buf, m: usize, v: usize) -> Result<()> {
+        self.check(&[], &[logits])?;
+        self.need("argmax logits", logits.len, m * v)?;
+        let z = unsafe { self.r(logits) };
+        let best: Vec<i32> = z[..m * v]
+            .par_chunks(v)
+            .map(|row| {
+                let mut b = 0;
+                for j in 1..v {
+                    if row[j] > row[b] {
+                        b = j;
+                    }
+                }
+                b as i32
+            })
+            .collect();
+        self.upload_ints(out, &best)
     }
 
     fn gather_rows(&self, out: Buf, inp: Buf, rows: Ints, m: usize, c: usize) -> Result<()> {

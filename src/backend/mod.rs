@@ -73,6 +73,18 @@ pub struct Dropout {
     pub key: DropoutKey,
 }
 
+/// The numbers of one AdamW step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// The step number t, from 1.
+    pub step: u64,
+}
+
 /// Labels of rows that take no part in a loss.
 pub const IGNORE_INDEX: i32 = -100;
 
@@ -90,6 +102,7 @@ pub trait Backend {
     fn download(&self, src: Buf) -> Result<Vec<f32>>;
     fn download_f64(&self, src: Buf) -> Result<Vec<f64>>;
     fn upload_ints(&self, dst: Ints, src: &[i32]) -> Result<()>;
+    fn download_ints(&self, src: Ints) -> Result<Vec<i32>>;
     fn fill(&self, dst: Buf, value: f32) -> Result<()>;
     fn copy(&self, dst: Buf, src: Buf) -> Result<()>;
 
@@ -218,6 +231,15 @@ pub trait Backend {
         dropout: Option<Dropout>,
     ) -> Result<()>;
 
+    // ---- optimizer ----------------------------------------------------------------------------------
+    /// out (1) = Σ x² over `x` (inf or NaN when any element is not finite): gradient norm and finite check.
+    fn sum_squares(&self, out: Buf, x: Buf) -> Result<()>;
+    /// x *= factor.
+    fn scale(&self, x: Buf, factor: f32) -> Result<()>;
+    /// One AdamW update of the whole parameter buffer, torch semantics: p −= lr·wd·p where decay (1),
+    /// m = β1·m + (1−β1)·g, v = β2·v + (1−β2)·g², p −= lr/(1−β1ᵗ) · m / (√v/√(1−β2ᵗ) + ε).
+    fn adamw(&self, params: Buf, grads: Buf, m: Buf, v: Buf, decay: Ints, h: &AdamWStep) -> Result<()>;
+
     // ---- rows and losses ----------------------------------------------------------------------------
     /// out (m, c) = inp[rows] (inp (·, c)).
     fn gather_rows(&self, out: Buf, inp: Buf, rows: Ints, m: usize, c: usize) -> Result<()>;
@@ -235,4 +257,6 @@ pub trait Backend {
         v: usize,
         grad_scale: Option<f64>,
     ) -> Result<()>;
+    /// out (m) = the index of each row's largest logit (logits (m, v)); ties take the first.
+    fn argmax_rows(&self, out: Ints, logits: Buf, m: usize, v: usize) -> Result<()>;
 }

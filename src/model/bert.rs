@@ -71,12 +71,53 @@ pub struct Train {
     pub step: u64,
 }
 
+/// Denominators of the mean losses: the predicted tokens and the sequences of the whole effective batch
+/// (every micro-batch of an accumulated step, every rank), so accumulation equals one larger batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LossNorm {
+    pub mlm_tokens: usize,
+    pub sequences: usize,
+}
+
+/// What one pass does.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepOptions {
+    /// Dropout on (training) with these keys; None = evaluation.
+    pub train: Option<Train>,
+    /// Add the loss's gradients into `grads`.
+    pub backward: bool,
+    /// Multiplies the gradients (the fp16 loss scale).
+    pub loss_scale: f32,
+    /// The gradients' denominators; None = this batch's own counts.
+    pub norm: Option<LossNorm>,
+    /// Count correct predictions (argmax) for accuracy.
+    pub accuracy: bool,
+}
+
+impl StepOptions {
+    /// Evaluation: no dropout, no gradients.
+    pub fn eval() -> Self {
+        StepOptions { train: None, backward: false, loss_scale: 1.0, norm: None, accuracy: false }
+    }
+    /// Gradients of this batch's loss, no dropout.
+    pub fn grads() -> Self {
+        StepOptions { backward: true, ..Self::eval() }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Losses {
+    /// Mean MLM cross-entropy over this batch's predicted tokens.
     pub mlm: Option<f64>,
+    /// Mean NSP cross-entropy over this batch's sequences.
     pub nsp: Option<f64>,
     /// Rows whose label counted in the MLM loss.
     pub mlm_tokens: usize,
+    /// Sequences in the NSP loss.
+    pub sequences: usize,
+    /// With `accuracy`: correct argmax predictions.
+    pub mlm_correct: usize,
+    pub nsp_correct: usize,
 }
 
 impl Losses {
@@ -144,6 +185,7 @@ struct Acts {
     head_rows: Ints,   // (R)
     head_labels: Ints, // (R)
     nsp_labels: Ints,  // (B)
+    predictions: Ints, // (max(logit_rows, B)) argmax, for accuracy
 }
 
 pub struct Bert<'a, B: Backend> {
@@ -249,6 +291,7 @@ impl<'a, B: Backend> Bert<'a, B> {
             head_rows: be.alloc_ints(n)?,
             head_labels: be.alloc_ints(n)?,
             nsp_labels: be.alloc_ints(b)?,
+            predictions: be.alloc_ints(plan.logit_rows.max(b))?,
         };
         let activation_floats = floats + 7 * n;
         Ok(Bert { be, config, table, act, plan, params, grads, a, activation_floats })
@@ -559,13 +602,8 @@ impl<'a, B: Backend> Bert<'a, B> {
 
     /// Forward, and with `backward` the gradients of the loss added into `grads` (scaled by `loss_scale`).
     /// Dropout on with `train`.
-    pub fn step(
-        &self,
-        inp: &Inputs,
-        train: Option<Train>,
-        backward: bool,
-        loss_scale: f32,
-    ) -> Result<Losses> {
+    pub fn step(&self, inp: &Inputs, o: StepOptions) -> Result<Losses> {
+        let (train, backward, loss_scale) = (o.train, o.backward, o.loss_scale);
         self.upload_inputs(inp)?;
         let (be, a, top, c) = (self.be, &self.a, &self.table.top, &self.config);
         let (b, t) = (inp.batch, inp.seq);
@@ -580,7 +618,13 @@ impl<'a, B: Backend> Bert<'a, B> {
         // NSP head
         if let Some(nsp) = inp.nsp_labels {
             self.pooler_fwd(inp)?;
-            let scale = backward.then_some(loss_scale as f64 / b as f64);
+            let denom = o.norm.map_or(b, |n| n.sequences).max(1);
+            let scale = backward.then_some(loss_scale as f64 / denom as f64);
+            if o.accuracy {
+                be.argmax_rows(a.predictions, a.nsp_logits.prefix(b * 2), b, 2)?;
+                let pred = be.download_ints(a.predictions.prefix(b))?;
+                losses.nsp_correct = pred.iter().zip(nsp).filter(|(p, l)| **p as u32 == **l).count();
+            }
             be.cross_entropy(
                 a.nsp_losses.prefix(b),
                 a.nsp_logits.prefix(b * 2),
@@ -591,6 +635,7 @@ impl<'a, B: Backend> Bert<'a, B> {
             )?;
             be.sum(a.loss_sum, a.nsp_losses.prefix(b))?;
             losses.nsp = Some(be.download_f64(a.loss_sum)?[0] / nsp.len() as f64);
+            losses.sequences = b;
             if backward {
                 // nsp_logits now hold d(loss)/d(logits)
                 self.linear_bwd(
@@ -623,7 +668,8 @@ impl<'a, B: Backend> Bert<'a, B> {
         let counted = inp.head_labels.map(|l| l.iter().filter(|&&x| x != IGNORE_INDEX).count()).unwrap_or(0);
         if rows > 0 && counted > 0 {
             self.head_transform_fwd(rows)?;
-            let scale = backward.then_some(loss_scale as f64 / counted as f64);
+            let denom = o.norm.map_or(counted, |n| n.mlm_tokens).max(1);
+            let scale = backward.then_some(loss_scale as f64 / denom as f64);
             if backward {
                 be.fill(a.dhead.prefix(rows * h), 0.0)?;
             }
@@ -631,6 +677,12 @@ impl<'a, B: Backend> Bert<'a, B> {
             while r0 < rows {
                 let k = self.plan.logit_rows.min(rows - r0);
                 let logits = self.decoder_fwd(r0, k)?;
+                if o.accuracy {
+                    be.argmax_rows(a.predictions, logits, k, v)?;
+                    let pred = be.download_ints(a.predictions.prefix(k))?;
+                    let labels = &inp.head_labels.expect("counted > 0")[r0..r0 + k];
+                    losses.mlm_correct += pred.iter().zip(labels).filter(|(p, l)| *p == *l).count();
+                }
                 be.cross_entropy(a.mlm_losses.at(r0, k), logits, a.head_labels.at(r0, k), k, v, scale)?;
                 if backward {
                     // logits now hold d(loss)/d(logits): the decoder's backward, tied weight included

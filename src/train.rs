@@ -1,0 +1,856 @@
+//! `bertcuda train` and `bertcuda eval`: the pretraining loop.
+//!
+//! One step: `gradient_accumulation_steps` micro-batches, each forward + backward with its dropout masks
+//! keyed by the micro-step counter, the gradients' denominators the whole step's predicted tokens and
+//! sequences (so accumulation equals one larger batch); then the non-finite check, unscaling (fp16),
+//! global-norm clipping, one AdamW update at the schedule's rate. Every choice is a function of the config,
+//! the seed and counters that checkpoints keep, so a resumed run continues bit for bit.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::cpu::Cpu;
+use crate::backend::Backend;
+use crate::bail;
+use crate::checkpoint::{self, CheckpointData, TrainerState, STATE_VERSION};
+use crate::data::examples::{Corpus, ExampleConfig};
+use crate::data::loader::{open_corpus, Cursor, EpochPlan, Loader, LoaderConfig};
+use crate::data::tokenizer::BertTokenizer;
+use crate::error::{Error, IoContext, Result};
+use crate::model::bert::{Bert, Inputs, LossNorm, Plan, StepOptions, Train};
+use crate::model::config::ModelConfig;
+use crate::model::hf::load_pretrained;
+use crate::model::params::ParamTable;
+use crate::optim::{clip_coefficient, lr_lambda, AdamW, AdamWConfig, LossScaler, Schedule};
+use crate::progress::Progress;
+use crate::tensorboard::EventWriter;
+
+/// Every setting of a run. Flag names follow transformers' TrainingArguments where one exists.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub data: Vec<PathBuf>,
+    pub output: PathBuf,
+    /// A preset name (tiny, mini, small, medium, base, large) or a config.json.
+    pub model_config: String,
+    /// A Hugging Face checkpoint to continue pretraining from.
+    pub init_from: Option<PathBuf>,
+    pub device: String,
+    pub precision: String,
+    pub per_device_batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    pub warmup_steps: Option<u64>,
+    pub warmup_ratio: Option<f64>,
+    pub lr_scheduler: String,
+    pub max_steps: Option<u64>,
+    pub num_train_epochs: Option<f64>,
+    pub max_grad_norm: f64,
+    pub max_seq_len: usize,
+    pub mlm_probability: f64,
+    pub short_seq_prob: f64,
+    pub no_nsp: bool,
+    pub whole_word_mask: bool,
+    pub max_predictions_per_seq: Option<usize>,
+    pub pad_to_max: bool,
+    pub seed: u64,
+    pub logging_steps: u64,
+    pub save_steps: u64,
+    pub save_total_limit: usize,
+    pub eval_data: Vec<PathBuf>,
+    pub eval_steps: u64,
+    pub eval_batches: usize,
+    /// "auto" (the newest checkpoint that verifies) or a checkpoint directory.
+    pub resume: Option<String>,
+    pub overwrite_output: bool,
+    pub allow_config_change: bool,
+    /// Non-finite steps in a row that stop the run (fp32/bf16).
+    pub max_nonfinite_steps: u64,
+    pub loader_threads: usize,
+    /// Progress bar / periodic lines on stderr.
+    pub progress: bool,
+    /// Testing: make the gradients of these steps non-finite.
+    pub debug_nonfinite_steps: Vec<u64>,
+    /// Testing: pause this long inside each checkpoint save, before its commit.
+    pub debug_pause_in_save_ms: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            data: vec![],
+            output: PathBuf::new(),
+            model_config: "base".into(),
+            init_from: None,
+            device: "auto".into(),
+            precision: "auto".into(),
+            per_device_batch_size: 32,
+            gradient_accumulation_steps: 1,
+            learning_rate: 1e-4,
+            weight_decay: 0.01,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-6,
+            warmup_steps: None,
+            warmup_ratio: None,
+            lr_scheduler: "linear".into(),
+            max_steps: None,
+            num_train_epochs: None,
+            max_grad_norm: 1.0,
+            max_seq_len: 128,
+            mlm_probability: 0.15,
+            short_seq_prob: 0.1,
+            no_nsp: false,
+            whole_word_mask: false,
+            max_predictions_per_seq: None,
+            pad_to_max: false,
+            seed: 42,
+            logging_steps: 10,
+            save_steps: 500,
+            save_total_limit: 2,
+            eval_data: vec![],
+            eval_steps: 500,
+            eval_batches: 20,
+            resume: None,
+            overwrite_output: false,
+            allow_config_change: false,
+            max_nonfinite_steps: 10,
+            loader_threads: 1,
+            progress: true,
+            debug_nonfinite_steps: vec![],
+            debug_pause_in_save_ms: 0,
+        }
+    }
+}
+
+/// Settings that may change when a run resumes (`--allow-config-change` for the rest of the schedule).
+const RESUMABLE_CHANGES: [&str; 12] = [
+    "output",
+    "resume",
+    "overwrite_output",
+    "allow_config_change",
+    "progress",
+    "logging_steps",
+    "save_steps",
+    "save_total_limit",
+    "eval_steps",
+    "eval_batches",
+    "loader_threads",
+    "debug_pause_in_save_ms",
+];
+/// Settings `--allow-config-change` lets change too.
+const SCHEDULE_CHANGES: [&str; 5] =
+    ["max_steps", "num_train_epochs", "learning_rate", "warmup_steps", "warmup_ratio"];
+
+impl TrainConfig {
+    /// Read a TOML or JSON file of the same keys (by extension; TOML otherwise).
+    pub fn file_values(path: &Path) -> Result<serde_json::Value> {
+        let text = std::fs::read_to_string(path).at(path)?;
+        if path.extension().is_some_and(|e| e == "json") {
+            serde_json::from_str(&text).map_err(|e| Error::corrupt(path, format!("not valid JSON: {e}")))
+        } else {
+            let v: toml::Value =
+                toml::from_str(&text).map_err(|e| Error::corrupt(path, format!("not valid TOML: {e}")))?;
+            serde_json::to_value(v).map_err(|e| Error::corrupt(path, e.to_string()))
+        }
+    }
+
+    /// Defaults, overlaid by a config file's values, overlaid by flags (JSON objects of the keys given).
+    pub fn resolve(file: Option<serde_json::Value>, flags: serde_json::Value) -> Result<Self> {
+        let mut merged = serde_json::to_value(TrainConfig::default()).expect("config serialises");
+        for layer in file.into_iter().chain([flags]) {
+            let Some(obj) = layer.as_object() else { bail!("a training config must be a table of settings") };
+            for (k, v) in obj {
+                if !v.is_null() {
+                    merged[k.replace('-', "_")] = v.clone();
+                }
+            }
+        }
+        serde_json::from_value(merged).map_err(|e| Error::Invalid(format!("training config: {e}")))
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.data.is_empty() {
+            bail!("no training data: pass --data DIR (a shard directory made by `bertcuda prepare`)");
+        }
+        if self.output.as_os_str().is_empty() {
+            bail!("no output directory: pass --output DIR");
+        }
+        if self.per_device_batch_size == 0 || self.gradient_accumulation_steps == 0 {
+            bail!("--per-device-batch-size and --gradient-accumulation-steps must be at least 1");
+        }
+        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
+            bail!("--learning-rate {} must be positive", self.learning_rate);
+        }
+        if !(0.0..1.0).contains(&self.adam_beta1) || !(0.0..1.0).contains(&self.adam_beta2) {
+            bail!("--adam-beta1 {} and --adam-beta2 {} must be in [0, 1)", self.adam_beta1, self.adam_beta2);
+        }
+        if self.adam_epsilon <= 0.0 || self.weight_decay < 0.0 || self.max_grad_norm < 0.0 {
+            bail!("--adam-epsilon must be positive, --weight-decay and --max-grad-norm not negative");
+        }
+        if self.warmup_steps.is_some() && self.warmup_ratio.is_some() {
+            bail!("give --warmup-steps or --warmup-ratio, not both");
+        }
+        if let Some(r) = self.warmup_ratio {
+            if !(0.0..=1.0).contains(&r) {
+                bail!("--warmup-ratio {r} must be in [0, 1]");
+            }
+        }
+        if self.max_steps.is_some() && self.num_train_epochs.is_some() {
+            bail!("give --max-steps or --num-train-epochs, not both");
+        }
+        if self.max_steps == Some(0) || self.num_train_epochs.is_some_and(|e| e <= 0.0) {
+            bail!("--max-steps / --num-train-epochs must be positive");
+        }
+        if self.logging_steps == 0 || self.save_steps == 0 || self.eval_steps == 0 {
+            bail!("--logging-steps, --save-steps and --eval-steps must be at least 1");
+        }
+        self.lr_scheduler.parse::<Schedule>()?;
+        if !["auto", "cpu", "cuda"].contains(&self.device.as_str()) {
+            bail!("--device {:?}: choose auto, cpu or cuda", self.device);
+        }
+        if !["auto", "fp32", "bf16", "fp16"].contains(&self.precision.as_str()) {
+            bail!("--precision {:?}: choose fp32, bf16 or fp16", self.precision);
+        }
+        Ok(())
+    }
+
+    fn examples(&self) -> ExampleConfig {
+        ExampleConfig {
+            max_seq_len: self.max_seq_len,
+            short_seq_prob: self.short_seq_prob,
+            nsp: !self.no_nsp,
+            mlm_probability: self.mlm_probability,
+            whole_word_mask: self.whole_word_mask,
+            max_predictions_per_seq: self.max_predictions_per_seq,
+            seed: self.seed,
+        }
+    }
+
+    fn loader(&self) -> LoaderConfig {
+        LoaderConfig {
+            examples: self.examples(),
+            batch_size: self.per_device_batch_size,
+            rank: 0,
+            world_size: 1,
+            pad_to_max: self.pad_to_max,
+            drop_last: true,
+        }
+    }
+}
+
+/// Metrics of one logged step (one line of metrics.jsonl).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub epoch: f64,
+    pub loss: f64,
+    pub mlm_loss: Option<f64>,
+    pub nsp_loss: Option<f64>,
+    pub learning_rate: f64,
+    pub grad_norm: f64,
+    pub loss_scale: f64,
+    pub skipped_steps: u64,
+    pub seq_per_s: f64,
+    pub tokens_per_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub eval: Option<EvalResult>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EvalResult {
+    pub mlm_loss: Option<f64>,
+    pub mlm_accuracy: Option<f64>,
+    pub perplexity: Option<f64>,
+    pub nsp_loss: Option<f64>,
+    pub nsp_accuracy: Option<f64>,
+    pub sequences: usize,
+}
+
+/// What a finished (or stopped) run reports.
+#[derive(Debug)]
+pub struct TrainSummary {
+    pub steps: u64,
+    pub last: Option<StepMetrics>,
+    pub losses: Vec<f64>,
+    pub stopped_by_signal: bool,
+    pub output: PathBuf,
+}
+
+/// The learning-rate schedule of a run.
+#[derive(Debug, Clone, Copy)]
+struct ScheduleFor {
+    kind: Schedule,
+    warmup: u64,
+    total: u64,
+    base: f64,
+}
+
+impl ScheduleFor {
+    fn lr(&self, update: u64) -> f64 {
+        self.base * lr_lambda(self.kind, update, self.warmup, self.total)
+    }
+}
+
+/// Evaluate `model` on `corpus`: MLM and NSP losses and accuracies over fixed batches (masks from `seed`,
+/// epoch 0), at most `max_batches`.
+pub fn evaluate<B: Backend>(
+    model: &Bert<B>,
+    corpus: &Corpus,
+    cfg: &LoaderConfig,
+    max_batches: usize,
+) -> Result<EvalResult> {
+    let cfg = LoaderConfig { drop_last: false, rank: 0, world_size: 1, ..cfg.clone() };
+    let plan = EpochPlan::new(corpus, &cfg, 0)?;
+    let n = (plan.batches(&cfg) as usize).min(max_batches.max(1));
+    let (mut mlm_sum, mut mlm_n, mut mlm_ok, mut nsp_sum, mut nsp_n, mut nsp_ok, mut seqs) =
+        (0.0, 0usize, 0usize, 0.0, 0usize, 0usize, 0usize);
+    let mut labels = Vec::new();
+    for k in 0..n {
+        let batch = plan.batch(corpus, &cfg, k as u64);
+        let inp = Inputs::from_batch(&batch, &mut labels);
+        let l = model.step(&inp, StepOptions { accuracy: true, ..StepOptions::eval() })?;
+        if let Some(m) = l.mlm {
+            mlm_sum += m * l.mlm_tokens as f64;
+            mlm_n += l.mlm_tokens;
+            mlm_ok += l.mlm_correct;
+        }
+        if let Some(s) = l.nsp {
+            nsp_sum += s * l.sequences as f64;
+            nsp_n += l.sequences;
+            nsp_ok += l.nsp_correct;
+        }
+        seqs += batch.batch_size;
+    }
+    let mean = |s: f64, n: usize| (n > 0).then(|| s / n as f64);
+    let mlm_loss = mean(mlm_sum, mlm_n);
+    Ok(EvalResult {
+        mlm_loss,
+        mlm_accuracy: mean(mlm_ok as f64, mlm_n),
+        perplexity: mlm_loss.map(f64::exp),
+        nsp_loss: mean(nsp_sum, nsp_n),
+        nsp_accuracy: mean(nsp_ok as f64, nsp_n),
+        sequences: seqs,
+    })
+}
+
+/// Stop flags set by SIGINT/SIGTERM: the first asks the loop to save and stop; a second exits at once
+/// (signal-hook's conditional shutdown), leaving the last good checkpoint as it is.
+pub fn install_signal_handlers() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for (sig, code) in [(signal_hook::consts::SIGINT, 130), (signal_hook::consts::SIGTERM, 143)] {
+        signal_hook::flag::register_conditional_shutdown(sig, code, flag.clone())
+            .and_then(|_| signal_hook::flag::register(sig, flag.clone()))
+            .map_err(|e| Error::Invalid(format!("cannot install signal handlers: {e}")))?;
+    }
+    Ok(flag)
+}
+
+/// Which checkpoint to resume from, if any.
+fn resume_point(cfg: &TrainConfig) -> Result<Option<(PathBuf, TrainerState)>> {
+    match cfg.resume.as_deref() {
+        None => Ok(None),
+        Some("auto") => {
+            let (found, skipped) = checkpoint::find_resume(&cfg.output);
+            for s in skipped {
+                tracing::warn!("skipping a checkpoint that does not verify: {s}");
+            }
+            match &found {
+                Some((dir, _)) => tracing::info!("resuming from {}", dir.display()),
+                None => tracing::info!(
+                    "--resume auto: no checkpoint in {}, starting a new run",
+                    cfg.output.display()
+                ),
+            }
+            Ok(found)
+        }
+        Some(dir) => {
+            let dir = PathBuf::from(dir);
+            let state = checkpoint::verify(&dir)
+                .map_err(|e| Error::Invalid(format!("cannot resume from {}: {e}", dir.display())))?;
+            Ok(Some((dir, state)))
+        }
+    }
+}
+
+/// Refuse to resume with settings that would change the run (other than where it logs and saves).
+fn check_resume_config(saved: &serde_json::Value, cfg: &TrainConfig) -> Result<()> {
+    let now = serde_json::to_value(cfg).expect("config serialises");
+    let (Some(a), Some(b)) = (saved.as_object(), now.as_object()) else { return Ok(()) };
+    for (k, v) in b {
+        if RESUMABLE_CHANGES.contains(&k.as_str())
+            || (cfg.allow_config_change && SCHEDULE_CHANGES.contains(&k.as_str()))
+        {
+            continue;
+        }
+        let old = a.get(k).cloned().unwrap_or(serde_json::Value::Null);
+        if &old != v {
+            bail!(
+                "cannot resume: {k} was {old} in the checkpoint's run and is {v} now; resume with the same settings{}",
+                if SCHEDULE_CHANGES.contains(&k.as_str()) { " (or pass --allow-config-change to change the schedule)" } else { "" }
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Run training to the end (or a stop signal).
+pub fn train(cfg: TrainConfig, stop: Arc<AtomicBool>) -> Result<TrainSummary> {
+    cfg.validate()?;
+    let resume = resume_point(&cfg)?;
+    if resume.is_none()
+        && cfg.output.exists()
+        && std::fs::read_dir(&cfg.output).at(&cfg.output)?.next().is_some()
+    {
+        if cfg.overwrite_output {
+            std::fs::remove_dir_all(&cfg.output).at(&cfg.output)?;
+        } else {
+            bail!(
+                "{}: the output directory exists and is not empty; pass --resume auto to continue its run, or --overwrite-output to replace it",
+                cfg.output.display()
+            );
+        }
+    }
+    std::fs::create_dir_all(&cfg.output).at(&cfg.output)?;
+
+    // Device and precision. The CPU backend computes in fp32; fp16 on it runs the dynamic loss scaler
+    // around fp32 arithmetic (the loop is the same one the GPU runs).
+    let device = match cfg.device.as_str() {
+        "cuda" => bail!("--device cuda: this build has no CUDA backend; use --device cpu (or auto)"),
+        _ => "cpu",
+    };
+    let precision = match cfg.precision.as_str() {
+        "auto" | "fp32" => "fp32",
+        "bf16" => bail!(
+            "--precision bf16 needs the CUDA backend; the CPU backend computes in fp32 (--precision fp32)"
+        ),
+        p => p,
+    };
+
+    let corpus = open_corpus(&cfg.data)?;
+    let tokenizer = &corpus.tokenizer;
+    let fingerprint = tokenizer.fingerprint();
+
+    // The model: from a checkpoint being resumed, from a Hugging Face checkpoint, or new.
+    let (config, params, init_note) = if let Some((dir, state)) = &resume {
+        check_resume_config(&state.config, &cfg)?;
+        if state.tokenizer_fingerprint != fingerprint {
+            bail!("cannot resume from {}: it was trained on data with another tokenizer ({}) than {} ({fingerprint})", dir.display(), state.tokenizer_fingerprint, cfg.data[0].display());
+        }
+        let (c, p, _) = load_pretrained(dir, cfg.seed)?;
+        (c, p, format!("resumed from {} at step {}", dir.display(), state.global_step))
+    } else if let Some(dir) = &cfg.init_from {
+        let (c, p, report) = load_pretrained(dir, cfg.seed)?;
+        match BertTokenizer::load(dir, Default::default()) {
+            Ok(t) if t.fingerprint() != fingerprint => bail!(
+                "the shards in {} were made with another tokenizer than {}'s ({} vs {}); run `bertcuda prepare --tokenizer {}` on your text first",
+                cfg.data[0].display(),
+                dir.display(),
+                fingerprint,
+                t.fingerprint(),
+                dir.display()
+            ),
+            Ok(_) => {}
+            Err(_) if c.vocab_size != tokenizer.vocab_size => bail!(
+                "{} has a vocabulary of {} but the shards' tokenizer has {}; prepare the data with the model's tokenizer",
+                dir.display(),
+                c.vocab_size,
+                tokenizer.vocab_size
+            ),
+            Err(_) => tracing::warn!("{} has no tokenizer files; the vocabulary sizes match, assuming the shards' tokenizer is the model's", dir.display()),
+        }
+        (c, p, format!("continued pretraining from {}: {}", dir.display(), report.summary()))
+    } else {
+        let mut c = if Path::new(&cfg.model_config).is_file() || cfg.model_config.ends_with(".json") {
+            ModelConfig::load(Path::new(&cfg.model_config))?
+        } else {
+            ModelConfig::preset(&cfg.model_config, tokenizer.vocab_size)?
+        };
+        if c.vocab_size != tokenizer.vocab_size {
+            bail!(
+                "{}: vocab_size {} differs from the shards' tokenizer ({} tokens)",
+                cfg.model_config,
+                c.vocab_size,
+                tokenizer.vocab_size
+            );
+        }
+        c.pad_token_id = tokenizer.special.pad as usize;
+        c.validate()?;
+        let p = ParamTable::new(&c).init(&c, cfg.seed);
+        (c, p, format!("a new {} model", cfg.model_config))
+    };
+    if cfg.max_seq_len > config.max_position_embeddings {
+        bail!(
+            "--max-seq-len {} exceeds the model's max_position_embeddings {}",
+            cfg.max_seq_len,
+            config.max_position_embeddings
+        );
+    }
+
+    let be = Cpu::<f32>::new();
+    let plan = Plan::new(cfg.per_device_batch_size, cfg.max_seq_len);
+    let model = Bert::new(&be, config.clone(), plan)?;
+    model.set_params(&params)?;
+    let table = &model.table;
+    let mut adamw = AdamW::new(
+        &be,
+        AdamWConfig {
+            lr: cfg.learning_rate,
+            beta1: cfg.adam_beta1,
+            beta2: cfg.adam_beta2,
+            eps: cfg.adam_epsilon,
+            weight_decay: cfg.weight_decay,
+        },
+        &table.decay_mask(),
+    )?;
+    let loader_cfg = cfg.loader();
+    loader_cfg.validate()?;
+    let epoch0 = EpochPlan::new(&corpus, &loader_cfg, 0)?;
+    let batches_per_epoch = epoch0.batches(&loader_cfg);
+    let steps_per_epoch = batches_per_epoch / cfg.gradient_accumulation_steps as u64;
+    if steps_per_epoch == 0 {
+        bail!(
+            "an epoch has {} examples: fewer than one step of {} sequences (batch {} × accumulation {}); lower them or add data",
+            epoch0.epoch_examples(),
+            cfg.per_device_batch_size * cfg.gradient_accumulation_steps,
+            cfg.per_device_batch_size,
+            cfg.gradient_accumulation_steps
+        );
+    }
+    let total = match (cfg.max_steps, cfg.num_train_epochs) {
+        (Some(s), _) => s,
+        (None, Some(e)) => ((e * steps_per_epoch as f64).ceil() as u64).max(1),
+        (None, None) => steps_per_epoch * 3,
+    };
+    let warmup =
+        cfg.warmup_steps.unwrap_or_else(|| (cfg.warmup_ratio.unwrap_or(0.0) * total as f64).ceil() as u64);
+    let sched = ScheduleFor { kind: cfg.lr_scheduler.parse()?, warmup, total, base: cfg.learning_rate };
+
+    let mut state = TrainerState {
+        version: STATE_VERSION,
+        global_step: 0,
+        updates: 0,
+        micro_step: 0,
+        cursor: Cursor::default(),
+        epoch: 0.0,
+        scaler: LossScaler::new(precision == "fp16"),
+        skipped_steps: 0,
+        consecutive_nonfinite: 0,
+        world_size: 1,
+        tokenizer_fingerprint: fingerprint.clone(),
+        config: serde_json::to_value(&cfg).expect("config serialises"),
+    };
+    if let Some((dir, saved)) = &resume {
+        let (m, v) = checkpoint::load_optimizer(dir, table.total)?;
+        be.upload(adamw.m, &m)?;
+        be.upload(adamw.v, &v)?;
+        adamw.steps = saved.updates;
+        state = TrainerState { config: state.config, ..saved.clone() };
+    }
+
+    let eval_corpus = if cfg.eval_data.is_empty() { None } else { Some(open_corpus(&cfg.eval_data)?) };
+    if let Some(ec) = &eval_corpus {
+        if ec.tokenizer.fingerprint() != fingerprint {
+            bail!("--eval-data {} was made with another tokenizer than --data", cfg.eval_data[0].display());
+        }
+    }
+
+    // The plan, printed once.
+    let effective = cfg.per_device_batch_size * cfg.gradient_accumulation_steps;
+    eprintln!("bertcuda train: {init_note}");
+    eprintln!(
+        "  model    {} layers, hidden {}, {} heads, vocab {}: {:.1} M parameters",
+        config.num_hidden_layers,
+        config.hidden_size,
+        config.num_attention_heads,
+        config.vocab_size,
+        table.total as f64 / 1e6
+    );
+    eprintln!(
+        "  data     {} documents, {} tokens; {} sequences of ≤{} tokens per epoch, {} steps per epoch",
+        corpus.documents,
+        corpus.sets.iter().map(|s| s.manifest.tokens).sum::<u64>(),
+        epoch0.epoch_examples(),
+        cfg.max_seq_len,
+        steps_per_epoch
+    );
+    eprintln!(
+        "  steps    {total} (warmup {warmup}, {} schedule, peak lr {}), batch {} × accumulation {} = {effective} sequences per step",
+        cfg.lr_scheduler, cfg.learning_rate, cfg.per_device_batch_size, cfg.gradient_accumulation_steps
+    );
+    let mem = (table.total * 4 * 4 + model.activation_floats * 4) as f64 / 1e6;
+    eprintln!(
+        "  device   {}, {precision}: about {mem:.0} MB for weights, gradients, AdamW state and activations",
+        be.describe()
+    );
+    eprintln!(
+        "  output   {} (checkpoints every {} steps, metrics.jsonl, TensorBoard runs/)",
+        cfg.output.display(),
+        cfg.save_steps
+    );
+    let _ = device;
+
+    let mut metrics_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(cfg.output.join("metrics.jsonl"))
+        .at(cfg.output.join("metrics.jsonl"))?;
+    let mut tb = EventWriter::create(&cfg.output.join("runs"))?;
+    let mut progress = Progress::steps("train", total, cfg.progress);
+    progress.set(state.global_step);
+
+    let corpus_arc = corpus.clone();
+    let mut loader =
+        Loader::start(corpus_arc, loader_cfg.clone(), state.cursor, cfg.loader_threads, 4, None)?;
+    let mut summary = TrainSummary {
+        steps: state.global_step,
+        last: None,
+        losses: vec![],
+        stopped_by_signal: false,
+        output: cfg.output.clone(),
+    };
+    let mut window = (Instant::now(), 0usize, 0usize); // since the last log: time, sequences, tokens
+    let mut last_saved = state.global_step;
+    let mut labels: Vec<Vec<i32>> = vec![Vec::new(); cfg.gradient_accumulation_steps];
+    let sq_buf = be.alloc(1)?;
+    let save_now = |state: &TrainerState, model: &Bert<Cpu<f32>>, adamw: &AdamW| -> Result<PathBuf> {
+        let params = be.download(model.params)?;
+        let (m, v) = (be.download(adamw.m)?, be.download(adamw.v)?);
+        let pause =
+            (cfg.debug_pause_in_save_ms > 0).then(|| Duration::from_millis(cfg.debug_pause_in_save_ms));
+        let dir = checkpoint::save(
+            &cfg.output,
+            &CheckpointData {
+                config: &config,
+                params: &params,
+                exp_avg: &m,
+                exp_avg_sq: &v,
+                tokenizer,
+                state,
+            },
+            pause,
+        )?;
+        checkpoint::rotate(&cfg.output, cfg.save_total_limit)?;
+        Ok(dir)
+    };
+
+    while state.global_step < total {
+        if stop.load(Ordering::Relaxed) {
+            summary.stopped_by_signal = true;
+            break;
+        }
+        // Gather the step's micro-batches; the loss denominators count all of them.
+        let mut batches = Vec::with_capacity(cfg.gradient_accumulation_steps);
+        for _ in 0..cfg.gradient_accumulation_steps {
+            match loader.next_batch() {
+                Some(b) => batches.push(b?),
+                None => bail!("internal: the loader ended"),
+            }
+        }
+        let norm = LossNorm {
+            mlm_tokens: batches.iter().map(|b| b.masked_positions.len()).sum(),
+            sequences: batches.iter().map(|b| b.batch_size).sum(),
+        };
+        model.zero_grads()?;
+        let (mut mlm_sum, mut nsp_sum, mut any_mlm, mut any_nsp) = (0.0, 0.0, false, false);
+        for (b, lab) in batches.iter().zip(labels.iter_mut()) {
+            let inp = Inputs::from_batch(b, lab);
+            let l = model.step(
+                &inp,
+                StepOptions {
+                    train: Some(Train { seed: cfg.seed, step: state.micro_step }),
+                    backward: true,
+                    loss_scale: state.scaler.scale as f32,
+                    norm: Some(norm),
+                    accuracy: false,
+                },
+            )?;
+            state.micro_step += 1;
+            if let Some(m) = l.mlm {
+                mlm_sum += m * l.mlm_tokens as f64;
+                any_mlm = true;
+            }
+            if let Some(s) = l.nsp {
+                nsp_sum += s * l.sequences as f64;
+                any_nsp = true;
+            }
+            window.1 += b.batch_size;
+            window.2 += b.lengths.iter().map(|&x| x as usize).sum::<usize>();
+        }
+        let last = batches.last().expect("at least one micro-batch").cursor;
+        state.cursor = Cursor { epoch: last.epoch, batch: last.batch + 1 };
+        if state.cursor.batch >= batches_per_epoch {
+            state.cursor = Cursor { epoch: last.epoch + 1, batch: 0 };
+        }
+        state.epoch = state.cursor.epoch as f64 + state.cursor.batch as f64 / batches_per_epoch as f64;
+        let mlm = any_mlm.then(|| mlm_sum / norm.mlm_tokens.max(1) as f64);
+        let nsp = any_nsp.then(|| nsp_sum / norm.sequences.max(1) as f64);
+        let loss = mlm.unwrap_or(0.0) + nsp.unwrap_or(0.0);
+
+        // Gradient norm (of the scaled gradients) and the finite check in one pass.
+        if cfg.debug_nonfinite_steps.contains(&state.global_step) {
+            be.fill(model.grads.prefix(1), f32::NAN)?;
+        }
+        be.sum_squares(sq_buf, model.grads)?;
+        let sq = be.download_f64(sq_buf)?[0];
+        let scale = state.scaler.scale;
+        let finite = sq.is_finite() && loss.is_finite();
+        let grad_norm = sq.sqrt() / scale;
+        let applied = state.scaler.update(finite);
+        let lr = sched.lr(state.updates);
+        if applied {
+            state.consecutive_nonfinite = 0;
+            if scale != 1.0 {
+                be.scale(model.grads, (1.0 / scale) as f32)?;
+            }
+            if cfg.max_grad_norm > 0.0 {
+                let c = clip_coefficient(grad_norm, cfg.max_grad_norm);
+                if c < 1.0 {
+                    be.scale(model.grads, c as f32)?;
+                }
+            }
+            adamw.step(&be, model.params, model.grads, lr)?;
+            state.updates += 1;
+        } else {
+            state.skipped_steps += 1;
+            if state.scaler.enabled {
+                tracing::warn!(
+                    "step {}: non-finite gradients; skipped, loss scale now {}",
+                    state.global_step,
+                    state.scaler.scale
+                );
+            } else {
+                state.consecutive_nonfinite += 1;
+                tracing::warn!(
+                    "step {}: non-finite loss or gradients; step skipped ({} in a row)",
+                    state.global_step,
+                    state.consecutive_nonfinite
+                );
+                if state.consecutive_nonfinite >= cfg.max_nonfinite_steps {
+                    bail!(
+                        "step {}: {} non-finite steps in a row (--max-nonfinite-steps {}); stopping. The last good checkpoint in {} is intact: lower --learning-rate or check the data, then --resume auto",
+                        state.global_step,
+                        state.consecutive_nonfinite,
+                        cfg.max_nonfinite_steps,
+                        cfg.output.display()
+                    );
+                }
+            }
+        }
+        state.global_step += 1;
+        summary.losses.push(loss);
+        summary.steps = state.global_step;
+        progress.set(state.global_step);
+
+        let log_now = state.global_step % cfg.logging_steps == 0 || state.global_step == total;
+        let eval_now =
+            eval_corpus.is_some() && (state.global_step % cfg.eval_steps == 0 || state.global_step == total);
+        if log_now || eval_now {
+            let secs = window.0.elapsed().as_secs_f64().max(1e-9);
+            let eval = match &eval_corpus {
+                Some(ec) if eval_now => Some(evaluate(
+                    &model,
+                    ec,
+                    &LoaderConfig {
+                        examples: ExampleConfig { seed: 0, ..loader_cfg.examples.clone() },
+                        ..loader_cfg.clone()
+                    },
+                    cfg.eval_batches,
+                )?),
+                _ => None,
+            };
+            let m = StepMetrics {
+                step: state.global_step,
+                epoch: state.epoch,
+                loss,
+                mlm_loss: mlm,
+                nsp_loss: nsp,
+                learning_rate: lr,
+                grad_norm,
+                loss_scale: scale,
+                skipped_steps: state.skipped_steps,
+                seq_per_s: window.1 as f64 / secs,
+                tokens_per_s: window.2 as f64 / secs,
+                eval,
+            };
+            let line = serde_json::to_string(&m).expect("metrics serialise");
+            writeln!(metrics_file, "{line}").at(cfg.output.join("metrics.jsonl"))?;
+            let mut scalars: Vec<(&str, f32)> = vec![
+                ("train/loss", loss as f32),
+                ("train/learning_rate", lr as f32),
+                ("train/grad_norm", grad_norm as f32),
+                ("train/loss_scale", scale as f32),
+                ("train/skipped_steps", state.skipped_steps as f32),
+                ("train/seq_per_s", m.seq_per_s as f32),
+                ("train/tokens_per_s", m.tokens_per_s as f32),
+                ("train/epoch", state.epoch as f32),
+            ];
+            if let Some(v) = mlm {
+                scalars.push(("train/mlm_loss", v as f32));
+            }
+            if let Some(v) = nsp {
+                scalars.push(("train/nsp_loss", v as f32));
+            }
+            if let Some(e) = &m.eval {
+                for (k, v) in [
+                    ("eval/mlm_loss", e.mlm_loss),
+                    ("eval/mlm_accuracy", e.mlm_accuracy),
+                    ("eval/perplexity", e.perplexity),
+                    ("eval/nsp_loss", e.nsp_loss),
+                    ("eval/nsp_accuracy", e.nsp_accuracy),
+                ] {
+                    if let Some(v) = v {
+                        scalars.push((k, v as f32));
+                    }
+                }
+            }
+            tb.scalars(state.global_step, &scalars)?;
+            progress.println(&format!(
+                "step {:>6}/{total}  loss {:.4}  mlm {}  nsp {}  lr {:.3e}  grad_norm {:.3}  {:.1} seq/s{}",
+                state.global_step,
+                loss,
+                mlm.map_or("-".into(), |v| format!("{v:.4}")),
+                nsp.map_or("-".into(), |v| format!("{v:.4}")),
+                lr,
+                grad_norm,
+                m.seq_per_s,
+                m.eval
+                    .as_ref()
+                    .and_then(|e| e.mlm_loss)
+                    .map_or(String::new(), |v| format!("  eval mlm {v:.4}"))
+            ));
+            summary.last = Some(m);
+            window = (Instant::now(), 0, 0);
+        }
+        if state.global_step % cfg.save_steps == 0 && state.global_step < total {
+            let dir = save_now(&state, &model, &adamw)?;
+            last_saved = state.global_step;
+            tracing::info!("saved {}", dir.display());
+        }
+    }
+    drop(loader);
+    progress.finish();
+    if state.global_step != last_saved {
+        let dir = save_now(&state, &model, &adamw)?;
+        eprintln!("saved {}", dir.display());
+    }
+    if summary.stopped_by_signal {
+        eprintln!("stopped by a signal at step {}; resume with --resume auto", state.global_step);
+    } else {
+        // The final model also goes to OUTPUT/ itself, like save_pretrained.
+        let params = be.download(model.params)?;
+        crate::model::hf::save_pretrained(&cfg.output, &config, &params)?;
+        tokenizer.save_hf(&cfg.output)?;
+        eprintln!("done: {} steps; the final model is in {}", state.global_step, cfg.output.display());
+    }
+    Ok(summary)
+}
