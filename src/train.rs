@@ -248,15 +248,23 @@ impl TrainConfig {
     }
 }
 
-/// Metrics of one logged step (one line of metrics.jsonl).
+/// JSON has no NaN: a non-finite number is written as null, and null reads back as NaN.
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+/// Metrics of one logged step (one line of metrics.jsonl). A non-finite loss or gradient norm (a skipped
+/// step) is null.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StepMetrics {
     pub step: u64,
     pub epoch: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub loss: f64,
     pub mlm_loss: Option<f64>,
     pub nsp_loss: Option<f64>,
     pub learning_rate: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub grad_norm: f64,
     pub loss_scale: f64,
     pub skipped_steps: u64,

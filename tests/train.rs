@@ -1,0 +1,652 @@
+//! The training loop: optimizer math against torch, learning, exact resume, checkpoints that survive kills
+//! and corruption, non-finite steps, signals, metrics and TensorBoard files, evaluation, and bad input.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use bertcuda::backend::cpu::Cpu;
+use bertcuda::backend::Backend;
+use bertcuda::checkpoint;
+use bertcuda::data::loader::{open_corpus, EpochPlan, LoaderConfig};
+use bertcuda::data::prepare::{prepare, PrepareConfig, DEFAULT_SHARD_TOKENS};
+use bertcuda::data::text::DEFAULT_MAX_LINE_BYTES;
+use bertcuda::data::tokenizer::BertTokenizer;
+use bertcuda::model::bert::{Bert, Inputs, Plan, StepOptions};
+use bertcuda::model::config::ModelConfig;
+use bertcuda::model::params::ParamTable;
+use bertcuda::optim::{clip_coefficient, lr_lambda, AdamW, AdamWConfig, LossScaler, Schedule};
+use bertcuda::train::{train, StepMetrics, TrainConfig};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Shards of the first part of the sample corpus with a 600-token vocabulary, and a small model config
+/// for them; made once for all tests.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    shards: PathBuf,
+    model_config: PathBuf,
+}
+
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let text = fs::read_to_string(root().join("data/sample/rust-book.txt")).unwrap();
+        let part: String = text.lines().take(1500).map(|l| format!("{l}\n")).collect();
+        let corpus = dir.path().join("corpus.txt");
+        fs::write(&corpus, part).unwrap();
+        let tok = BertTokenizer::train(text.lines().take(1500), 600, 2, true).unwrap();
+        let tok_dir = dir.path().join("tok");
+        tok.save_hf(&tok_dir).unwrap();
+        let shards = dir.path().join("shards");
+        prepare(&PrepareConfig {
+            inputs: vec![corpus],
+            tokenizer: tok_dir,
+            no_lowercase: false,
+            output: shards.clone(),
+            workers: 1,
+            overwrite: false,
+            max_line_bytes: DEFAULT_MAX_LINE_BYTES,
+            shard_tokens: DEFAULT_SHARD_TOKENS,
+            id_bytes: None,
+            progress: false,
+        })
+        .unwrap();
+        let mut c = ModelConfig::preset("tiny", tok.vocab_size).unwrap();
+        c.hidden_size = 32;
+        c.num_attention_heads = 2;
+        c.intermediate_size = 64;
+        c.max_position_embeddings = 64;
+        let model_config = dir.path().join("config.json");
+        c.save(&model_config).unwrap();
+        Fixture { _dir: dir, shards, model_config }
+    })
+}
+
+fn base_config(output: &Path) -> TrainConfig {
+    let f = fixture();
+    TrainConfig {
+        data: vec![f.shards.clone()],
+        output: output.to_path_buf(),
+        model_config: f.model_config.to_str().unwrap().into(),
+        per_device_batch_size: 8,
+        max_seq_len: 32,
+        learning_rate: 2e-3,
+        warmup_steps: Some(2),
+        max_steps: Some(12),
+        logging_steps: 1,
+        save_steps: 4,
+        save_total_limit: 3,
+        progress: false,
+        ..TrainConfig::default()
+    }
+}
+
+fn never() -> Arc<AtomicBool> {
+    Arc::new(AtomicBool::new(false))
+}
+
+fn metrics(out: &Path) -> Vec<StepMetrics> {
+    fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn adamw_clipping_schedules_and_scaler_equal_torch() {
+    let e: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(root().join("tests/fixtures/optim/expected.json")).unwrap())
+            .unwrap();
+    let a = &e["adamw"];
+    let init: Vec<Vec<f32>> = serde_json::from_value(a["init"].clone()).unwrap();
+    let params: Vec<f32> = init.concat();
+    let decay: Vec<u8> = [vec![1u8; 6], vec![0u8; 3]].concat();
+    let be = Cpu::<f32>::new();
+    let (p, g) = (be.alloc(9).unwrap(), be.alloc(9).unwrap());
+    be.upload(p, &params).unwrap();
+    let mut opt = AdamW::new(
+        &be,
+        AdamWConfig { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-6, weight_decay: 0.01 },
+        &decay,
+    )
+    .unwrap();
+    let sq = be.alloc(1).unwrap();
+    for (k, step) in a["steps"].as_array().unwrap().iter().enumerate() {
+        let grads: Vec<Vec<f32>> = serde_json::from_value(step["grads"].clone()).unwrap();
+        be.upload(g, &grads.concat()).unwrap();
+        let lr = 1e-2 * lr_lambda(Schedule::Linear, k as u64, 2, 8);
+        assert!((lr - step["lr"].as_f64().unwrap()).abs() < 1e-12, "lr at step {k}");
+        be.sum_squares(sq, g).unwrap();
+        let norm = be.download_f64(sq).unwrap()[0].sqrt();
+        assert!((norm - step["grad_norm"].as_f64().unwrap()).abs() < 1e-5 * norm, "grad norm at step {k}");
+        let c = clip_coefficient(norm, 1.0);
+        if c < 1.0 {
+            be.scale(g, c as f32).unwrap();
+        }
+        opt.step(&be, p, g, lr).unwrap();
+        let want: Vec<Vec<f32>> = serde_json::from_value(step["params"].clone()).unwrap();
+        for (got, want) in be.download(p).unwrap().iter().zip(want.concat()) {
+            assert!((got - want).abs() <= 1e-6 * (1.0 + want.abs()), "step {k}: {got} vs {want}");
+        }
+    }
+    let s = &e["schedules"];
+    let (w, t) = (s["warmup"].as_u64().unwrap(), s["total"].as_u64().unwrap());
+    for (name, kind) in [
+        ("linear", Schedule::Linear),
+        ("cosine", Schedule::Cosine),
+        ("constant", Schedule::Constant),
+        ("constant_with_warmup", Schedule::ConstantWithWarmup),
+    ] {
+        for (k, want) in s["lambdas"][name].as_array().unwrap().iter().enumerate() {
+            let got = lr_lambda(kind, k as u64, w, t);
+            assert!((got - want.as_f64().unwrap()).abs() < 1e-9, "{name} at {k}: {got} vs {want}");
+        }
+    }
+    let sc = &e["scaler"];
+    let mut scaler = LossScaler::new(true);
+    scaler.growth_interval = sc["growth_interval"].as_u64().unwrap();
+    for (f, want) in sc["found_inf"].as_array().unwrap().iter().zip(sc["scales"].as_array().unwrap()) {
+        let applied = scaler.update(!f.as_bool().unwrap());
+        assert_eq!(applied, !f.as_bool().unwrap());
+        assert_eq!(scaler.scale, want.as_f64().unwrap());
+    }
+}
+
+#[test]
+fn the_tiny_model_overfits_fixed_batches() {
+    let f = fixture();
+    let corpus = open_corpus(&[f.shards.clone()]).unwrap();
+    let config = ModelConfig::load(&f.model_config).unwrap();
+    let cfg = LoaderConfig {
+        examples: bertcuda::data::examples::ExampleConfig { max_seq_len: 32, ..Default::default() },
+        batch_size: 4,
+        rank: 0,
+        world_size: 1,
+        pad_to_max: false,
+        drop_last: true,
+    };
+    let plan = EpochPlan::new(&corpus, &cfg, 0).unwrap();
+    let batches = [plan.batch(&corpus, &cfg, 0), plan.batch(&corpus, &cfg, 1)];
+    let be = Cpu::<f32>::new();
+    let model = Bert::new(&be, config.clone(), Plan::new(4, 32)).unwrap();
+    let table = ParamTable::new(&config);
+    model.set_params(&table.init(&config, 0)).unwrap();
+    let mut opt = AdamW::new(
+        &be,
+        AdamWConfig { lr: 3e-3, beta1: 0.9, beta2: 0.999, eps: 1e-6, weight_decay: 0.0 },
+        &table.decay_mask(),
+    )
+    .unwrap();
+    let mut labels = Vec::new();
+    let mut last = f64::MAX;
+    let mut first = 0.0;
+    for step in 0..300 {
+        let b = &batches[step % 2];
+        model.zero_grads().unwrap();
+        let l = model.step(&Inputs::from_batch(b, &mut labels), StepOptions::grads()).unwrap();
+        opt.step(&be, model.params, model.grads, 3e-3).unwrap();
+        if step == 0 {
+            first = l.total().unwrap();
+        }
+        last = l.total().unwrap();
+    }
+    assert!(first > 5.0 && last < 0.05, "loss {first} → {last}");
+}
+
+#[test]
+fn training_lowers_the_loss_and_writes_what_it_promises() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let cfg = TrainConfig { max_steps: Some(40), save_steps: 20, ..base_config(&out) };
+    let s = train(cfg, never()).unwrap();
+    assert_eq!(s.steps, 40);
+    let first: f64 = s.losses[..5].iter().sum::<f64>() / 5.0;
+    let last: f64 = s.losses[35..].iter().sum::<f64>() / 5.0;
+    assert!(last < first - 0.5, "loss {first} → {last}");
+    let m = metrics(&out);
+    assert_eq!(m.len(), 40);
+    assert!(m
+        .iter()
+        .all(|x| x.mlm_loss.is_some() && x.nsp_loss.is_some() && x.seq_per_s > 0.0 && x.grad_norm > 0.0));
+    assert_eq!(m[0].learning_rate, 0.0, "the first update of a warmup has rate 0, as transformers");
+    assert!((m[2].learning_rate - 2e-3).abs() < 1e-12);
+    // Final model in OUTPUT/, checkpoints at 20 and 40.
+    for f in [
+        "model.safetensors",
+        "config.json",
+        "vocab.txt",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    let ckpts: Vec<u64> = checkpoint::list(&out).into_iter().map(|c| c.0).collect();
+    assert_eq!(ckpts, [40, 20]);
+    let state = checkpoint::verify(&out.join("checkpoint-000040")).unwrap();
+    assert_eq!((state.global_step, state.updates, state.micro_step), (40, 40, 40));
+    // TensorBoard: one file, every record's CRCs good, the first the file version.
+    let tb: Vec<PathBuf> = fs::read_dir(out.join("runs")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(tb.len(), 1);
+    assert!(tb[0].file_name().unwrap().to_str().unwrap().starts_with("events.out.tfevents."));
+    let records = bertcuda::tensorboard::read_records(&fs::read(&tb[0]).unwrap()).unwrap();
+    assert_eq!(records.len(), 41);
+    assert!(records[0].windows(13).any(|w| w == b"brain.Event:2"));
+    assert!(records[1].windows(10).any(|w| w == b"train/loss"));
+}
+
+#[test]
+fn gradient_accumulation_equals_the_larger_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let big = TrainConfig {
+        per_device_batch_size: 8,
+        max_steps: Some(3),
+        pad_to_max: true,
+        ..base_config(&tmp.path().join("a"))
+    };
+    let acc = TrainConfig { per_device_batch_size: 4, gradient_accumulation_steps: 2, ..big.clone() };
+    let acc = TrainConfig { output: tmp.path().join("b"), ..acc };
+    // The same examples in the same order: batch k of 8 = batches 2k, 2k+1 of 4; dropout keys differ
+    // per micro-step, so compare with dropout off.
+    let mut c = ModelConfig::load(&fixture().model_config).unwrap();
+    c.hidden_dropout_prob = 0.0;
+    c.attention_probs_dropout_prob = 0.0;
+    let nodrop = tmp.path().join("nodrop.json");
+    c.save(&nodrop).unwrap();
+    let big = TrainConfig { model_config: nodrop.to_str().unwrap().into(), ..big };
+    let acc = TrainConfig { model_config: nodrop.to_str().unwrap().into(), ..acc };
+    let a = train(big, never()).unwrap();
+    let b = train(acc, never()).unwrap();
+    for (x, y) in a.losses.iter().zip(&b.losses) {
+        assert!((x - y).abs() < 1e-5 * x.abs(), "{:?} vs {:?}", a.losses, b.losses);
+    }
+    let pa = fs::read(tmp.path().join("a/model.safetensors")).unwrap();
+    let pb = fs::read(tmp.path().join("b/model.safetensors")).unwrap();
+    let (ta, tb) = (
+        safetensors::SafeTensors::deserialize(&pa).unwrap(),
+        safetensors::SafeTensors::deserialize(&pb).unwrap(),
+    );
+    for (name, t) in ta.tensors() {
+        let (x, y) = (t.data(), tb.tensor(&name).unwrap().data());
+        let max = x.chunks(4).zip(y.chunks(4)).map(|(a, b)| {
+            let (a, b) =
+                (f32::from_le_bytes(a.try_into().unwrap()), f32::from_le_bytes(b.try_into().unwrap()));
+            (a - b).abs()
+        });
+        assert!(max.fold(0f32, f32::max) < 1e-5, "{name}");
+    }
+}
+
+#[test]
+fn a_resumed_run_is_bitwise_the_run_that_never_stopped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a_out = tmp.path().join("a");
+    train(base_config(&a_out), never()).unwrap();
+    // B: a copy of A as it was after step 8 (its checkpoint 8 only), resumed.
+    let b_out = tmp.path().join("b");
+    fs::create_dir_all(&b_out).unwrap();
+    copy_dir(&a_out.join("checkpoint-000008"), &b_out.join("checkpoint-000008"));
+    let lines: Vec<String> =
+        fs::read_to_string(a_out.join("metrics.jsonl")).unwrap().lines().map(String::from).collect();
+    fs::write(b_out.join("metrics.jsonl"), lines[..8].join("\n") + "\n").unwrap();
+    let cfg = TrainConfig { resume: Some("auto".into()), ..base_config(&b_out) };
+    let s = train(cfg, never()).unwrap();
+    assert_eq!(s.steps, 12);
+    assert_eq!(
+        fs::read(a_out.join("model.safetensors")).unwrap(),
+        fs::read(b_out.join("model.safetensors")).unwrap()
+    );
+    let (ma, mb) = (metrics(&a_out), metrics(&b_out));
+    for (x, y) in ma[8..].iter().zip(&mb[8..]) {
+        assert_eq!(
+            (x.step, x.loss.to_bits(), x.grad_norm.to_bits()),
+            (y.step, y.loss.to_bits(), y.grad_norm.to_bits())
+        );
+    }
+    assert_eq!(
+        fs::read(a_out.join("checkpoint-000012/optimizer.safetensors")).unwrap(),
+        fs::read(b_out.join("checkpoint-000012/optimizer.safetensors")).unwrap()
+    );
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for e in fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn resume_auto_takes_the_newest_checkpoint_that_verifies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    train(base_config(&out), never()).unwrap();
+    // 12 corrupted, 16 partial (no manifest): 8 is the one to take.
+    let m = out.join("checkpoint-000012/model.safetensors");
+    let mut bytes = fs::read(&m).unwrap();
+    let n = bytes.len();
+    bytes[n - 10] ^= 1;
+    fs::write(&m, bytes).unwrap();
+    copy_dir(&out.join("checkpoint-000008"), &out.join("checkpoint-000016"));
+    fs::remove_file(out.join("checkpoint-000016/manifest.json")).unwrap();
+    let (found, skipped) = checkpoint::find_resume(&out);
+    let (dir, state) = found.unwrap();
+    assert!(dir.ends_with("checkpoint-000008"));
+    assert_eq!(state.global_step, 8);
+    assert_eq!(skipped.len(), 2);
+    assert!(skipped[0].contains("checkpoint-000016") && skipped[0].contains("manifest.json"), "{skipped:?}");
+    assert!(
+        skipped[1].contains("checkpoint-000012") && skipped[1].contains("model.safetensors"),
+        "{skipped:?}"
+    );
+}
+
+#[test]
+fn resuming_with_other_settings_is_refused_unless_only_the_schedule_changes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    train(TrainConfig { max_steps: Some(4), ..base_config(&out) }, never()).unwrap();
+    let e = train(
+        TrainConfig { resume: Some("auto".into()), max_seq_len: 48, max_steps: Some(4), ..base_config(&out) },
+        never(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("max_seq_len") && e.contains("32") && e.contains("48"), "{e}");
+    let e =
+        train(TrainConfig { resume: Some("auto".into()), max_steps: Some(6), ..base_config(&out) }, never())
+            .unwrap_err()
+            .to_string();
+    assert!(e.contains("max_steps") && e.contains("--allow-config-change"), "{e}");
+    let s = train(
+        TrainConfig {
+            resume: Some("auto".into()),
+            max_steps: Some(6),
+            allow_config_change: true,
+            ..base_config(&out)
+        },
+        never(),
+    )
+    .unwrap();
+    assert_eq!(s.steps, 6);
+}
+
+#[test]
+fn non_finite_steps_skip_with_fp16_and_stop_fp32_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("fp16");
+    let cfg = TrainConfig {
+        precision: "fp16".into(),
+        max_steps: Some(6),
+        debug_nonfinite_steps: vec![2, 3],
+        ..base_config(&out)
+    };
+    train(cfg, never()).unwrap();
+    let m = metrics(&out);
+    assert_eq!(m[1].loss_scale, 65536.0);
+    assert_eq!(
+        (m[2].skipped_steps, m[2].loss_scale),
+        (1, 65536.0),
+        "the step that overflowed is logged with its scale"
+    );
+    assert_eq!((m[3].skipped_steps, m[3].loss_scale), (2, 32768.0));
+    assert_eq!((m[4].skipped_steps, m[4].loss_scale), (2, 16384.0));
+    let state = checkpoint::verify(&out.join("checkpoint-000006")).unwrap();
+    assert_eq!((state.updates, state.skipped_steps, state.scaler.scale), (4, 2, 16384.0));
+
+    let out = tmp.path().join("fp32");
+    let cfg = TrainConfig {
+        max_steps: Some(12),
+        max_nonfinite_steps: 3,
+        debug_nonfinite_steps: vec![5, 6, 7, 8],
+        ..base_config(&out)
+    };
+    let e = train(cfg, never()).unwrap_err().to_string();
+    assert!(e.contains("step 7") && e.contains("3 non-finite steps in a row") && e.contains("intact"), "{e}");
+    checkpoint::verify(&out.join("checkpoint-000004")).unwrap();
+}
+
+#[test]
+fn bad_settings_and_inputs_get_clear_messages() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let err = |cfg: TrainConfig| train(cfg, never()).unwrap_err().to_string();
+    let e = err(TrainConfig { data: vec![tmp.path().join("missing")], ..base_config(&out) });
+    assert!(e.contains("missing") && e.contains("bertcuda prepare"), "{e}");
+    let e = err(TrainConfig { precision: "bf16".into(), ..base_config(&out) });
+    assert!(e.contains("bf16") && e.contains("CUDA"), "{e}");
+    let e = err(TrainConfig { warmup_ratio: Some(0.1), ..base_config(&out) });
+    assert!(e.contains("--warmup-steps or --warmup-ratio"), "{e}");
+    let e = err(TrainConfig { max_seq_len: 100, ..base_config(&out) });
+    assert!(e.contains("--max-seq-len 100") && e.contains("max_position_embeddings 64"), "{e}");
+    let e = err(TrainConfig { per_device_batch_size: 100_000, ..base_config(&out) });
+    assert!(e.contains("fewer than one step"), "{e}");
+    let e = err(TrainConfig { lr_scheduler: "wavy".into(), ..base_config(&out) });
+    assert!(e.contains("wavy"), "{e}");
+    let e = err(TrainConfig { model_config: "huge".into(), ..base_config(&out) });
+    assert!(e.contains("huge"), "{e}");
+    fs::create_dir_all(&out).unwrap();
+    fs::write(out.join("something"), "x").unwrap();
+    let e = err(base_config(&out));
+    assert!(e.contains("--resume auto") && e.contains("--overwrite-output"), "{e}");
+    let e = err(TrainConfig {
+        resume: Some(tmp.path().join("nope").to_str().unwrap().into()),
+        ..base_config(&out)
+    });
+    assert!(e.contains("cannot resume") && e.contains("nope"), "{e}");
+    let e = TrainConfig::resolve(None, serde_json::json!({"learning_rat": 1})).unwrap_err().to_string();
+    assert!(e.contains("learning_rat"), "{e}");
+}
+
+#[test]
+fn init_from_a_real_checkpoint_continues_pretraining_and_refuses_other_vocabularies() {
+    let minilm = root().join(".cache/models/all-MiniLM-L6-v2");
+    assert!(minilm.join("model.safetensors").is_file(), "run scripts/fetch-test-models.sh");
+    let tmp = tempfile::tempdir().unwrap();
+    // Shards made with our fixture's tokenizer: refused.
+    let e =
+        train(TrainConfig { init_from: Some(minilm.clone()), ..base_config(&tmp.path().join("x")) }, never())
+            .unwrap_err()
+            .to_string();
+    assert!(e.contains("another tokenizer") && e.contains("bertcuda prepare --tokenizer"), "{e}");
+    // Shards made with the model's tokenizer: trains, heads initialised.
+    let text = fs::read_to_string(root().join("data/sample/rust-book.txt")).unwrap();
+    let corpus = tmp.path().join("c.txt");
+    fs::write(&corpus, text.lines().take(300).map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    let shards = tmp.path().join("shards");
+    prepare(&PrepareConfig {
+        inputs: vec![corpus],
+        tokenizer: minilm.clone(),
+        no_lowercase: false,
+        output: shards.clone(),
+        workers: 1,
+        overwrite: false,
+        max_line_bytes: DEFAULT_MAX_LINE_BYTES,
+        shard_tokens: DEFAULT_SHARD_TOKENS,
+        id_bytes: None,
+        progress: false,
+    })
+    .unwrap();
+    let out = tmp.path().join("dapt");
+    let cfg = TrainConfig {
+        data: vec![shards],
+        init_from: Some(minilm),
+        max_steps: Some(2),
+        per_device_batch_size: 2,
+        save_steps: 100,
+        ..base_config(&out)
+    };
+    let s = train(cfg, never()).unwrap();
+    assert_eq!(s.steps, 2);
+    assert!(s.losses.iter().all(|l| l.is_finite() && *l > 0.0));
+    let c = ModelConfig::load(&out).unwrap();
+    assert_eq!((c.hidden_size, c.num_hidden_layers), (384, 6));
+}
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_bertcuda"))
+}
+
+fn train_process(config: &Path, extra: &[&str]) -> std::process::Child {
+    bin()
+        .args(["train", "--config", config.to_str().unwrap(), "--quiet"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn wait_for(what: &str, timeout: Duration, cond: impl Fn() -> bool) {
+    let t = Instant::now();
+    while !cond() {
+        assert!(t.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn write_config(path: &Path, cfg: &TrainConfig) {
+    fs::write(path, serde_json::to_string(cfg).unwrap()).unwrap();
+}
+
+fn tmp_dirs(out: &Path) -> Vec<String> {
+    fs::read_dir(out)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.contains(".tmp-"))
+        .collect()
+}
+
+#[test]
+fn killed_during_a_save_or_a_step_the_run_resumes_from_its_last_good_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let cfg_path = tmp.path().join("train.json");
+    write_config(
+        &cfg_path,
+        &TrainConfig {
+            max_steps: Some(200),
+            save_steps: 2,
+            debug_pause_in_save_ms: 1500,
+            ..base_config(&out)
+        },
+    );
+    let mut child = train_process(&cfg_path, &[]);
+    // The second save pauses with its files written: kill it there.
+    wait_for("checkpoint 2", Duration::from_secs(60), || checkpoint::list(&out).iter().any(|c| c.0 == 2));
+    wait_for("the second save", Duration::from_secs(60), || !tmp_dirs(&out).is_empty());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!out.join("checkpoint-000004").exists(), "a half-written checkpoint looks complete");
+    let (found, _) = checkpoint::find_resume(&out);
+    assert_eq!(found.unwrap().1.global_step, 2);
+
+    // Killed during a step: resume picks checkpoint 2 (or a later complete one) and runs on.
+    write_config(
+        &cfg_path,
+        &TrainConfig {
+            max_steps: Some(200),
+            save_steps: 2,
+            resume: Some("auto".into()),
+            ..base_config(&out)
+        },
+    );
+    let mut child = train_process(&cfg_path, &[]);
+    wait_for("a step after resuming", Duration::from_secs(60), || metrics(&out).len() >= 5);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (found, _) = checkpoint::find_resume(&out);
+    let resumed_at = found.unwrap().1.global_step;
+    assert!(resumed_at >= 2);
+    write_config(
+        &cfg_path,
+        &TrainConfig {
+            max_steps: Some(200),
+            save_steps: 2,
+            resume: Some("auto".into()),
+            ..base_config(&out)
+        },
+    );
+    let cfg: TrainConfig = serde_json::from_str(&fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let s = train(TrainConfig { max_steps: Some(200), ..cfg }, never()).unwrap();
+    assert_eq!(s.steps, 200);
+}
+
+#[cfg(unix)]
+#[test]
+fn sigterm_saves_a_checkpoint_and_exits_zero_and_the_run_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let cfg_path = tmp.path().join("train.json");
+    write_config(
+        &cfg_path,
+        &TrainConfig { max_steps: Some(100_000), save_steps: 100_000, ..base_config(&out) },
+    );
+    let child = train_process(&cfg_path, &[]);
+    wait_for("training steps", Duration::from_secs(60), || {
+        out.join("metrics.jsonl").is_file() && metrics(&out).len() >= 3
+    });
+    let st = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(st.success());
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("stopped by a signal") && err.contains("--resume auto"), "{err}");
+    let (found, _) = checkpoint::find_resume(&out);
+    let state = found.unwrap().1;
+    assert!(state.global_step >= 3);
+    let cfg = TrainConfig {
+        resume: Some("auto".into()),
+        max_steps: Some(state.global_step + 2),
+        allow_config_change: true,
+        ..base_config(&out)
+    };
+    assert_eq!(train(cfg, never()).unwrap().steps, state.global_step + 2);
+}
+
+#[test]
+fn eval_reports_losses_accuracy_and_perplexity() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    train(TrainConfig { max_steps: Some(4), ..base_config(&out) }, never()).unwrap();
+    let shards = fixture().shards.to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let o = bin()
+            .args([
+                "eval",
+                "--model",
+                out.to_str().unwrap(),
+                "--data",
+                shards,
+                "--max-seq-len",
+                "32",
+                "--max-batches",
+                "3",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let v: serde_json::Value = serde_json::from_str(run(&["--json"]).trim()).unwrap();
+    for k in ["mlm_loss", "mlm_accuracy", "perplexity", "nsp_loss", "nsp_accuracy"] {
+        assert!(v[k].as_f64().is_some(), "{k}: {v}");
+    }
+    assert!((v["perplexity"].as_f64().unwrap() - v["mlm_loss"].as_f64().unwrap().exp()).abs() < 1e-6);
+    assert_eq!(v["sequences"], 96);
+    // The same seed, the same numbers; --no-nsp data: nsp keys null.
+    assert_eq!(run(&["--json"]), run(&["--json"]));
+    let v: serde_json::Value = serde_json::from_str(run(&["--json", "--no-nsp"]).trim()).unwrap();
+    assert!(v["nsp_loss"].is_null() && v["nsp_accuracy"].is_null() && v["mlm_loss"].is_f64());
+    assert!(run(&[]).contains("perplexity"));
+}
