@@ -163,7 +163,7 @@ fn adamw_clipping_schedules_and_scaler_equal_torch() {
 #[test]
 fn the_tiny_model_overfits_fixed_batches() {
     let f = fixture();
-    let corpus = open_corpus(&[f.shards.clone()]).unwrap();
+    let corpus = open_corpus(std::slice::from_ref(&f.shards)).unwrap();
     let config = ModelConfig::load(&f.model_config).unwrap();
     let cfg = LoaderConfig {
         examples: bertcuda::data::examples::ExampleConfig { max_seq_len: 32, ..Default::default() },
