@@ -197,3 +197,73 @@ pub fn bench_model(preset: &str, batch: usize, seq: usize, steps: usize) -> Resu
         activation_bytes: model.activation_floats * 4,
     })
 }
+
+pub struct TrainBench {
+    pub steps: u64,
+    pub batch: usize,
+    /// Whole training steps: loader, forward, backward, clipping, AdamW, logging.
+    pub train_seq_per_s: f64,
+    pub train_tokens_per_s: f64,
+    /// Forward + backward alone on one batch of the same data, same dropout.
+    pub model_seq_per_s: f64,
+}
+
+/// `bertcuda bench train`: whole training steps next to the model's own forward + backward.
+pub fn bench_train(
+    data: &[PathBuf],
+    preset: &str,
+    batch: usize,
+    seq: usize,
+    steps: u64,
+) -> Result<TrainBench> {
+    use crate::backend::cpu::Cpu;
+    use crate::data::loader::{open_corpus, EpochPlan};
+    use crate::model::bert::{Bert, Inputs, Plan, StepOptions, Train};
+    use crate::model::config::ModelConfig;
+    use crate::model::params::ParamTable;
+    use crate::train::{train, TrainConfig};
+    let out = std::env::temp_dir().join(format!("bertcuda-bench-train-{}", std::process::id()));
+    let cfg = TrainConfig {
+        data: data.to_vec(),
+        output: out.clone(),
+        model_config: preset.into(),
+        per_device_batch_size: batch,
+        max_seq_len: seq,
+        max_steps: Some(steps),
+        logging_steps: steps,
+        save_steps: steps,
+        overwrite_output: true,
+        progress: false,
+        ..TrainConfig::default()
+    };
+    let s = train(cfg.clone(), std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)));
+    let _ = std::fs::remove_dir_all(&out);
+    let s = s?;
+    let tokens_per_s = s.last.as_ref().map_or(0.0, |m| m.tokens_per_s);
+    // The model alone on the run's first batch.
+    let corpus = open_corpus(data)?;
+    let config = ModelConfig::preset(preset, corpus.tokenizer.vocab_size)?;
+    let be = Cpu::<f32>::new();
+    let model = Bert::new(&be, config.clone(), Plan::new(batch, seq))?;
+    model.set_params(&ParamTable::new(&config).init(&config, 0))?;
+    let loader = crate::train::loader_config(&cfg);
+    let b = EpochPlan::new(&corpus, &loader, 0)?.batch(&corpus, &loader, 0);
+    let mut labels = Vec::new();
+    let inp = Inputs::from_batch(&b, &mut labels);
+    model.step(&inp, StepOptions { train: Some(Train { seed: 0, step: 0 }), ..StepOptions::grads() })?;
+    let start = Instant::now();
+    for k in 0..steps {
+        model.step(
+            &inp,
+            StepOptions { train: Some(Train { seed: 0, step: k + 1 }), ..StepOptions::grads() },
+        )?;
+    }
+    let model_s = start.elapsed().as_secs_f64() / steps as f64;
+    Ok(TrainBench {
+        steps,
+        batch,
+        train_seq_per_s: (steps as usize * batch) as f64 / s.loop_seconds,
+        train_tokens_per_s: tokens_per_s,
+        model_seq_per_s: batch as f64 / model_s,
+    })
+}

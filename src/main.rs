@@ -420,6 +420,24 @@ enum ShardsCmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Whole training steps (loader and optimizer included) next to the model's own forward + backward.
+    #[command(
+        after_help = "Example:\n  bertcuda bench train --data .cache/default-run/shards --preset tiny"
+    )]
+    Train {
+        #[arg(long, required = true, num_args = 1..)]
+        data: Vec<PathBuf>,
+        #[arg(long, default_value = "tiny")]
+        preset: String,
+        #[arg(long, default_value = "cpu", value_parser = ["cpu"])]
+        device: String,
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        #[arg(long, default_value_t = 30)]
+        steps: u64,
+    },
     /// Forward + backward steps per second of the CPU backend (compare: benches/torch_cpu.py).
     #[command(after_help = "Example:\n  bertcuda bench model --preset mini --batch-size 8 --seq 128")]
     Model {
@@ -497,6 +515,19 @@ fn run(cli: Cli) -> Result<()> {
                 m.documents,
                 m.sentences,
                 m.tokens
+            );
+            Ok(())
+        }
+        Command::Bench(BenchCmd::Train { data, preset, device: _, batch_size, seq, steps }) => {
+            let b = bertcuda::bench::bench_train(&data, &preset, batch_size, seq, steps)?;
+            println!(
+                "train loop: {:.1} sequences/s, {:.0} tokens/s ({} steps of {}); model forward+backward alone: {:.1} sequences/s; the loop adds {:.1}%",
+                b.train_seq_per_s,
+                b.train_tokens_per_s,
+                b.steps,
+                b.batch,
+                b.model_seq_per_s,
+                100.0 * (b.model_seq_per_s / b.train_seq_per_s - 1.0)
             );
             Ok(())
         }

@@ -236,7 +236,7 @@ impl TrainConfig {
         }
     }
 
-    fn loader(&self) -> LoaderConfig {
+    pub fn loader(&self) -> LoaderConfig {
         LoaderConfig {
             examples: self.examples(),
             batch_size: self.per_device_batch_size,
@@ -251,6 +251,11 @@ impl TrainConfig {
 /// JSON has no NaN: a non-finite number is written as null, and null reads back as NaN.
 fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
     Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+/// The loader settings of a run.
+pub fn loader_config(cfg: &TrainConfig) -> LoaderConfig {
+    cfg.loader()
 }
 
 /// Metrics of one logged step (one line of metrics.jsonl). A non-finite loss or gradient norm (a skipped
@@ -292,6 +297,8 @@ pub struct TrainSummary {
     pub losses: Vec<f64>,
     pub stopped_by_signal: bool,
     pub output: PathBuf,
+    /// Seconds in the step loop (loader, forward, backward, optimizer, logging), saves excluded.
+    pub loop_seconds: f64,
 }
 
 /// The learning-rate schedule of a run.
@@ -625,7 +632,10 @@ pub fn train(cfg: TrainConfig, stop: Arc<AtomicBool>) -> Result<TrainSummary> {
         losses: vec![],
         stopped_by_signal: false,
         output: cfg.output.clone(),
+        loop_seconds: 0.0,
     };
+    let loop_start = Instant::now();
+    let mut save_seconds = 0.0;
     let mut window = (Instant::now(), 0usize, 0usize); // since the last log: time, sequences, tokens
     let mut last_saved = state.global_step;
     let mut labels: Vec<Vec<i32>> = vec![Vec::new(); cfg.gradient_accumulation_steps];
@@ -840,11 +850,14 @@ pub fn train(cfg: TrainConfig, stop: Arc<AtomicBool>) -> Result<TrainSummary> {
             window = (Instant::now(), 0, 0);
         }
         if state.global_step % cfg.save_steps == 0 && state.global_step < total {
+            let t = Instant::now();
             let dir = save_now(&state, &model, &adamw)?;
+            save_seconds += t.elapsed().as_secs_f64();
             last_saved = state.global_step;
             tracing::info!("saved {}", dir.display());
         }
     }
+    summary.loop_seconds = loop_start.elapsed().as_secs_f64() - save_seconds;
     drop(loader);
     progress.finish();
     if state.global_step != last_saved {

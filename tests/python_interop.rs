@@ -131,3 +131,130 @@ fn outputs_losses_and_every_gradient_equal_transformers_bert_for_pretraining() {
     }
     assert!(compared > 40, "{compared}");
 }
+
+/// A tiny run of `bertcuda train` on shards of the sample corpus; its output directory.
+fn tiny_run(tmp: &Path) -> std::path::PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tok = tmp.join("tok");
+    let shards = tmp.join("shards");
+    let out = tmp.join("run");
+    let sample = root.join("data/sample/rust-book.txt");
+    let run = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_bertcuda")).args(args).output().unwrap();
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    run(&[
+        "tokenizer",
+        "train",
+        "--input",
+        sample.to_str().unwrap(),
+        "--vocab-size",
+        "1000",
+        "--output",
+        tok.to_str().unwrap(),
+    ]);
+    run(&[
+        "prepare",
+        "--input",
+        sample.to_str().unwrap(),
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--output",
+        shards.to_str().unwrap(),
+        "--quiet",
+    ]);
+    run(&[
+        "train",
+        "--data",
+        shards.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--model-config",
+        "tiny",
+        "--max-steps",
+        "6",
+        "--per-device-batch-size",
+        "4",
+        "--max-seq-len",
+        "64",
+        "--save-steps",
+        "3",
+        "--logging-steps",
+        "1",
+        "--quiet",
+    ]);
+    out
+}
+
+#[test]
+#[ignore = "needs python3 with torch and transformers"]
+fn transformers_loads_a_train_checkpoint_with_the_same_mlm_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tiny_run(tmp.path());
+    let batch = tmp.path().join("batch.json");
+    std::fs::write(&batch, r#"{"input_ids": [[2, 40, 41, 4, 42, 3, 43, 44, 3], [2, 50, 4, 51, 3, 52, 3, 0, 0]],
+        "token_type_ids": [[0,0,0,0,0,0,1,1,1],[0,0,0,0,0,1,1,0,0]], "attention_mask": [[1,1,1,1,1,1,1,1,1],[1,1,1,1,1,1,1,0,0]]}"#)
+        .unwrap();
+    for dir in [out.join("checkpoint-000003"), out.clone()] {
+        let dump = tmp.path().join("ours.safetensors");
+        let o = Command::new(env!("CARGO_BIN_EXE_bertcuda"))
+            .args([
+                "forward",
+                "--model",
+                dir.to_str().unwrap(),
+                "--batch",
+                batch.to_str().unwrap(),
+                "--dump",
+                dump.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let code = r#"
+import json, sys, torch
+from safetensors.torch import save_file
+from transformers import AutoTokenizer, BertForPreTraining
+model = BertForPreTraining.from_pretrained(sys.argv[1], attn_implementation="eager").eval()
+AutoTokenizer.from_pretrained(sys.argv[1])
+b = json.load(open(sys.argv[2]))
+with torch.no_grad():
+    o = model(**{k: torch.tensor(v) for k, v in b.items()})
+save_file({"prediction_logits": o.prediction_logits.contiguous(), "seq_relationship_logits": o.seq_relationship_logits.contiguous()}, sys.argv[3])
+"#;
+        let theirs_path = tmp.path().join("theirs.safetensors");
+        run_python(code, &[dir.to_str().unwrap(), batch.to_str().unwrap(), theirs_path.to_str().unwrap()]);
+        let (ours, theirs) = (read_tensors(&dump), read_tensors(&theirs_path));
+        for k in ["prediction_logits", "seq_relationship_logits"] {
+            let e = rel(&ours[k].1, &theirs[k].1);
+            assert!(e <= 1e-4, "{}: {k}: relative error {e:e}", dir.display());
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs python3 with tensorboard"]
+fn tensorboard_reads_the_event_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tiny_run(tmp.path());
+    let code = r#"
+import sys
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+acc = EventAccumulator(sys.argv[1]); acc.Reload()
+tags = acc.Tags()["scalars"]
+loss = acc.Scalars("train/loss")
+print(len(loss), ",".join(sorted(tags)))
+"#;
+    let out = run_python(code, &[out.join("runs").to_str().unwrap()]);
+    let (n, tags) = out.trim().split_once(' ').unwrap();
+    assert_eq!(n, "6");
+    for t in [
+        "train/loss",
+        "train/mlm_loss",
+        "train/nsp_loss",
+        "train/learning_rate",
+        "train/grad_norm",
+        "train/loss_scale",
+    ] {
+        assert!(tags.split(',').any(|x| x == t), "{t} missing from {tags}");
+    }
+}
