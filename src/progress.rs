@@ -72,6 +72,13 @@ impl Progress {
         }
     }
 
+    /// A short status shown in the bar (loss, learning rate, ...); plain mode prints it with its lines.
+    pub fn set_message(&mut self, msg: &str) {
+        if let Some(b) = &self.bar {
+            b.set_message(format!("{} {msg}", self.label));
+        }
+    }
+
     pub fn finish(&self) {
         if let Some(b) = &self.bar {
             b.finish_and_clear();

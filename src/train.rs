@@ -832,6 +832,7 @@ pub fn train(cfg: TrainConfig, stop: Arc<AtomicBool>) -> Result<TrainSummary> {
                 }
             }
             tb.scalars(state.global_step, &scalars)?;
+            progress.set_message(&format!("loss {loss:.4} lr {lr:.2e} {:.0} seq/s", m.seq_per_s));
             progress.println(&format!(
                 "step {:>6}/{total}  loss {:.4}  mlm {}  nsp {}  lr {:.3e}  grad_norm {:.3}  {:.1} seq/s{}",
                 state.global_step,
