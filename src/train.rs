@@ -437,18 +437,14 @@ pub fn train(cfg: TrainConfig, stop: Arc<AtomicBool>) -> Result<TrainSummary> {
     }
     std::fs::create_dir_all(&cfg.output).at(&cfg.output)?;
 
-    // Device and precision. The CPU backend computes in fp32; fp16 on it runs the dynamic loss scaler
-    // around fp32 arithmetic (the loop is the same one the GPU runs).
-    let device = match cfg.device.as_str() {
-        "cuda" => bail!("--device cuda: this build has no CUDA backend; use --device cpu (or auto)"),
-        _ => "cpu",
-    };
+    // Precision: this build computes in fp32 on both backends; fp16 runs the dynamic loss scaler around
+    // that arithmetic (the loop mixed precision uses).
     let precision = match cfg.precision.as_str() {
         "auto" | "fp32" => "fp32",
-        "bf16" => bail!(
-            "--precision bf16 needs the CUDA backend; the CPU backend computes in fp32 (--precision fp32)"
+        "fp16" => "fp16",
+        _ => bail!(
+            "--precision bf16: this build computes in fp32 on both backends (bf16 storage is not wired yet); use --precision fp32, or fp16 for the dynamic loss scaler"
         ),
-        p => p,
     };
 
     let corpus = open_corpus(&cfg.data)?;
@@ -511,13 +507,59 @@ pub fn train(cfg: TrainConfig, stop: Arc<AtomicBool>) -> Result<TrainSummary> {
         );
     }
 
-    let be = Cpu::<f32>::new();
+    let prepared = Prepared { cfg, resume, corpus, config, params, init_note, precision, fingerprint };
+    match choose_device(&prepared.cfg.device)? {
+        Device::Cpu => run(&Cpu::<f32>::new(), prepared, stop),
+        Device::Cuda(be) => run(&*be, prepared, stop),
+    }
+}
+
+/// What a run starts from, backend-independent.
+struct Prepared {
+    cfg: TrainConfig,
+    resume: Option<(PathBuf, TrainerState)>,
+    corpus: Arc<Corpus>,
+    config: ModelConfig,
+    params: Vec<f32>,
+    init_note: String,
+    precision: &'static str,
+    fingerprint: String,
+}
+
+pub enum Device {
+    Cpu,
+    Cuda(Box<crate::backend::cuda::Cuda>),
+}
+
+/// `--device`: cpu; cuda (an error naming why when there is no usable GPU); auto — the GPU when there is
+/// one, else the CPU, saying why.
+pub fn choose_device(device: &str) -> Result<Device> {
+    use crate::backend::cuda::{probe, Cuda};
+    match device {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(Box::new(Cuda::new(0)?))),
+        _ => match probe().map_err(Error::Invalid).and_then(|_| Cuda::new(0)) {
+            Ok(c) => Ok(Device::Cuda(Box::new(c))),
+            Err(why) => {
+                eprintln!(
+                    "no usable GPU ({}); running on the CPU",
+                    why.to_string().trim_start_matches("--device cuda: ")
+                );
+                Ok(Device::Cpu)
+            }
+        },
+    }
+}
+
+fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>) -> Result<TrainSummary> {
+    let Prepared { cfg, resume, corpus, config, params, init_note, precision, fingerprint } = p;
+    let tokenizer = &corpus.tokenizer;
     let plan = Plan::new(cfg.per_device_batch_size, cfg.max_seq_len);
-    let model = Bert::new(&be, config.clone(), plan)?;
+    let model = Bert::new(be, config.clone(), plan)?;
     model.set_params(&params)?;
     let table = &model.table;
     let mut adamw = AdamW::new(
-        &be,
+        be,
         AdamWConfig {
             lr: cfg.learning_rate,
             beta1: cfg.adam_beta1,
@@ -612,7 +654,6 @@ pub fn train(cfg: TrainConfig, stop: Arc<AtomicBool>) -> Result<TrainSummary> {
         cfg.output.display(),
         cfg.save_steps
     );
-    let _ = device;
 
     let mut metrics_file = std::fs::OpenOptions::new()
         .create(true)
@@ -640,7 +681,7 @@ pub fn train(cfg: TrainConfig, stop: Arc<AtomicBool>) -> Result<TrainSummary> {
     let mut last_saved = state.global_step;
     let mut labels: Vec<Vec<i32>> = vec![Vec::new(); cfg.gradient_accumulation_steps];
     let sq_buf = be.alloc(1)?;
-    let save_now = |state: &TrainerState, model: &Bert<Cpu<f32>>, adamw: &AdamW| -> Result<PathBuf> {
+    let save_now = |state: &TrainerState, model: &Bert<B>, adamw: &AdamW| -> Result<PathBuf> {
         let params = be.download(model.params)?;
         let (m, v) = (be.download(adamw.m)?, be.download(adamw.v)?);
         let pause =
@@ -736,7 +777,7 @@ pub fn train(cfg: TrainConfig, stop: Arc<AtomicBool>) -> Result<TrainSummary> {
                     be.scale(model.grads, c as f32)?;
                 }
             }
-            adamw.step(&be, model.params, model.grads, lr)?;
+            adamw.step(be, model.params, model.grads, lr)?;
             state.updates += 1;
         } else {
             state.skipped_steps += 1;

@@ -202,7 +202,7 @@ fn attention_gradients_with_padding_and_dropout() {
                 None => be.download_f64(o).unwrap(),
                 Some(d) => {
                     let (dv, dq) = (buf(&be, d), be.alloc(b * t * 3 * h).unwrap());
-                    be.attention_bwd(dq, dv, qkv, st, m, b, t, nh, hs, dropout).unwrap();
+                    be.attention_bwd(dq, dv, o, qkv, st, m, b, t, nh, hs, dropout).unwrap();
                     be.download_f64(dq).unwrap()
                 }
             }

@@ -423,7 +423,12 @@ fn bad_settings_and_inputs_get_clear_messages() {
     let e = err(TrainConfig { data: vec![tmp.path().join("missing")], ..base_config(&out) });
     assert!(e.contains("missing") && e.contains("bertcuda prepare"), "{e}");
     let e = err(TrainConfig { precision: "bf16".into(), ..base_config(&out) });
-    assert!(e.contains("bf16") && e.contains("CUDA"), "{e}");
+    assert!(e.contains("bf16") && e.contains("fp32"), "{e}");
+    if bertcuda::backend::cuda::probe().is_err() {
+        // No GPU here: --device cuda says why (and auto falls back to the CPU, tested by every other run).
+        let e = err(TrainConfig { device: "cuda".into(), ..base_config(&out) });
+        assert!(e.starts_with("--device cuda: "), "{e}");
+    }
     let e = err(TrainConfig { warmup_ratio: Some(0.1), ..base_config(&out) });
     assert!(e.contains("--warmup-steps or --warmup-ratio"), "{e}");
     let e = err(TrainConfig { max_seq_len: 100, ..base_config(&out) });

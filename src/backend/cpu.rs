@@ -692,6 +692,7 @@ impl<T: Real> Backend for Cpu<T> {
         &self,
         dqkv: Buf,
         dout: Buf,
+        _out: Buf,
         qkv: Buf,
         state: Buf,
         mask: Ints,

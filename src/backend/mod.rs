@@ -10,6 +10,7 @@
 //! given in the comments: N = batch·seq rows, H hidden, I intermediate, V vocabulary, M head rows.
 
 pub mod cpu;
+pub mod cuda;
 pub mod philox;
 
 use crate::error::Result;
@@ -216,11 +217,12 @@ pub trait Backend {
         head_size: usize,
         dropout: Option<Dropout>,
     ) -> Result<()>;
-    /// dqkv (B·T, 3H) =.
+    /// dqkv (B·T, 3H) =; `out` is attention_fwd's output.
     fn attention_bwd(
         &self,
         dqkv: Buf,
         dout: Buf,
+        out: Buf,
         qkv: Buf,
         state: Buf,
         mask: Ints,

@@ -821,6 +821,7 @@ impl<'a, B: Backend> Bert<'a, B> {
             be.attention_bwd(
                 dqkv,
                 dctx,
+                la.ctx.prefix(nhid),
                 la.qkv.prefix(n * 3 * h),
                 la.att_state,
                 a.mask.prefix(n),

@@ -1,0 +1,96 @@
+// Shared helpers of the bertcuda kernels: storage types, warp/block reductions, Philox4x32-10.
+//
+// Storage types: float (fp32), __nv_bfloat16 (bf16) and __half (fp16); arithmetic is always fp32.
+// Every kernel family is a template over the storage type, instantiated as extern "C" functions named
+// <op>_<fwd|bwd>_<dtype>.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+// ---- storage <-> fp32 ---------------------------------------------------------------------------------
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half(x); }
+
+// ---- reductions -----------------------------------------------------------------------------------------
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result. `shared`
+// holds 32 floats. The order of additions is fixed by the thread layout: deterministic.
+__device__ __forceinline__ float block_sum(float v, float* shared) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    v = lane < warps ? shared[lane] : 0.f;
+    return warp_sum(v);
+}
+
+__device__ __forceinline__ float block_max(float v, float* shared) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    v = lane < warps ? shared[lane] : -INFINITY;
+    return warp_max(v);
+}
+
+// ---- Philox4x32-10: the dropout masks of the CPU backend (src/backend/philox.rs), bit for bit ----------
+__device__ __forceinline__ uint4 philox4x32(uint4 c, uint2 k) {
+#pragma unroll
+    for (int r = 0; r < 10; r++) {
+        const uint32_t hi0 = __umulhi(0xD2511F53u, c.x), lo0 = 0xD2511F53u * c.x;
+        const uint32_t hi1 = __umulhi(0xCD9E8D57u, c.z), lo1 = 0xCD9E8D57u * c.z;
+        c = make_uint4(hi1 ^ c.y ^ k.x, lo1, hi0 ^ c.w ^ k.y, lo0);
+        k.x += 0x9E3779B9u;
+        k.y += 0xBB67AE85u;
+    }
+    return c;
+}
+
+// The 32-bit draw of element e: lane e mod 4 of the block at counter e / 4.
+__device__ __forceinline__ uint32_t philox_draw(uint2 key, unsigned long long e) {
+    const unsigned long long blk = e >> 2;
+    const uint4 r = philox4x32(make_uint4((uint32_t)blk, (uint32_t)(blk >> 32), 0u, 0u), key);
+    switch (e & 3) {
+        case 0: return r.x;
+        case 1: return r.y;
+        case 2: return r.z;
+        default: return r.w;
+    }
+}
+
+// Dropout: kept when the draw is >= threshold (= p · 2^32), then scaled by 1/(1-p).
+struct DropoutArgs {
+    uint32_t key0, key1;
+    uint32_t threshold;
+    float inv_keep;
+    int enabled;
+};
+
+__device__ __forceinline__ float dropout_factor(const DropoutArgs& d, unsigned long long e) {
+    if (!d.enabled) return 1.f;
+    return philox_draw(make_uint2(d.key0, d.key1), e) >= d.threshold ? d.inv_keep : 0.f;
+}
+
+#define BERTCUDA_INSTANTIATE_FLOAT_TYPES(MACRO) \
+    MACRO(float, f32)                           \
+    MACRO(__nv_bfloat16, bf16)                  \
+    MACRO(__half, f16)

@@ -1,0 +1,138 @@
+// Elementwise ops and row reductions.
+//   add_fwd:        out[i] = a[i] + b[i]                                   (=)
+//   bias_add_fwd:   out[r, c] += bias[c]                                   (+= on an activation being built)
+//   bias_grad_*:    dbias[c] += Σ_r dout[r, c], two stages                (+=, parameter gradient)
+//   scale_fwd:      x[i] *= factor                                          (in place)
+//   fill_fwd:       x[i] = value                                            (=)
+// Elementwise kernels take their pointers, then n, then any scalar.
+//   gelu_fwd/bwd:   out = gelu(inp); dinp = dout · gelu'(inp), erf (approx = 0) or tanh form   (=)
+//   tanh_fwd/bwd:   out = tanh(inp); dinp = dout · (1 − out²)                                 (=)
+//   dropout_fwd/bwd: out = inp · keep(e) / (1 − p), keep from Philox at element e            (=)
+// Shapes are flat element counts n, or (rows, cols) row-major.
+#include "common.cuh"
+
+template <typename T>
+__device__ void add_impl(T* out, const T* a, const T* b, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        out[i] = from_f32<T>(to_f32(a[i]) + to_f32(b[i]));
+}
+
+template <typename T>
+__device__ void bias_add_impl(T* out, const T* bias, long rows, int cols) {
+    const long n = rows * cols;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        out[i] = from_f32<T>(to_f32(out[i]) + to_f32(bias[i % cols]));
+}
+
+// Stage 1: block k sums rows [k·64, (k+1)·64) into partial[k, c], columns strided over its threads.
+template <typename T>
+__device__ void bias_grad_partial_impl(float* partial, const T* dout, long rows, int cols) {
+    const long r0 = (long)blockIdx.x * 64, r1 = min(rows, r0 + 64);
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        float s = 0.f;
+        for (long r = r0; r < r1; r++) s += to_f32(dout[r * cols + c]);
+        partial[(long)blockIdx.x * cols + c] = s;
+    }
+}
+
+// Stage 2: acc[c] += Σ_k partial[k·stride + c], k in order.
+__device__ void sum_partials_impl(float* acc, const float* partial, int chunks, int cols, int stride) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= cols) return;
+    float s = 0.f;
+    for (int k = 0; k < chunks; k++) s += partial[(long)k * stride + c];
+    acc[c] += s;
+}
+
+template <typename T>
+__device__ void scale_impl(T* x, float factor, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        x[i] = from_f32<T>(to_f32(x[i]) * factor);
+}
+
+template <typename T>
+__device__ void fill_impl(T* x, float value, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        x[i] = from_f32<T>(value);
+}
+
+__device__ __forceinline__ float gelu_f(float x, int approx) {
+    if (approx) {
+        const float c = 0.7978845608028654f;  // sqrt(2/pi)
+        return 0.5f * x * (1.f + tanhf(c * (x + 0.044715f * x * x * x)));
+    }
+    return 0.5f * x * (1.f + erff(x * 0.7071067811865476f));
+}
+
+__device__ __forceinline__ float gelu_grad_f(float x, int approx) {
+    if (approx) {
+        const float c = 0.7978845608028654f, a = 0.044715f;
+        const float t = tanhf(c * (x + a * x * x * x));
+        return 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * c * (1.f + 3.f * a * x * x);
+    }
+    const float cdf = 0.5f * (1.f + erff(x * 0.7071067811865476f));
+    const float pdf = expf(-0.5f * x * x) * 0.3989422804014327f;
+    return cdf + x * pdf;
+}
+
+template <typename T>
+__device__ void gelu_fwd_impl(T* out, const T* inp, long n, int approx) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        out[i] = from_f32<T>(gelu_f(to_f32(inp[i]), approx));
+}
+
+template <typename T>
+__device__ void gelu_bwd_impl(T* dinp, const T* dout, const T* inp, long n, int approx) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        dinp[i] = from_f32<T>(to_f32(dout[i]) * gelu_grad_f(to_f32(inp[i]), approx));
+}
+
+template <typename T>
+__device__ void tanh_fwd_impl(T* out, const T* inp, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        out[i] = from_f32<T>(tanhf(to_f32(inp[i])));
+}
+
+template <typename T>
+__device__ void tanh_bwd_impl(T* dinp, const T* dout, const T* out, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        const float y = to_f32(out[i]);
+        dinp[i] = from_f32<T>(to_f32(dout[i]) * (1.f - y * y));
+    }
+}
+
+template <typename T>
+__device__ void dropout_impl(T* out, const T* inp, long n, DropoutArgs d) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        out[i] = from_f32<T>(to_f32(inp[i]) * dropout_factor(d, (unsigned long long)i));
+}
+
+#define ELEMENTWISE(T, N)                                                                                    \
+    extern "C" __global__ void add_fwd_##N(T* out, const T* a, const T* b, long n) { add_impl(out, a, b, n); } \
+    extern "C" __global__ void bias_add_fwd_##N(T* out, const T* bias, long rows, int cols) {                \
+        bias_add_impl(out, bias, rows, cols);                                                              \
+    }                                                                                                      \
+    extern "C" __global__ void bias_grad_partial_bwd_##N(float* partial, const T* dout, long rows, int cols) { \
+        bias_grad_partial_impl(partial, dout, rows, cols);                                                 \
+    }                                                                                                      \
+    extern "C" __global__ void scale_fwd_##N(T* x, long n, float factor) { scale_impl(x, factor, n); }      \
+    extern "C" __global__ void fill_fwd_##N(T* x, long n, float value) { fill_impl(x, value, n); }          \
+    extern "C" __global__ void gelu_fwd_##N(T* out, const T* inp, long n, int approx) {                    \
+        gelu_fwd_impl(out, inp, n, approx);                                                                \
+    }                                                                                                      \
+    extern "C" __global__ void gelu_bwd_##N(T* dinp, const T* dout, const T* inp, long n, int approx) {    \
+        gelu_bwd_impl(dinp, dout, inp, n, approx);                                                         \
+    }                                                                                                      \
+    extern "C" __global__ void tanh_fwd_##N(T* out, const T* inp, long n) { tanh_fwd_impl(out, inp, n); }  \
+    extern "C" __global__ void tanh_bwd_##N(T* dinp, const T* dout, const T* out, long n) {                \
+        tanh_bwd_impl(dinp, dout, out, n);                                                                 \
+    }                                                                                                      \
+    extern "C" __global__ void dropout_fwd_##N(T* out, const T* inp, long n, DropoutArgs d) {              \
+        dropout_impl(out, inp, n, d);                                                                      \
+    }
+
+BERTCUDA_INSTANTIATE_FLOAT_TYPES(ELEMENTWISE)
+
+extern "C" __global__ void sum_partials_bwd_f32(float* acc, const float* partial, int chunks, int cols, int stride) {
+    sum_partials_impl(acc, partial, chunks, cols, stride);
+}

@@ -1,0 +1,42 @@
+// Embeddings: word + position + token type.
+//   embeddings_fwd: out[r] = word[ids[r]] + position[r mod T] + token_type[types[r]]                    (=)
+//   embeddings_bwd (one table): table[key_k] += Σ_{r in group k} dout[r], groups in a CSR built on the host
+//     (rows sorted by key, in row order within a key): one block per key, so no two threads add to one row
+//     and the order of additions is fixed — deterministic, no atomics.                                 (+=)
+#include "common.cuh"
+
+template <typename T>
+__device__ void embeddings_fwd_impl(T* out, const int* ids, const int* types, const T* word, const T* position,
+                                    const T* token_type, int rows, int seq, int h) {
+    const int r = blockIdx.x;
+    if (r >= rows) return;
+    const T *we = word + (long)ids[r] * h, *pe = position + (long)(r % seq) * h, *te = token_type + (long)types[r] * h;
+    for (int j = threadIdx.x; j < h; j += blockDim.x)
+        out[(long)r * h + j] = from_f32<T>(to_f32(we[j]) + to_f32(pe[j]) + to_f32(te[j]));
+}
+
+template <typename T>
+__device__ void embedding_scatter_impl(T* table, const T* dout, const int* keys, const int* offsets,
+                                       const int* rows, int groups, int h) {
+    const int k = blockIdx.x;
+    if (k >= groups) return;
+    T* dst = table + (long)keys[k] * h;
+    for (int j = threadIdx.x; j < h; j += blockDim.x) {
+        float s = 0.f;
+        for (int i = offsets[k]; i < offsets[k + 1]; i++) s += to_f32(dout[(long)rows[i] * h + j]);
+        dst[j] = from_f32<T>(to_f32(dst[j]) + s);
+    }
+}
+
+#define EMBEDDING(T, N)                                                                                       \
+    extern "C" __global__ void embeddings_fwd_##N(T* out, const int* ids, const int* types, const T* word,    \
+                                                  const T* position, const T* token_type, int rows, int seq,  \
+                                                  int h) {                                                    \
+        embeddings_fwd_impl(out, ids, types, word, position, token_type, rows, seq, h);                      \
+    }                                                                                                         \
+    extern "C" __global__ void embeddings_bwd_##N(T* table, const T* dout, const int* keys, const int* offsets, \
+                                                  const int* rows, int groups, int h) {                       \
+        embedding_scatter_impl(table, dout, keys, offsets, rows, groups, h);                                 \
+    }
+
+BERTCUDA_INSTANTIATE_FLOAT_TYPES(EMBEDDING)

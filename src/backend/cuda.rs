@@ -1,0 +1,910 @@
+//! The CUDA backend: the hand-written kernels of `kernels/` (one fatbin built by build.rs, loaded once)
+//! and cuBLAS for the matrix products, through cudarc with dynamic loading — a machine without a driver
+//! or a GPU gets a clear error from `Cuda::new`, never a panic.
+//!
+//! Memory: each `alloc` is one device allocation; ops take raw device pointers (base + offset), like
+//! llm.c, and the same output/input overlap checks as the CPU backend. All work is queued on one stream;
+//! the host waits only when it reads something back. This backend computes in fp32 (cuBLAS SGEMM without
+//! TF32): it is held to the CPU reference. The kernels are also built for bf16 and fp16 storage.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use cudarc::cublas::{result as blas, sys as blas_sys};
+use cudarc::driver::{
+    result as drv, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    LaunchConfig, PushKernelArg,
+};
+
+use crate::backend::{philox, AdamWStep, Backend, Buf, Dropout, Ints, IGNORE_INDEX};
+use crate::bail;
+use crate::error::{Error, Result};
+use crate::model::config::Activation;
+
+/// The kernels, compiled by build.rs; empty when nvcc was not found at build time.
+static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin"));
+
+/// Whether this build carries the CUDA kernels.
+pub fn kernels_built() -> bool {
+    !FATBIN.is_empty()
+}
+
+fn cu<T, E: std::fmt::Debug>(r: std::result::Result<T, E>) -> Result<T> {
+    r.map_err(|e| Error::Invalid(format!("CUDA: {e:?}")))
+}
+
+/// Why the GPU cannot be used, or Ok when `Cuda::new(0)` should succeed.
+pub fn probe() -> std::result::Result<(), String> {
+    if !kernels_built() {
+        return Err("this binary was built without CUDA kernels (nvcc was not found at build time): run \
+                    scripts/install-cuda-compiler.sh and rebuild"
+            .into());
+    }
+    // SAFETY: only checks whether the library can be opened.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err("no NVIDIA driver (libcuda.so.1 cannot be opened)".into());
+    }
+    match CudaContext::device_count() {
+        Ok(n) if n > 0 => {}
+        Ok(_) => return Err("the NVIDIA driver sees no GPU".into()),
+        Err(e) => return Err(format!("the NVIDIA driver reports {e:?}")),
+    }
+    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+        return Err(
+            "cuBLAS (libcublas.so) cannot be opened; put the CUDA libraries on LD_LIBRARY_PATH".into()
+        );
+    }
+    Ok(())
+}
+
+/// Dropout arguments of the kernels (common.cuh's DropoutArgs).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct DropoutArgs {
+    key0: u32,
+    key1: u32,
+    threshold: u32,
+    inv_keep: f32,
+    enabled: i32,
+}
+// SAFETY: plain-old-data matching the C struct.
+unsafe impl DeviceRepr for DropoutArgs {}
+
+impl DropoutArgs {
+    fn of(d: Option<Dropout>) -> Self {
+        match d {
+            None => DropoutArgs::default(),
+            Some(d) => {
+                let k = philox::key(d.key);
+                DropoutArgs {
+                    key0: k[0],
+                    key1: k[1],
+                    threshold: philox::threshold(d.p),
+                    inv_keep: (1.0 / (1.0 - d.p as f64)) as f32,
+                    enabled: 1,
+                }
+            }
+        }
+    }
+}
+
+/// adamw.cu's AdamWArgs.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct AdamWArgs {
+    decay_factor: f32,
+    step_size: f32,
+    one_minus_beta1: f32,
+    beta2: f32,
+    one_minus_beta2: f32,
+    bias_correction2_sqrt: f32,
+    eps: f32,
+}
+// SAFETY: plain-old-data matching the C struct.
+unsafe impl DeviceRepr for AdamWArgs {}
+
+/// Every kernel, loaded once; a missing one fails at start-up, named.
+struct Kernels {
+    add: CudaFunction,
+    bias_add: CudaFunction,
+    bias_grad_partial: CudaFunction,
+    sum_partials: CudaFunction,
+    scale: CudaFunction,
+    fill: CudaFunction,
+    gelu_fwd: CudaFunction,
+    gelu_bwd: CudaFunction,
+    tanh_fwd: CudaFunction,
+    tanh_bwd: CudaFunction,
+    dropout: CudaFunction,
+    layernorm_fwd: CudaFunction,
+    layernorm_bwd: CudaFunction,
+    layernorm_param_partial: CudaFunction,
+    embeddings_fwd: CudaFunction,
+    embeddings_bwd: CudaFunction,
+    gather_rows: CudaFunction,
+    scatter_rows: CudaFunction,
+    cross_entropy: CudaFunction,
+    argmax: CudaFunction,
+    sum_squares_partial: CudaFunction,
+    sum_squares_final: CudaFunction,
+    adamw: CudaFunction,
+    attention_bwd_d: CudaFunction,
+    /// head size → (forward, dk/dv, dq)
+    attention: Vec<(usize, CudaFunction, CudaFunction, CudaFunction)>,
+}
+
+impl Kernels {
+    fn load(m: &Arc<CudaModule>) -> Result<Self> {
+        let f = |name: &str| {
+            m.load_function(name)
+                .map_err(|e| Error::Invalid(format!("CUDA kernel {name} is missing from the module: {e:?}")))
+        };
+        let mut attention = Vec::new();
+        for hs in [16usize, 32, 64, 128] {
+            attention.push((
+                hs,
+                f(&format!("attention_fwd_f32_hs{hs}"))?,
+                f(&format!("attention_bwd_dkdv_f32_hs{hs}"))?,
+                f(&format!("attention_bwd_dq_f32_hs{hs}"))?,
+            ));
+        }
+        Ok(Kernels {
+            add: f("add_fwd_f32")?,
+            bias_add: f("bias_add_fwd_f32")?,
+            bias_grad_partial: f("bias_grad_partial_bwd_f32")?,
+            sum_partials: f("sum_partials_bwd_f32")?,
+            scale: f("scale_fwd_f32")?,
+            fill: f("fill_fwd_f32")?,
+            gelu_fwd: f("gelu_fwd_f32")?,
+            gelu_bwd: f("gelu_bwd_f32")?,
+            tanh_fwd: f("tanh_fwd_f32")?,
+            tanh_bwd: f("tanh_bwd_f32")?,
+            dropout: f("dropout_fwd_f32")?,
+            layernorm_fwd: f("layernorm_fwd_f32")?,
+            layernorm_bwd: f("layernorm_bwd_f32")?,
+            layernorm_param_partial: f("layernorm_param_partial_bwd_f32")?,
+            embeddings_fwd: f("embeddings_fwd_f32")?,
+            embeddings_bwd: f("embeddings_bwd_f32")?,
+            gather_rows: f("gather_rows_fwd_f32")?,
+            scatter_rows: f("scatter_rows_bwd_f32")?,
+            cross_entropy: f("cross_entropy_fwd_f32")?,
+            argmax: f("argmax_fwd_f32")?,
+            sum_squares_partial: f("sum_squares_partial_fwd_f32")?,
+            sum_squares_final: f("sum_squares_final_fwd_f32")?,
+            adamw: f("adamw_fwd_f32")?,
+            attention_bwd_d: f("attention_bwd_d_f32")?,
+            attention,
+        })
+    }
+}
+
+struct Floats {
+    _mem: CudaSlice<f32>,
+    ptr: u64,
+    len: usize,
+}
+
+struct IntsBuf {
+    _mem: CudaSlice<i32>,
+    ptr: u64,
+    len: usize,
+    /// What was last uploaded: the host builds the embedding-gradient groups and checks row lists from it.
+    host: Vec<i32>,
+}
+
+/// A grow-only device buffer for reduction partials and embedding-gradient groups: allocated on first
+/// use, then reused, so steady-state steps allocate nothing.
+#[derive(Default)]
+struct Scratch<T> {
+    mem: Option<CudaSlice<T>>,
+    ptr: u64,
+    len: usize,
+}
+
+struct BlasHandle(blas_sys::cublasHandle_t);
+
+impl Drop for BlasHandle {
+    fn drop(&mut self) {
+        // SAFETY: created by create_handle and destroyed once, here.
+        unsafe {
+            let _ = blas::destroy_handle(self.0);
+        }
+    }
+}
+
+pub struct Cuda {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: BlasHandle,
+    _module: Arc<CudaModule>,
+    k: Kernels,
+    floats: RefCell<Vec<Floats>>,
+    ints: RefCell<Vec<IntsBuf>>,
+    partials: RefCell<Scratch<f32>>,
+    groups: RefCell<Scratch<i32>>,
+    name: String,
+}
+
+const THREADS: u32 = 256;
+
+fn grid_for(n: usize) -> u32 {
+    (n.div_ceil(THREADS as usize)).clamp(1, 65_535) as u32
+}
+
+impl Cuda {
+    /// Open GPU `ordinal`, load the kernels and create the cuBLAS handle.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        probe().map_err(|why| Error::Invalid(format!("--device cuda: {why}")))?;
+        let n = cu(CudaContext::device_count())? as usize;
+        if ordinal >= n {
+            bail!("GPU {ordinal} requested, the driver sees {n}");
+        }
+        let ctx = cu(CudaContext::new(ordinal))?;
+        // One stream: the allocation events cudarc records for multi-stream safety are not needed.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let module = cu(ctx.load_module(cudarc::nvrtc::Ptx::from_binary(FATBIN.to_vec()))).map_err(|e| {
+            Error::Invalid(format!(
+                "{e}: the kernels do not load on this GPU (built for sm_80, sm_90 and PTX 9.0)"
+            ))
+        })?;
+        let k = Kernels::load(&module)?;
+        let handle = cu(blas::create_handle())?;
+        // SAFETY: the handle is new and the stream lives as long as self.
+        unsafe { cu(blas::set_stream(handle, stream.cu_stream() as blas_sys::cudaStream_t))? };
+        let name = cu(ctx.name())?;
+        Ok(Cuda {
+            ctx,
+            stream,
+            blas: BlasHandle(handle),
+            _module: module,
+            k,
+            floats: RefCell::new(Vec::new()),
+            ints: RefCell::new(Vec::new()),
+            partials: RefCell::new(Scratch::default()),
+            groups: RefCell::new(Scratch::default()),
+            name,
+        })
+    }
+
+    /// Wait for all queued work.
+    pub fn synchronize(&self) -> Result<()> {
+        cu(self.stream.synchronize())
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Bounds and overlap checks, then the device pointers of the outputs and inputs.
+    fn ptrs<const O: usize, const I: usize>(
+        &self,
+        outs: [Buf; O],
+        ins: [Buf; I],
+    ) -> Result<([u64; O], [u64; I])> {
+        let floats = self.floats.borrow();
+        let ptr = |b: &Buf| -> Result<u64> {
+            match floats.get(b.id as usize) {
+                Some(f) if b.off + b.len <= f.len => Ok(f.ptr + 4 * b.off as u64),
+                _ => bail!("internal: buffer region {b:?} out of bounds"),
+            }
+        };
+        for (i, o) in outs.iter().enumerate() {
+            if outs[i + 1..].iter().chain(&ins).any(|x| o.overlaps(x)) {
+                bail!("internal: output region {o:?} overlaps another argument");
+            }
+        }
+        let mut po = [0u64; O];
+        for (p, b) in po.iter_mut().zip(&outs) {
+            *p = ptr(b)?;
+        }
+        let mut pi = [0u64; I];
+        for (p, b) in pi.iter_mut().zip(&ins) {
+            *p = ptr(b)?;
+        }
+        Ok((po, pi))
+    }
+
+    fn iptr(&self, i: Ints) -> Result<u64> {
+        let ints = self.ints.borrow();
+        match ints.get(i.id as usize) {
+            Some(b) if i.off + i.len <= b.len => Ok(b.ptr + 4 * i.off as u64),
+            _ => bail!("internal: int region {i:?} out of bounds"),
+        }
+    }
+
+    fn host_ints(&self, i: Ints) -> Result<Vec<i32>> {
+        let ints = self.ints.borrow();
+        match ints.get(i.id as usize) {
+            Some(b) if i.off + i.len <= b.host.len() => Ok(b.host[i.off..i.off + i.len].to_vec()),
+            _ => bail!("internal: int region {i:?} was not uploaded"),
+        }
+    }
+
+    /// A device buffer of at least `n` floats for reduction partials.
+    fn partials(&self, n: usize) -> Result<u64> {
+        let mut s = self.partials.borrow_mut();
+        if s.len < n {
+            let mem = cu(self.stream.alloc_zeros::<f32>(n))?;
+            s.ptr = mem.device_ptr(&self.stream).0;
+            s.mem = Some(mem);
+            s.len = n;
+        }
+        Ok(s.ptr)
+    }
+
+    /// Upload i32 data into the grow-only group buffer; its device pointer.
+    fn upload_groups(&self, data: &[i32]) -> Result<u64> {
+        let mut s = self.groups.borrow_mut();
+        if s.len < data.len() {
+            let mem = cu(self.stream.alloc_zeros::<i32>(data.len().max(1024)))?;
+            s.ptr = mem.device_ptr(&self.stream).0;
+            s.len = data.len().max(1024);
+            s.mem = Some(mem);
+        }
+        // SAFETY: the buffer holds at least data.len() elements; the host slice outlives the call (pageable
+        // memory is staged before the call returns).
+        unsafe { cu(drv::memcpy_htod_async(s.ptr, data, self.stream.cu_stream()))? };
+        Ok(s.ptr)
+    }
+
+    fn cfg(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
+        LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    /// acc[c] += Σ_k partial[k·stride + c] for c < cols.
+    fn sum_partials(&self, acc: u64, partial: u64, chunks: usize, cols: usize, stride: usize) -> Result<()> {
+        let (chunks, cols, stride) = (chunks as i32, cols as i32, stride as i32);
+        let mut l = self.stream.launch_builder(&self.k.sum_partials);
+        l.arg(&acc).arg(&partial).arg(&chunks).arg(&cols).arg(&stride);
+        unsafe { cu(l.launch(Self::cfg((grid_for(cols as usize), 1, 1), THREADS)))? };
+        Ok(())
+    }
+
+    /// table[key] += Σ rows of dout in the key's group; groups built here from the host copy of `keys`.
+    fn embedding_scatter(&self, table: u64, dout: u64, keys_of_rows: &[i32], h: usize) -> Result<()> {
+        // Rows grouped by key, in row order within a group: [keys..., offsets..., rows...].
+        let mut order: Vec<u32> = (0..keys_of_rows.len() as u32).collect();
+        order.sort_by_key(|&r| (keys_of_rows[r as usize], r));
+        let mut keys = Vec::new();
+        let mut offsets = vec![0i32];
+        for (i, &r) in order.iter().enumerate() {
+            let k = keys_of_rows[r as usize];
+            if keys.last() != Some(&k) {
+                if i > 0 {
+                    offsets.push(i as i32);
+                }
+                keys.push(k);
+            }
+        }
+        offsets.push(order.len() as i32);
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let g = keys.len();
+        let mut data = keys;
+        data.extend(&offsets);
+        data.extend(order.iter().map(|&r| r as i32));
+        let base = self.upload_groups(&data)?;
+        let (kp, op, rp) = (base, base + 4 * g as u64, base + 4 * (2 * g + 1) as u64);
+        let (gi, hi) = (g as i32, h as i32);
+        let mut l = self.stream.launch_builder(&self.k.embeddings_bwd);
+        l.arg(&table).arg(&dout).arg(&kp).arg(&op).arg(&rp).arg(&gi).arg(&hi);
+        unsafe { cu(l.launch(Self::cfg((g as u32, 1, 1), THREADS)))? };
+        Ok(())
+    }
+
+    /// An elementwise kernel: its pointers, then n, then an optional scalar.
+    fn elementwise<S: DeviceRepr>(
+        &self,
+        f: &CudaFunction,
+        ptrs: &[u64],
+        n: usize,
+        extra: Option<&S>,
+    ) -> Result<()> {
+        let n = n as i64;
+        let mut l = self.stream.launch_builder(f);
+        for p in ptrs {
+            l.arg(p);
+        }
+        l.arg(&n);
+        if let Some(e) = extra {
+            l.arg(e);
+        }
+        unsafe { cu(l.launch(Self::cfg((grid_for(n as usize), 1, 1), THREADS)))? };
+        Ok(())
+    }
+
+    fn attention_kernels(&self, hs: usize) -> Result<&(usize, CudaFunction, CudaFunction, CudaFunction)> {
+        self.k.attention.iter().find(|a| a.0 == hs).ok_or_else(|| {
+            Error::Invalid(format!(
+                "head size {hs} is not supported by the CUDA attention kernels (16, 32, 64 or 128)"
+            ))
+        })
+    }
+}
+
+impl Backend for Cuda {
+    fn describe(&self) -> String {
+        format!("cuda ({}, fp32)", self.name)
+    }
+
+    fn alloc(&self, len: usize) -> Result<Buf> {
+        let mem = cu(self.stream.alloc_zeros::<f32>(len.max(1)))?;
+        let ptr = mem.device_ptr(&self.stream).0;
+        let mut floats = self.floats.borrow_mut();
+        floats.push(Floats { _mem: mem, ptr, len });
+        Ok(Buf { id: floats.len() as u32 - 1, off: 0, len })
+    }
+
+    fn alloc_ints(&self, len: usize) -> Result<Ints> {
+        let mem = cu(self.stream.alloc_zeros::<i32>(len.max(1)))?;
+        let ptr = mem.device_ptr(&self.stream).0;
+        let mut ints = self.ints.borrow_mut();
+        ints.push(IntsBuf { _mem: mem, ptr, len, host: vec![0; len] });
+        Ok(Ints { id: ints.len() as u32 - 1, off: 0, len })
+    }
+
+    fn upload(&self, dst: Buf, src: &[f32]) -> Result<()> {
+        if src.len() > dst.len {
+            bail!("internal: uploading {} values into {}", src.len(), dst.len);
+        }
+        let ([p], []) = self.ptrs([dst], [])?;
+        // SAFETY: in bounds; pageable host memory is staged before the call returns.
+        unsafe { cu(drv::memcpy_htod_async(p, src, self.stream.cu_stream())) }
+    }
+
+    fn upload_f64(&self, dst: Buf, src: &[f64]) -> Result<()> {
+        self.upload(dst, &src.iter().map(|&x| x as f32).collect::<Vec<_>>())
+    }
+
+    fn download(&self, src: Buf) -> Result<Vec<f32>> {
+        let ([], [p]) = self.ptrs([], [src])?;
+        let mut out = vec![0f32; src.len];
+        // SAFETY: in bounds; the stream is synchronised before `out` is read.
+        unsafe { cu(drv::memcpy_dtoh_async(&mut out, p, self.stream.cu_stream()))? };
+        self.synchronize()?;
+        Ok(out)
+    }
+
+    fn download_f64(&self, src: Buf) -> Result<Vec<f64>> {
+        Ok(self.download(src)?.into_iter().map(|x| x as f64).collect())
+    }
+
+    fn upload_ints(&self, dst: Ints, src: &[i32]) -> Result<()> {
+        if src.len() > dst.len {
+            bail!("internal: uploading {} ints into {}", src.len(), dst.len);
+        }
+        let p = self.iptr(dst)?;
+        unsafe { cu(drv::memcpy_htod_async(p, src, self.stream.cu_stream()))? };
+        let mut ints = self.ints.borrow_mut();
+        ints[dst.id as usize].host[dst.off..dst.off + src.len()].copy_from_slice(src);
+        Ok(())
+    }
+
+    fn download_ints(&self, src: Ints) -> Result<Vec<i32>> {
+        let p = self.iptr(src)?;
+        let mut out = vec![0i32; src.len];
+        unsafe { cu(drv::memcpy_dtoh_async(&mut out, p, self.stream.cu_stream()))? };
+        self.synchronize()?;
+        Ok(out)
+    }
+
+    fn fill(&self, dst: Buf, value: f32) -> Result<()> {
+        let ([p], []) = self.ptrs([dst], [])?;
+        if value == 0.0 {
+            return unsafe { cu(drv::memset_d8_async(p, 0, 4 * dst.len, self.stream.cu_stream())) };
+        }
+        self.elementwise(&self.k.fill, &[p], dst.len, Some(&value))
+    }
+
+    fn copy(&self, dst: Buf, src: Buf) -> Result<()> {
+        if src.len > dst.len {
+            bail!("internal: copying {} values into {}", src.len, dst.len);
+        }
+        let ([d], [s]) = self.ptrs([dst], [src])?;
+        unsafe { cu(drv::memcpy_dtod_async(d, s, 4 * src.len, self.stream.cu_stream())) }
+    }
+
+    fn matmul(
+        &self,
+        c: Buf,
+        a: Buf,
+        b: Buf,
+        m: usize,
+        n: usize,
+        k: usize,
+        a_t: bool,
+        b_t: bool,
+        accumulate: bool,
+    ) -> Result<()> {
+        if c.len < m * n || a.len < m * k || b.len < k * n {
+            bail!("internal: matmul regions too small for ({m}, {n}, {k})");
+        }
+        let ([pc], [pa, pb]) = self.ptrs([c], [a, b])?;
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        // Row-major C (m, n) = op(A) op(B) is column-major Cᵀ (n, m) = op(B)ᵀ op(A)ᵀ: B first.
+        use blas_sys::cublasOperation_t::{CUBLAS_OP_N as N, CUBLAS_OP_T as T};
+        let (opb, ldb) = if b_t { (T, k) } else { (N, n) };
+        let (opa, lda) = if a_t { (T, m) } else { (N, k) };
+        let (alpha, beta) = (1f32, if accumulate { 1f32 } else { 0f32 });
+        // SAFETY: the regions were bounds-checked for these shapes; cuBLAS runs on our stream.
+        unsafe {
+            cu(blas::sgemm(
+                self.blas.0,
+                opb,
+                opa,
+                n as i32,
+                m as i32,
+                k as i32,
+                &alpha,
+                pb as *const f32,
+                ldb.max(1) as i32,
+                pa as *const f32,
+                lda.max(1) as i32,
+                &beta,
+                pc as *mut f32,
+                n as i32,
+            ))
+        }
+    }
+
+    fn add_bias(&self, out: Buf, bias: Buf, rows: usize, cols: usize) -> Result<()> {
+        let ([po], [pb]) = self.ptrs([out], [bias])?;
+        let (r, c) = (rows as i64, cols as i32);
+        let mut l = self.stream.launch_builder(&self.k.bias_add);
+        l.arg(&po).arg(&pb).arg(&r).arg(&c);
+        unsafe { cu(l.launch(Self::cfg((grid_for(rows * cols), 1, 1), THREADS)))? };
+        Ok(())
+    }
+
+    fn bias_grad(&self, dbias: Buf, dout: Buf, rows: usize, cols: usize) -> Result<()> {
+        let ([pd], [pg]) = self.ptrs([dbias], [dout])?;
+        let chunks = rows.div_ceil(64).max(1);
+        let part = self.partials(chunks * cols)?;
+        let (r, c) = (rows as i64, cols as i32);
+        let mut l = self.stream.launch_builder(&self.k.bias_grad_partial);
+        l.arg(&part).arg(&pg).arg(&r).arg(&c);
+        unsafe { cu(l.launch(Self::cfg((chunks as u32, 1, 1), THREADS)))? };
+        self.sum_partials(pd, part, chunks, cols, cols)
+    }
+
+    fn add(&self, out: Buf, a: Buf, b: Buf) -> Result<()> {
+        let ([po], [pa, pb]) = self.ptrs([out], [a, b])?;
+        self.elementwise(&self.k.add, &[po, pa, pb], out.len, None::<&i32>)
+    }
+
+    fn sum(&self, out: Buf, inp: Buf) -> Result<()> {
+        let ([po], [pi]) = self.ptrs([out], [inp])?;
+        unsafe { cu(drv::memset_d8_async(po, 0, 4, self.stream.cu_stream()))? };
+        // Σ as the bias gradient of a one-column matrix: blocks of 64 rows, then the blocks in order.
+        let chunks = inp.len.div_ceil(64).max(1);
+        let part = self.partials(chunks)?;
+        let (r, c) = (inp.len as i64, 1i32);
+        let mut l = self.stream.launch_builder(&self.k.bias_grad_partial);
+        l.arg(&part).arg(&pi).arg(&r).arg(&c);
+        unsafe { cu(l.launch(Self::cfg((chunks as u32, 1, 1), THREADS)))? };
+        self.sum_partials(po, part, chunks, 1, 1)
+    }
+
+    fn embeddings_fwd(
+        &self,
+        out: Buf,
+        ids: Ints,
+        types: Ints,
+        word: Buf,
+        position: Buf,
+        token_type: Buf,
+        batch: usize,
+        seq: usize,
+        h: usize,
+    ) -> Result<()> {
+        let n = batch * seq;
+        if position.len / h < seq {
+            bail!("sequence length {seq} exceeds max_position_embeddings {}", position.len / h);
+        }
+        let (idh, tyh) = (self.host_ints(ids.prefix(n))?, self.host_ints(types.prefix(n))?);
+        let nv = (word.len / h) as i32;
+        if let Some(bad) = idh.iter().find(|&&i| i < 0 || i >= nv) {
+            bail!("token id {bad} is outside the vocabulary of {nv}");
+        }
+        let nt = (token_type.len / h) as i32;
+        if let Some(bad) = tyh.iter().find(|&&i| i < 0 || i >= nt) {
+            bail!("token type {bad} is outside type_vocab_size {nt}");
+        }
+        let ([po], [pw, pp, pt]) = self.ptrs([out], [word, position, token_type])?;
+        let (pi, pty) = (self.iptr(ids)?, self.iptr(types)?);
+        let (rows, s, hh) = (n as i32, seq as i32, h as i32);
+        let mut l = self.stream.launch_builder(&self.k.embeddings_fwd);
+        l.arg(&po).arg(&pi).arg(&pty).arg(&pw).arg(&pp).arg(&pt).arg(&rows).arg(&s).arg(&hh);
+        unsafe { cu(l.launch(Self::cfg((n as u32, 1, 1), THREADS)))? };
+        Ok(())
+    }
+
+    fn embeddings_bwd(
+        &self,
+        dword: Buf,
+        dposition: Buf,
+        dtoken_type: Buf,
+        dout: Buf,
+        ids: Ints,
+        types: Ints,
+        batch: usize,
+        seq: usize,
+        h: usize,
+    ) -> Result<()> {
+        let n = batch * seq;
+        let ([pw, pp, pt], [pg]) = self.ptrs([dword, dposition, dtoken_type], [dout])?;
+        let positions: Vec<i32> = (0..n).map(|r| (r % seq) as i32).collect();
+        self.embedding_scatter(pw, pg, &self.host_ints(ids.prefix(n))?, h)?;
+        self.embedding_scatter(pp, pg, &positions, h)?;
+        self.embedding_scatter(pt, pg, &self.host_ints(types.prefix(n))?, h)
+    }
+
+    fn layernorm_fwd(
+        &self,
+        out: Buf,
+        mean: Buf,
+        rstd: Buf,
+        inp: Buf,
+        w: Buf,
+        b: Buf,
+        rows: usize,
+        c: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let ([po, pm, pr], [pi, pw, pb]) = self.ptrs([out, mean, rstd], [inp, w, b])?;
+        let (r, cc) = (rows as i32, c as i32);
+        let mut l = self.stream.launch_builder(&self.k.layernorm_fwd);
+        l.arg(&po).arg(&pm).arg(&pr).arg(&pi).arg(&pw).arg(&pb).arg(&r).arg(&cc).arg(&eps);
+        unsafe { cu(l.launch(Self::cfg((rows.div_ceil(8) as u32, 1, 1), THREADS)))? };
+        Ok(())
+    }
+
+    fn layernorm_bwd(
+        &self,
+        dinp: Buf,
+        dw: Buf,
+        db: Buf,
+        dout: Buf,
+        inp: Buf,
+        mean: Buf,
+        rstd: Buf,
+        w: Buf,
+        rows: usize,
+        c: usize,
+    ) -> Result<()> {
+        let ([pdi, pdw, pdb], [pg, pi, pm, pr, pw]) =
+            self.ptrs([dinp, dw, db], [dout, inp, mean, rstd, w])?;
+        let (r, cc) = (rows as i32, c as i32);
+        let mut l = self.stream.launch_builder(&self.k.layernorm_bwd);
+        l.arg(&pdi).arg(&pg).arg(&pi).arg(&pm).arg(&pr).arg(&pw).arg(&r).arg(&cc);
+        unsafe { cu(l.launch(Self::cfg((rows.div_ceil(8) as u32, 1, 1), THREADS)))? };
+        let chunks = rows.div_ceil(64).max(1);
+        let part = self.partials(chunks * 2 * c)?;
+        let mut l = self.stream.launch_builder(&self.k.layernorm_param_partial);
+        l.arg(&part).arg(&pg).arg(&pi).arg(&pm).arg(&pr).arg(&r).arg(&cc);
+        unsafe { cu(l.launch(Self::cfg((chunks as u32, 1, 1), THREADS)))? };
+        self.sum_partials(pdw, part, chunks, c, 2 * c)?;
+        self.sum_partials(pdb, part + 4 * c as u64, chunks, c, 2 * c)
+    }
+
+    fn gelu_fwd(&self, out: Buf, inp: Buf, act: Activation) -> Result<()> {
+        let ([po], [pi]) = self.ptrs([out], [inp])?;
+        let approx = (act == Activation::GeluTanh) as i32;
+        self.elementwise(&self.k.gelu_fwd, &[po, pi], out.len, Some(&approx))
+    }
+
+    fn gelu_bwd(&self, dinp: Buf, dout: Buf, inp: Buf, act: Activation) -> Result<()> {
+        let ([pd], [pg, pi]) = self.ptrs([dinp], [dout, inp])?;
+        let approx = (act == Activation::GeluTanh) as i32;
+        self.elementwise(&self.k.gelu_bwd, &[pd, pg, pi], dinp.len, Some(&approx))
+    }
+
+    fn tanh_fwd(&self, out: Buf, inp: Buf) -> Result<()> {
+        let ([po], [pi]) = self.ptrs([out], [inp])?;
+        self.elementwise(&self.k.tanh_fwd, &[po, pi], out.len, None::<&i32>)
+    }
+
+    fn tanh_bwd(&self, dinp: Buf, dout: Buf, out: Buf) -> Result<()> {
+        let ([pd], [pg, po]) = self.ptrs([dinp], [dout, out])?;
+        self.elementwise(&self.k.tanh_bwd, &[pd, pg, po], dinp.len, None::<&i32>)
+    }
+
+    fn dropout_fwd(&self, out: Buf, inp: Buf, d: Dropout) -> Result<()> {
+        let ([po], [pi]) = self.ptrs([out], [inp])?;
+        let args = DropoutArgs::of(Some(d));
+        self.elementwise(&self.k.dropout, &[po, pi], out.len.min(inp.len), Some(&args))
+    }
+
+    fn dropout_bwd(&self, dinp: Buf, dout: Buf, d: Dropout) -> Result<()> {
+        self.dropout_fwd(dinp, dout, d)
+    }
+
+    fn attention_state_len(&self, batch: usize, seq: usize, heads: usize) -> usize {
+        // log-sum-exp per (batch, head, query), and the backward's row terms D per (batch, query, head)
+        2 * batch * heads * seq
+    }
+
+    fn attention_fwd(
+        &self,
+        out: Buf,
+        state: Buf,
+        qkv: Buf,
+        mask: Ints,
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        hs: usize,
+        dropout: Option<Dropout>,
+    ) -> Result<()> {
+        let (_, f, _, _) = self.attention_kernels(hs)?;
+        if state.len < self.attention_state_len(batch, seq, heads) || out.len < batch * seq * heads * hs {
+            bail!("internal: attention buffers too small");
+        }
+        let ([po, pl], [pq]) = self.ptrs([out, state.prefix(batch * heads * seq)], [qkv])?;
+        let pm = self.iptr(mask)?;
+        let (t, nh, scale, d) =
+            (seq as i32, heads as i32, (1.0 / (hs as f64).sqrt()) as f32, DropoutArgs::of(dropout));
+        let mut l = self.stream.launch_builder(f);
+        l.arg(&po).arg(&pl).arg(&pq).arg(&pm).arg(&t).arg(&nh).arg(&scale).arg(&d);
+        unsafe { cu(l.launch(Self::cfg(((batch * heads) as u32, seq.div_ceil(64) as u32, 1), 64)))? };
+        Ok(())
+    }
+
+    fn attention_bwd(
+        &self,
+        dqkv: Buf,
+        dout: Buf,
+        out: Buf,
+        qkv: Buf,
+        state: Buf,
+        mask: Ints,
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        hs: usize,
+        dropout: Option<Dropout>,
+    ) -> Result<()> {
+        let (_, _, fkv, fq) = self.attention_kernels(hs)?;
+        let half = batch * heads * seq;
+        let (lse, dd) = (state.prefix(half), state.at(half, half));
+        let ([pdd], [pg, po]) = self.ptrs([dd], [dout, out])?;
+        let (rows, nh, hsi) = ((batch * seq) as i32, heads as i32, hs as i32);
+        let mut l = self.stream.launch_builder(&self.k.attention_bwd_d);
+        l.arg(&pdd).arg(&pg).arg(&po).arg(&rows).arg(&nh).arg(&hsi);
+        unsafe { cu(l.launch(Self::cfg((grid_for(half), 1, 1), THREADS)))? };
+        let ([pdq], [pg, pq, pl, pd]) = self.ptrs([dqkv], [dout, qkv, lse, dd])?;
+        let pm = self.iptr(mask)?;
+        let (t, scale, d) = (seq as i32, (1.0 / (hs as f64).sqrt()) as f32, DropoutArgs::of(dropout));
+        let grid = ((batch * heads) as u32, seq.div_ceil(64) as u32, 1);
+        for f in [fkv, fq] {
+            let mut l = self.stream.launch_builder(f);
+            l.arg(&pdq).arg(&pg).arg(&pq).arg(&pl).arg(&pd).arg(&pm).arg(&t).arg(&nh).arg(&scale).arg(&d);
+            unsafe { cu(l.launch(Self::cfg(grid, 64)))? };
+        }
+        Ok(())
+    }
+
+    fn sum_squares(&self, out: Buf, x: Buf) -> Result<()> {
+        let ([po], [px]) = self.ptrs([out], [x])?;
+        let blocks = x.len.div_ceil(1 << 14).clamp(1, 1024);
+        let chunk = x.len.div_ceil(blocks) as i64;
+        let part = self.partials(blocks)?;
+        let n = x.len as i64;
+        let mut l = self.stream.launch_builder(&self.k.sum_squares_partial);
+        l.arg(&part).arg(&px).arg(&n).arg(&chunk);
+        unsafe { cu(l.launch(Self::cfg((blocks as u32, 1, 1), THREADS)))? };
+        let k = blocks as i32;
+        let mut l = self.stream.launch_builder(&self.k.sum_squares_final);
+        l.arg(&po).arg(&part).arg(&k);
+        unsafe { cu(l.launch(Self::cfg((1, 1, 1), 32)))? };
+        Ok(())
+    }
+
+    fn scale(&self, x: Buf, factor: f32) -> Result<()> {
+        let ([px], []) = self.ptrs([x], [])?;
+        self.elementwise(&self.k.scale, &[px], x.len, Some(&factor))
+    }
+
+    fn adamw(&self, params: Buf, grads: Buf, m: Buf, v: Buf, decay: Ints, h: &AdamWStep) -> Result<()> {
+        let n = params.len;
+        if grads.len != n || m.len != n || v.len != n || decay.len != n {
+            bail!("internal: adamw buffers of different lengths");
+        }
+        let ([pp, pm, pv], [pg]) = self.ptrs([params, m, v], [grads])?;
+        let pd = self.iptr(decay)?;
+        let (lr, b1, b2, wd) = (h.lr as f64, h.beta1 as f64, h.beta2 as f64, h.weight_decay as f64);
+        let args = AdamWArgs {
+            decay_factor: (1.0 - lr * wd) as f32,
+            step_size: (lr / (1.0 - b1.powi(h.step as i32))) as f32,
+            one_minus_beta1: (1.0 - b1) as f32,
+            beta2: b2 as f32,
+            one_minus_beta2: (1.0 - b2) as f32,
+            bias_correction2_sqrt: (1.0 - b2.powi(h.step as i32)).sqrt() as f32,
+            eps: h.eps,
+        };
+        let nn = n as i64;
+        let mut l = self.stream.launch_builder(&self.k.adamw);
+        l.arg(&pp).arg(&pg).arg(&pm).arg(&pv).arg(&pd).arg(&nn).arg(&args);
+        unsafe { cu(l.launch(Self::cfg((grid_for(n), 1, 1), THREADS)))? };
+        Ok(())
+    }
+
+    fn gather_rows(&self, out: Buf, inp: Buf, rows: Ints, m: usize, c: usize) -> Result<()> {
+        let host = self.host_ints(rows.prefix(m))?;
+        let n = inp.len / c.max(1);
+        if let Some(&bad) = host.iter().find(|&&r| r < 0 || r as usize >= n) {
+            bail!("row {bad} outside the {n} rows");
+        }
+        let ([po], [pi]) = self.ptrs([out], [inp])?;
+        let pr = self.iptr(rows)?;
+        let (mm, cc) = (m as i32, c as i32);
+        if m == 0 {
+            return Ok(());
+        }
+        let mut l = self.stream.launch_builder(&self.k.gather_rows);
+        l.arg(&po).arg(&pi).arg(&pr).arg(&mm).arg(&cc);
+        unsafe { cu(l.launch(Self::cfg((m as u32, 1, 1), THREADS)))? };
+        Ok(())
+    }
+
+    fn scatter_add_rows(&self, dinp: Buf, dout: Buf, rows: Ints, m: usize, c: usize) -> Result<()> {
+        let mut host = self.host_ints(rows.prefix(m))?;
+        host.sort_unstable();
+        if host.windows(2).any(|w| w[0] == w[1]) {
+            bail!("internal: scatter_add_rows needs distinct rows on the CUDA backend");
+        }
+        let ([pd], [pg]) = self.ptrs([dinp], [dout])?;
+        let pr = self.iptr(rows)?;
+        let (mm, cc) = (m as i32, c as i32);
+        if m == 0 {
+            return Ok(());
+        }
+        let mut l = self.stream.launch_builder(&self.k.scatter_rows);
+        l.arg(&pd).arg(&pg).arg(&pr).arg(&mm).arg(&cc);
+        unsafe { cu(l.launch(Self::cfg((m as u32, 1, 1), THREADS)))? };
+        Ok(())
+    }
+
+    fn cross_entropy(
+        &self,
+        losses: Buf,
+        logits: Buf,
+        labels: Ints,
+        m: usize,
+        v: usize,
+        grad_scale: Option<f64>,
+    ) -> Result<()> {
+        let host = self.host_ints(labels.prefix(m))?;
+        if let Some(&bad) = host.iter().find(|&&l| l != IGNORE_INDEX && (l < 0 || l as usize >= v)) {
+            bail!("label {bad} is outside the {v} classes (and not {IGNORE_INDEX})");
+        }
+        if m == 0 {
+            return Ok(());
+        }
+        let ([pl, pz], []) = self.ptrs([losses, logits], [])?;
+        let pb = self.iptr(labels)?;
+        let (mm, vv, grad, scale) =
+            (m as i32, v as i32, grad_scale.is_some() as i32, grad_scale.unwrap_or(0.0) as f32);
+        let mut l = self.stream.launch_builder(&self.k.cross_entropy);
+        l.arg(&pl).arg(&pz).arg(&pb).arg(&mm).arg(&vv).arg(&grad).arg(&scale);
+        unsafe { cu(l.launch(Self::cfg((m as u32, 1, 1), THREADS)))? };
+        Ok(())
+    }
+
+    fn argmax_rows(&self, out: Ints, logits: Buf, m: usize, v: usize) -> Result<()> {
+        let ([], [pz]) = self.ptrs([], [logits])?;
+        let po = self.iptr(out)?;
+        let (mm, vv) = (m as i32, v as i32);
+        if m == 0 {
+            return Ok(());
+        }
+        let mut l = self.stream.launch_builder(&self.k.argmax);
+        l.arg(&po).arg(&pz).arg(&mm).arg(&vv);
+        unsafe { cu(l.launch(Self::cfg((m as u32, 1, 1), THREADS)))? };
+        Ok(())
+    }
+}
