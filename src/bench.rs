@@ -267,3 +267,137 @@ pub fn bench_train(
         model_seq_per_s: batch as f64 / model_s,
     })
 }
+
+/// One line of `bertcuda bench kernels`.
+pub struct KernelBench {
+    pub name: String,
+    pub ms: f64,
+    /// GB/s for memory-bound kernels, TFLOP/s for matrix products.
+    pub rate: f64,
+    pub unit: &'static str,
+    /// rate / the device's measured ceiling (copy bandwidth or GEMM peak).
+    pub fraction: f64,
+}
+
+/// Each CUDA kernel on BERT-base shapes (batch 32, seq 128, hidden 768, 12 heads), timed over repeats,
+/// against the device's own measured copy bandwidth (and cuBLAS SGEMM for the matrix product).
+pub fn bench_kernels() -> Result<(String, Vec<KernelBench>)> {
+    use crate::backend::cuda::Cuda;
+    use crate::backend::{AdamWStep, Backend, Dropout, DropoutKey};
+    use crate::model::config::Activation;
+    let be = Cuda::new(0)?;
+    let (b, t, h, nh, i, v) = (32usize, 128usize, 768usize, 12usize, 3072usize, 30522usize);
+    let n = b * t;
+    let time = |reps: usize, f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        f()?;
+        be.synchronize()?;
+        let start = Instant::now();
+        for _ in 0..reps {
+            f()?;
+        }
+        be.synchronize()?;
+        Ok(start.elapsed().as_secs_f64() * 1e3 / reps as f64)
+    };
+    let mut out = Vec::new();
+    // The ceiling: a device-to-device copy of 256 MiB, bytes read + written.
+    let big = 64 << 20;
+    let (x, y) = (be.alloc(big)?, be.alloc(big)?);
+    let copy_ms = time(20, &mut || be.copy(y, x))?;
+    let copy_gbs = 2.0 * 4.0 * big as f64 / copy_ms / 1e6;
+    out.push(KernelBench {
+        name: "copy (device to device, the ceiling)".into(),
+        ms: copy_ms,
+        rate: copy_gbs,
+        unit: "GB/s",
+        fraction: 1.0,
+    });
+    let mut mem = |name: &str, bytes: f64, ms: f64| {
+        let r = bytes / ms / 1e6;
+        out.push(KernelBench { name: name.into(), ms, rate: r, unit: "GB/s", fraction: r / copy_gbs });
+    };
+    let act = be.alloc(n * i)?;
+    let act2 = be.alloc(n * i)?;
+    let act3 = be.alloc(n * i)?;
+    be.fill(act, 0.5)?;
+    be.fill(act3, 0.25)?;
+    let w = be.alloc(h)?;
+    be.fill(w, 1.0)?;
+    let (mean, rstd) = (be.alloc(n)?, be.alloc(n)?);
+    let (dw, db) = (be.alloc(h)?, be.alloc(h)?);
+    let nh_ = n * h;
+    let ms =
+        time(50, &mut || be.layernorm_fwd(act2.prefix(nh_), mean, rstd, act.prefix(nh_), w, w, n, h, 1e-12))?;
+    mem("layernorm_fwd (4096×768)", 4.0 * 2.0 * nh_ as f64, ms);
+    let ms = time(50, &mut || {
+        be.layernorm_bwd(act2.prefix(nh_), dw, db, act3.prefix(nh_), act.prefix(nh_), mean, rstd, w, n, h)
+    })?;
+    mem("layernorm_bwd (4096×768)", 4.0 * 3.0 * nh_ as f64, ms);
+    let ms = time(50, &mut || be.gelu_fwd(act2, act, Activation::GeluErf))?;
+    mem("gelu_fwd (4096×3072)", 4.0 * 2.0 * (n * i) as f64, ms);
+    let ms = time(50, &mut || be.gelu_bwd(act2, act3, act, Activation::GeluErf))?;
+    mem("gelu_bwd (4096×3072)", 4.0 * 3.0 * (n * i) as f64, ms);
+    let d = Dropout { p: 0.1, key: DropoutKey { seed: 0, step: 0, site: 0 } };
+    let ms = time(50, &mut || be.dropout_fwd(act2.prefix(nh_), act.prefix(nh_), d))?;
+    mem("dropout_fwd (4096×768)", 4.0 * 2.0 * nh_ as f64, ms);
+    // Masked cross-entropy over the vocabulary: 15% of the tokens.
+    let rows = n * 15 / 100;
+    let logits = be.alloc(rows * v)?;
+    let losses = be.alloc(rows)?;
+    let labels = be.alloc_ints(rows)?;
+    be.upload_ints(labels, &(0..rows as i32).map(|r| r % v as i32).collect::<Vec<_>>())?;
+    let ms = time(20, &mut || {
+        be.fill(logits, 0.1)?;
+        be.cross_entropy(losses, logits, labels, rows, v, Some(1.0 / rows as f64))
+    })?;
+    let fill_ms = time(20, &mut || be.fill(logits, 0.1))?;
+    mem("cross_entropy fwd+bwd (614×30522)", 4.0 * 2.0 * (rows * v) as f64, ms - fill_ms);
+    // AdamW over BERT-base's parameters: param, m, v read and written, gradient and mask read.
+    let np = 110_000_000usize;
+    let (p, g, m1, m2) = (be.alloc(np)?, be.alloc(np)?, be.alloc(np)?, be.alloc(np)?);
+    let decay = be.alloc_ints(np)?;
+    let hstep = AdamWStep { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-6, weight_decay: 0.01, step: 1 };
+    let ms = time(10, &mut || be.adamw(p, g, m1, m2, decay, &hstep))?;
+    mem("adamw (110 M parameters)", 4.0 * 8.0 * np as f64, ms);
+    let sq = be.alloc(1)?;
+    let ms = time(10, &mut || be.sum_squares(sq, g))?;
+    mem("gradient norm (110 M)", 4.0 * np as f64, ms);
+    // Attention at seq 128 and 512 (12 heads of 64), forward and backward.
+    for seq in [128usize, 512] {
+        let bb = if seq == 128 { 32 } else { 8 };
+        let rows = bb * seq;
+        let qkv = be.alloc(rows * 3 * h)?;
+        be.fill(qkv, 0.01)?;
+        let (o, dqkv) = (be.alloc(rows * h)?, be.alloc(rows * 3 * h)?);
+        let st = be.alloc(be.attention_state_len(bb, seq, nh))?;
+        let mask = be.alloc_ints(rows)?;
+        be.upload_ints(mask, &vec![1; rows])?;
+        let f_ms = time(10, &mut || be.attention_fwd(o, st, qkv, mask, bb, seq, nh, 64, None))?;
+        let b_ms = time(10, &mut || be.attention_bwd(dqkv, o, o, qkv, st, mask, bb, seq, nh, 64, None))?;
+        let flops = 4.0 * (bb * nh * seq * seq * 64) as f64;
+        out.push(KernelBench {
+            name: format!("attention_fwd ({bb}×{seq}, 12×64)"),
+            ms: f_ms,
+            rate: flops / f_ms / 1e9,
+            unit: "TFLOP/s",
+            fraction: f64::NAN,
+        });
+        out.push(KernelBench {
+            name: format!("attention_bwd ({bb}×{seq}, 12×64)"),
+            ms: b_ms,
+            rate: 2.5 * flops / b_ms / 1e9,
+            unit: "TFLOP/s",
+            fraction: f64::NAN,
+        });
+    }
+    // cuBLAS SGEMM (fp32, no TF32) on the FFN shape.
+    let (a, bm, c) = (be.alloc(n * h)?, be.alloc(i * h)?, be.alloc(n * i)?);
+    let ms = time(20, &mut || be.matmul(c, a, bm, n, i, h, false, true, false))?;
+    out.push(KernelBench {
+        name: "sgemm (4096×3072×768, fp32)".into(),
+        ms,
+        rate: 2.0 * (n * i * h) as f64 / ms / 1e9,
+        unit: "TFLOP/s",
+        fraction: f64::NAN,
+    });
+    Ok((be.describe(), out))
+}

@@ -420,6 +420,9 @@ enum ShardsCmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Each CUDA kernel on BERT-base shapes: time, GB/s or TFLOP/s, fraction of the measured copy bandwidth.
+    #[command(after_help = "Example:\n  bertcuda bench kernels")]
+    Kernels,
     /// Whole training steps (loader and optimizer included) next to the model's own forward + backward.
     #[command(
         after_help = "Example:\n  bertcuda bench train --data .cache/default-run/shards --preset tiny"
@@ -516,6 +519,17 @@ fn run(cli: Cli) -> Result<()> {
                 m.sentences,
                 m.tokens
             );
+            Ok(())
+        }
+        Command::Bench(BenchCmd::Kernels) => {
+            let (device, rows) = bertcuda::bench::bench_kernels()?;
+            println!("{device}");
+            println!("{:<44} {:>10} {:>12} {:>10}", "kernel", "ms", "rate", "of ceiling");
+            for r in rows {
+                let frac =
+                    if r.fraction.is_nan() { "-".to_string() } else { format!("{:.0}%", 100.0 * r.fraction) };
+                println!("{:<44} {:>10.4} {:>7.1} {:<7} {:>7}", r.name, r.ms, r.rate, r.unit, frac);
+            }
             Ok(())
         }
         Command::Bench(BenchCmd::Train { data, preset, device: _, batch_size, seq, steps }) => {

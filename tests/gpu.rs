@@ -1,0 +1,469 @@
+//! The CUDA backend against the CPU reference. Every test needs a CUDA GPU:
+//!     cargo test --release --test gpu -- --ignored --test-threads=1
+//! (on the GPU machine: scripts/gpu-check.sh runs these, the sanitizers and the benchmarks in one go).
+//!
+//! Each op runs on both backends with the same random inputs on odd shapes (batch 3, seq 37, hidden 48,
+//! vocab 211, padding, ignored rows); outputs written with `=` are poisoned with NaN first, so an element
+//! a kernel forgets shows. Tolerances (fp32): |gpu − cpu| ≤ atol + rtol·|cpu|, stated per test.
+
+use bertcuda::backend::cpu::Cpu;
+use bertcuda::backend::cuda::Cuda;
+use bertcuda::backend::{AdamWStep, Backend, Buf, Dropout, DropoutKey, Ints, IGNORE_INDEX};
+use bertcuda::data::rng::KeyedRng;
+use bertcuda::model::bert::{Bert, Inputs, Plan, StepOptions, Train};
+use bertcuda::model::config::{Activation, ModelConfig};
+use bertcuda::model::params::ParamTable;
+
+const B: usize = 3;
+const T: usize = 37;
+const H: usize = 48;
+const NH: usize = 3; // head size 16
+const V: usize = 211;
+
+fn gpu() -> Cuda {
+    Cuda::new(0).expect("a CUDA GPU with the kernels built")
+}
+
+fn randn(seed: u64, n: usize, std: f32) -> Vec<f32> {
+    let mut r = KeyedRng::new(3, &[seed]);
+    (0..n)
+        .map(|_| {
+            let (u1, u2) = (1.0 - r.uniform(), r.uniform());
+            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32 * std
+        })
+        .collect()
+}
+
+/// Inputs, int inputs, and outputs (length, initial value: None = poisoned with NaN).
+struct Case {
+    floats: Vec<Vec<f32>>,
+    ints: Vec<Vec<i32>>,
+    outs: Vec<(usize, Option<Vec<f32>>)>,
+}
+
+type Op<'a> = &'a dyn Fn(&dyn Backend, &[Buf], &[Ints], &[Buf]) -> bertcuda::Result<()>;
+
+fn run(be: &dyn Backend, c: &Case, op: Op) -> Vec<Vec<f32>> {
+    let f: Vec<Buf> = c
+        .floats
+        .iter()
+        .map(|v| {
+            let b = be.alloc(v.len()).unwrap();
+            be.upload(b, v).unwrap();
+            b
+        })
+        .collect();
+    let i: Vec<Ints> = c
+        .ints
+        .iter()
+        .map(|v| {
+            let b = be.alloc_ints(v.len()).unwrap();
+            be.upload_ints(b, v).unwrap();
+            b
+        })
+        .collect();
+    let o: Vec<Buf> = c
+        .outs
+        .iter()
+        .map(|(n, init)| {
+            let b = be.alloc(*n).unwrap();
+            match init {
+                Some(v) => be.upload(b, v).unwrap(),
+                None => be.fill(b, f32::NAN).unwrap(),
+            }
+            b
+        })
+        .collect();
+    op(be, &f, &i, &o).unwrap();
+    o.iter().map(|b| be.download(*b).unwrap()).collect()
+}
+
+/// Run on both backends and compare every output.
+fn same(what: &str, c: &Case, atol: f32, rtol: f32, op: Op) {
+    let (cpu, gpu_) = (Cpu::<f32>::new(), gpu());
+    let want = run(&cpu, c, op);
+    let got = run(&gpu_, c, op);
+    for (k, (w, g)) in want.iter().zip(&got).enumerate() {
+        for (j, (a, b)) in w.iter().zip(g).enumerate() {
+            assert!(
+                (a - b).abs() <= atol + rtol * a.abs() || (a.is_nan() && b.is_nan()),
+                "{what}: output {k}[{j}]: cpu {a} vs gpu {b}"
+            );
+        }
+    }
+}
+
+fn mask() -> Vec<i32> {
+    let lens = [37, 20, 1];
+    (0..B * T).map(|r| ((r % T) < lens[r / T]) as i32).collect()
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn matmul_in_every_transpose() {
+    let (m, n, k) = (37, 53, 29);
+    for (a_t, b_t) in [(false, false), (true, false), (false, true), (true, true)] {
+        for acc in [false, true] {
+            let c = Case {
+                floats: vec![randn(1, m * k, 1.0), randn(2, k * n, 1.0)],
+                ints: vec![],
+                outs: vec![(m * n, acc.then(|| randn(3, m * n, 1.0)))],
+            };
+            // fp32 SGEMM vs the gemm crate: summation order differs; 1e-4 relative over k = 29.
+            same(&format!("matmul a_t={a_t} b_t={b_t} acc={acc}"), &c, 1e-4, 1e-4, &|be, f, _, o| {
+                be.matmul(o[0], f[0], f[1], m, n, k, a_t, b_t, acc)
+            });
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn elementwise_ops_bias_and_reductions() {
+    let n = B * T * H;
+    let x = randn(4, n, 1.5);
+    for act in [Activation::GeluErf, Activation::GeluTanh] {
+        let c = Case {
+            floats: vec![x.clone(), randn(5, n, 1.0)],
+            ints: vec![],
+            outs: vec![(n, None), (n, None)],
+        };
+        same(&format!("{act:?}"), &c, 1e-6, 1e-5, &|be, f, _, o| {
+            be.gelu_fwd(o[0], f[0], act)?;
+            be.gelu_bwd(o[1], f[1], f[0], act)
+        });
+    }
+    let c = Case {
+        floats: vec![x.clone(), randn(6, n, 1.0)],
+        ints: vec![],
+        outs: vec![(n, None), (n, None), (n, None)],
+    };
+    let d = Dropout { p: 0.1, key: DropoutKey { seed: 1, step: 2, site: 3 } };
+    // The dropout masks are bit-identical (Philox): exact.
+    same("tanh, add, dropout", &c, 1e-6, 1e-6, &|be, f, _, o| {
+        be.tanh_fwd(o[0], f[0])?;
+        be.add(o[1], f[0], f[1])?;
+        be.dropout_fwd(o[2], f[0], d)
+    });
+    let (rows, cols) = (B * T, H);
+    let c = Case {
+        floats: vec![randn(7, rows * cols, 1.0), randn(8, cols, 1.0)],
+        ints: vec![],
+        outs: vec![
+            (rows * cols, Some(randn(9, rows * cols, 1.0))),
+            (cols, Some(randn(10, cols, 1.0))),
+            (1, None),
+            (1, None),
+        ],
+    };
+    same("bias add/grad, sum, sum of squares", &c, 1e-4, 1e-5, &|be, f, _, o| {
+        be.add_bias(o[0], f[1], rows, cols)?;
+        be.bias_grad(o[1], f[0], rows, cols)?;
+        be.sum(o[2], f[0])?;
+        be.sum_squares(o[3], f[0])
+    });
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn layernorm_forward_and_backward() {
+    let rows = B * T;
+    let c = Case {
+        floats: vec![
+            randn(11, rows * H, 2.0),
+            randn(12, H, 1.0),
+            randn(13, H, 1.0),
+            randn(14, rows * H, 1.0),
+        ],
+        ints: vec![],
+        outs: vec![
+            (rows * H, None),
+            (rows, None),
+            (rows, None),
+            (rows * H, None),
+            (H, Some(randn(15, H, 1.0))),
+            (H, Some(randn(16, H, 1.0))),
+        ],
+    };
+    same("layernorm", &c, 1e-5, 1e-4, &|be, f, _, o| {
+        be.layernorm_fwd(o[0], o[1], o[2], f[0], f[1], f[2], rows, H, 1e-12)?;
+        be.layernorm_bwd(o[3], o[4], o[5], f[3], f[0], o[1], o[2], f[1], rows, H)
+    });
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn attention_forward_and_backward_with_padding_and_dropout() {
+    let hs = H / NH;
+    for dropout in [None, Some(Dropout { p: 0.1, key: DropoutKey { seed: 5, step: 9, site: 2 } })] {
+        let c = Case {
+            floats: vec![randn(17, B * T * 3 * H, 1.0), randn(18, B * T * H, 1.0)],
+            ints: vec![mask()],
+            outs: vec![(B * T * H, None), (B * T * 3 * H, None)],
+        };
+        same(&format!("attention dropout={}", dropout.is_some()), &c, 1e-5, 1e-4, &|be, f, i, o| {
+            let state = be.alloc(be.attention_state_len(B, T, NH))?;
+            be.attention_fwd(o[0], state, f[0], i[0], B, T, NH, hs, dropout)?;
+            be.attention_bwd(o[1], f[1], o[0], f[0], state, i[0], B, T, NH, hs, dropout)
+        });
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn embeddings_rows_cross_entropy_and_argmax() {
+    let n = B * T;
+    let mut r = KeyedRng::new(4, &[1]);
+    let ids: Vec<i32> = (0..n).map(|_| r.below(V as u64) as i32).collect(); // many repeats
+    let types: Vec<i32> = (0..n).map(|k| ((k % T) > T / 2) as i32).collect();
+    let c = Case {
+        floats: vec![
+            randn(19, V * H, 1.0),
+            randn(20, T * H, 1.0),
+            randn(21, 2 * H, 1.0),
+            randn(22, n * H, 1.0),
+        ],
+        ints: vec![ids, types],
+        outs: vec![
+            (n * H, None),
+            (V * H, Some(randn(23, V * H, 1.0))),
+            (T * H, Some(vec![0.0; T * H])),
+            (2 * H, Some(vec![0.0; 2 * H])),
+        ],
+    };
+    same("embeddings", &c, 1e-5, 1e-5, &|be, f, i, o| {
+        be.embeddings_fwd(o[0], i[0], i[1], f[0], f[1], f[2], B, T, H)?;
+        be.embeddings_bwd(o[1], o[2], o[3], f[3], i[0], i[1], B, T, H)
+    });
+    let m = 17;
+    let rows: Vec<i32> = (0..m as i32).map(|k| k * 5 + 1).collect();
+    let c = Case {
+        floats: vec![randn(24, n * H, 1.0), randn(25, m * H, 1.0)],
+        ints: vec![rows],
+        outs: vec![(m * H, None), (n * H, Some(randn(26, n * H, 1.0)))],
+    };
+    same("gather/scatter rows", &c, 1e-6, 1e-6, &|be, f, i, o| {
+        be.gather_rows(o[0], f[0], i[0], m, H)?;
+        be.scatter_add_rows(o[1], f[1], i[0], m, H)
+    });
+    let mut labels: Vec<i32> = (0..m as i32).map(|k| (k * 37) % V as i32).collect();
+    labels[3] = IGNORE_INDEX;
+    labels[10] = IGNORE_INDEX;
+    for grad in [None, Some(1.0 / 15.0)] {
+        let c = Case {
+            floats: vec![],
+            ints: vec![labels.clone()],
+            outs: vec![(m, None), (m * V, Some(randn(27, m * V, 3.0)))],
+        };
+        same(&format!("cross_entropy grad={grad:?}"), &c, 1e-5, 1e-5, &|be, _, i, o| {
+            be.cross_entropy(o[0], o[1], i[0], m, V, grad)
+        });
+    }
+    // All rows ignored.
+    let c = Case {
+        floats: vec![],
+        ints: vec![vec![IGNORE_INDEX; m]],
+        outs: vec![(m, None), (m * V, Some(randn(28, m * V, 3.0)))],
+    };
+    same("cross_entropy all ignored", &c, 0.0, 0.0, &|be, _, i, o| {
+        be.cross_entropy(o[0], o[1], i[0], m, V, Some(1.0))
+    });
+    for be in [&Cpu::<f32>::new() as &dyn Backend, &gpu()] {
+        let z = be.alloc(m * V).unwrap();
+        be.upload(z, &randn(29, m * V, 1.0)).unwrap();
+        let out = be.alloc_ints(m).unwrap();
+        be.argmax_rows(out, z, m, V).unwrap();
+        let got = be.download_ints(out).unwrap();
+        let host = randn(29, m * V, 1.0);
+        for (k, g) in got.iter().enumerate() {
+            let row = &host[k * V..(k + 1) * V];
+            let best = (0..V).fold(0, |b, j| if row[j] > row[b] { j } else { b });
+            assert_eq!(*g as usize, best, "{}", be.describe());
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn adamw_and_scale() {
+    let n = 100_003;
+    let decay: Vec<i32> = (0..n).map(|k| (k % 3 != 0) as i32).collect();
+    let c = Case {
+        floats: vec![randn(30, n, 0.01)],
+        ints: vec![decay],
+        outs: vec![
+            (n, Some(randn(31, n, 1.0))),
+            (n, Some(randn(32, n, 0.01))),
+            (n, Some(randn(33, n, 0.0001).iter().map(|x| x.abs()).collect())),
+        ],
+    };
+    let h = AdamWStep { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-6, weight_decay: 0.01, step: 7 };
+    same("adamw", &c, 1e-7, 1e-5, &|be, f, i, o| {
+        be.adamw(o[0], f[0], o[1], o[2], i[0], &h)?;
+        be.scale(o[0], 0.5)
+    });
+}
+
+fn small_model() -> ModelConfig {
+    let mut c = ModelConfig::preset("tiny", V).unwrap();
+    c.hidden_size = H;
+    c.num_attention_heads = NH;
+    c.intermediate_size = 80;
+    c.max_position_embeddings = 64;
+    c.initializer_range = 0.2;
+    c
+}
+
+struct Batch {
+    ids: Vec<u32>,
+    types: Vec<u32>,
+    mask: Vec<u8>,
+    rows: Vec<u32>,
+    labels: Vec<i32>,
+    nsp: Vec<u32>,
+}
+
+fn batch() -> Batch {
+    let m = mask();
+    let mut r = KeyedRng::new(8, &[2]);
+    let ids: Vec<u32> =
+        (0..B * T).map(|k| if m[k] == 1 { 5 + r.below(V as u64 - 5) as u32 } else { 0 }).collect();
+    let rows: Vec<u32> = (0..(B * T) as u32).filter(|&k| m[k as usize] == 1 && r.bernoulli(0.2)).collect();
+    let mut labels: Vec<i32> = rows.iter().map(|&k| ids[k as usize] as i32).collect();
+    labels[1] = IGNORE_INDEX;
+    Batch {
+        types: (0..B * T).map(|k| ((k % T) >= 10 && m[k] == 1) as u32).collect(),
+        mask: m.iter().map(|&x| x as u8).collect(),
+        ids,
+        rows,
+        labels,
+        nsp: vec![0, 1, 1],
+    }
+}
+
+fn inputs(b: &Batch) -> Inputs<'_> {
+    Inputs {
+        batch: B,
+        seq: T,
+        input_ids: &b.ids,
+        token_type_ids: &b.types,
+        attention_mask: &b.mask,
+        head_rows: &b.rows,
+        head_labels: Some(&b.labels),
+        nsp_labels: Some(&b.nsp),
+    }
+}
+
+/// Losses and every gradient of the small model on a backend.
+fn model_grads<Bk: Backend>(be: &Bk, train: Option<Train>) -> (f64, Vec<f32>) {
+    let c = small_model();
+    let mut plan = Plan::new(B, T);
+    plan.logit_rows = 7;
+    let m = Bert::new(be, c.clone(), plan).unwrap();
+    m.set_params(&ParamTable::new(&c).init(&c, 11)).unwrap();
+    m.zero_grads().unwrap();
+    let b = batch();
+    let l = m.step(&inputs(&b), StepOptions { train, ..StepOptions::grads() }).unwrap();
+    (l.total().unwrap(), be.download(m.grads).unwrap())
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn whole_model_loss_and_every_gradient_equal_the_cpu() {
+    let table = ParamTable::new(&small_model());
+    for train in [None, Some(Train { seed: 1, step: 3 })] {
+        let (lc, gc) = model_grads(&Cpu::<f32>::new(), train);
+        let (lg, gg) = model_grads(&gpu(), train);
+        assert!((lc - lg).abs() < 1e-5 * lc.abs(), "loss cpu {lc} gpu {lg}");
+        for p in &table.params {
+            let (a, b) = (&gc[p.offset..p.offset + p.len], &gg[p.offset..p.offset + p.len]);
+            let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+            let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
+            // fp32 with different summation orders: 1e-4 of the tensor's largest gradient.
+            assert!(err < 1e-4, "{} (train={}): relative error {err:e}", p.name, train.is_some());
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn the_gpu_loss_has_the_gradient_the_gpu_backward_computes() {
+    // Central differences of the GPU loss along the GPU gradient, fp32: d/dε L(θ + ε·g) at 0 = |g|².
+    let c = small_model();
+    let be = gpu();
+    let m = Bert::new(&be, c.clone(), Plan::new(B, T)).unwrap();
+    let p0 = ParamTable::new(&c).init(&c, 11);
+    m.set_params(&p0).unwrap();
+    m.zero_grads().unwrap();
+    let b = batch();
+    m.step(&inputs(&b), StepOptions::grads()).unwrap();
+    let g = be.download(m.grads).unwrap();
+    let g2: f64 = g.iter().map(|x| (*x as f64) * (*x as f64)).sum();
+    let eps = 1e-3 / g2.sqrt();
+    let at = |s: f64| {
+        let p: Vec<f32> = p0.iter().zip(&g).map(|(p, g)| p + (s * *g as f64) as f32).collect();
+        m.set_params(&p).unwrap();
+        m.step(&inputs(&b), StepOptions::eval()).unwrap().total().unwrap()
+    };
+    let fd = (at(eps) - at(-eps)) / (2.0 * eps);
+    assert!((fd - g2).abs() < 2e-2 * g2, "finite difference {fd} vs |g|² {g2}");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn the_same_seed_gives_bitwise_equal_gpu_losses_and_gradients() {
+    let t = Some(Train { seed: 4, step: 1 });
+    let (l1, g1) = model_grads(&gpu(), t);
+    let (l2, g2) = model_grads(&gpu(), t);
+    assert_eq!(l1.to_bits(), l2.to_bits());
+    assert!(g1.iter().zip(&g2).all(|(a, b)| a.to_bits() == b.to_bits()));
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn training_200_steps_on_the_gpu_tracks_the_cpu() {
+    use bertcuda::train::{train, TrainConfig};
+    use std::sync::{atomic::AtomicBool, Arc};
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(root.join("data/sample/rust-book.txt")).unwrap();
+    let tok = bertcuda::data::tokenizer::BertTokenizer::train(text.lines(), 2000, 2, true).unwrap();
+    tok.save_hf(&tmp.path().join("tok")).unwrap();
+    bertcuda::data::prepare::prepare(&bertcuda::data::prepare::PrepareConfig {
+        inputs: vec![root.join("data/sample")],
+        tokenizer: tmp.path().join("tok"),
+        no_lowercase: false,
+        output: tmp.path().join("shards"),
+        workers: 0,
+        overwrite: false,
+        max_line_bytes: bertcuda::data::text::DEFAULT_MAX_LINE_BYTES,
+        shard_tokens: bertcuda::data::prepare::DEFAULT_SHARD_TOKENS,
+        id_bytes: None,
+        progress: false,
+    })
+    .unwrap();
+    let run = |device: &str| {
+        let cfg = TrainConfig {
+            data: vec![tmp.path().join("shards")],
+            output: tmp.path().join(device),
+            model_config: "tiny".into(),
+            device: device.into(),
+            per_device_batch_size: 16,
+            max_seq_len: 128,
+            learning_rate: 1e-3,
+            warmup_steps: Some(20),
+            max_steps: Some(200),
+            save_steps: 1000,
+            logging_steps: 10,
+            progress: false,
+            ..TrainConfig::default()
+        };
+        train(cfg, Arc::new(AtomicBool::new(false))).unwrap().losses
+    };
+    let (c, g) = (run("cpu"), run("cuda"));
+    // Means over windows of 20 steps agree within 2% (fp32 rounding grows over 200 updates).
+    for w in (0..200).step_by(20) {
+        let (mc, mg) = (c[w..w + 20].iter().sum::<f64>() / 20.0, g[w..w + 20].iter().sum::<f64>() / 20.0);
+        assert!((mc - mg).abs() < 0.02 * mc, "steps {w}..{}: cpu {mc} gpu {mg}", w + 20);
+    }
+}
