@@ -81,6 +81,12 @@ enum Command {
     /// Check shard directories.
     #[command(subcommand)]
     Shards(ShardsCmd),
+    /// Testing: meet the other ranks of the job the environment describes, print the shared id.
+    #[command(hide = true)]
+    DebugRendezvous {
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+    },
     /// Measure speed against a reference.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -246,6 +252,10 @@ struct TrainArgs {
     #[arg(long)]
     #[serde(skip)]
     config: Option<PathBuf>,
+    /// Start this many ranks on this node (one per GPU) and supervise them, as torchrun does.
+    #[arg(long)]
+    #[serde(skip)]
+    nproc_per_node: Option<usize>,
     /// Shard directories made by `bertcuda prepare`.
     #[arg(long, num_args = 1..)]
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -503,6 +513,29 @@ fn run(cli: Cli) -> Result<()> {
         Command::Tokenizer(TokenizerCmd::Train(a)) => tokenizer_train(a),
         Command::Tokenize(a) => tokenize(a),
         Command::Prepare(a) => prepare_cmd(a),
+        Command::DebugRendezvous { timeout_ms } => {
+            let info = bertcuda::dist::RankInfo::from_env(|k| std::env::var(k).ok())?
+                .context("no RANK/WORLD_SIZE (or SLURM) variables in the environment")?;
+            let id = (info.rank == 0).then(|| {
+                let mut id = [0u8; bertcuda::dist::ID_BYTES];
+                let seed = std::process::id() as u64
+                    ^ std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or_default()
+                        .as_nanos() as u64;
+                let mut r = bertcuda::data::rng::KeyedRng::new(9, &[seed]);
+                id.iter_mut().for_each(|b| *b = r.next_u64() as u8);
+                id
+            });
+            let id = bertcuda::dist::rendezvous(&info, id, std::time::Duration::from_millis(timeout_ms))?;
+            println!(
+                "rank {} of {}: {}",
+                info.rank,
+                info.world,
+                id.iter().map(|b| format!("{b:02x}")).collect::<String>()
+            );
+            Ok(())
+        }
         Command::Inspect(a) => inspect(a),
         Command::Train(a) => train(*a),
         Command::Eval(a) => eval(a),
@@ -872,6 +905,34 @@ fn default_run_config() -> Result<serde_json::Value> {
 }
 
 fn train(a: TrainArgs) -> Result<()> {
+    if let Some(n) = a.nproc_per_node {
+        if n == 0 {
+            bail!("--nproc-per-node must be at least 1");
+        }
+        // Re-run this command once per rank, without the flag, under torchrun's variables.
+        let mut args: Vec<String> = std::env::args().skip(1).collect();
+        if let Some(i) = args.iter().position(|x| x == "--nproc-per-node") {
+            args.drain(i..(i + 2).min(args.len()));
+        } else if let Some(i) = args.iter().position(|x| x.starts_with("--nproc-per-node=")) {
+            args.remove(i);
+        }
+        let exe = std::env::current_exe().context("cannot find this executable to start the ranks")?;
+        let port = match std::env::var("MASTER_PORT").ok().and_then(|p| p.parse().ok()) {
+            Some(p) => p,
+            None => bertcuda::dist::free_port()?,
+        };
+        return Ok(bertcuda::dist::supervise(&exe, &args, n, port)?);
+    }
+    if let Some(info) = bertcuda::dist::RankInfo::from_env(|k| std::env::var(k).ok())? {
+        if info.world > 1 {
+            bail!(
+                "rank {} of {}: multi-process training needs GPUs (NCCL), and this build has no NCCL path yet; \
+                 on the CPU, train with one process",
+                info.rank,
+                info.world
+            );
+        }
+    }
     let no_args = a.config.is_none() && a.data.is_empty() && a.output.is_none() && a.resume.is_none();
     let file = match &a.config {
         Some(p) => Some(bertcuda::train::TrainConfig::file_values(p)?),

@@ -21,6 +21,7 @@ use crate::checkpoint::{self, CheckpointData, TrainerState, STATE_VERSION};
 use crate::data::examples::{Corpus, ExampleConfig};
 use crate::data::loader::{open_corpus, Cursor, EpochPlan, Loader, LoaderConfig};
 use crate::data::tokenizer::BertTokenizer;
+use crate::dist::{Comm, InProcess, Single};
 use crate::error::{Error, IoContext, Result};
 use crate::model::bert::{Bert, Inputs, LossNorm, Plan, StepOptions, Train};
 use crate::model::config::ModelConfig;
@@ -418,8 +419,9 @@ fn check_resume_config(saved: &serde_json::Value, cfg: &TrainConfig) -> Result<(
     Ok(())
 }
 
-/// Run training to the end (or a stop signal).
-pub fn train(cfg: TrainConfig, stop: Arc<AtomicBool>) -> Result<TrainSummary> {
+/// Everything before the first step that does not depend on the device: checks, the output directory,
+/// the data, and the model's config and starting weights.
+fn prepare_run(cfg: TrainConfig) -> Result<Prepared> {
     cfg.validate()?;
     let resume = resume_point(&cfg)?;
     if resume.is_none()
@@ -507,14 +509,47 @@ pub fn train(cfg: TrainConfig, stop: Arc<AtomicBool>) -> Result<TrainSummary> {
         );
     }
 
-    let prepared = Prepared { cfg, resume, corpus, config, params, init_note, precision, fingerprint };
+    Ok(Prepared { cfg, resume, corpus, config, params, init_note, precision, fingerprint })
+}
+
+/// Run training to the end (or a stop signal), one process.
+pub fn train(cfg: TrainConfig, stop: Arc<AtomicBool>) -> Result<TrainSummary> {
+    let prepared = prepare_run(cfg)?;
     match choose_device(&prepared.cfg.device)? {
-        Device::Cpu => run(&Cpu::<f32>::new(), prepared, stop),
-        Device::Cuda(be) => run(&*be, prepared, stop),
+        Device::Cpu => run(&Cpu::<f32>::new(), prepared, stop, &Single),
+        Device::Cuda(be) => run(&*be, prepared, stop, &Single),
     }
 }
 
+/// Data-parallel training with `world` ranks as threads of this process on the CPU backend, summing
+/// gradients through an in-process communicator: what NCCL does across GPUs, here for tests and
+/// for checking that W ranks equal one rank with W× the batch.
+pub fn train_in_process(cfg: TrainConfig, world: usize, stop: Arc<AtomicBool>) -> Result<Vec<TrainSummary>> {
+    let prepared = prepare_run(cfg)?;
+    let comms = InProcess::group(world, Duration::from_secs(600));
+    std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|comm| {
+                let (p, stop) = (prepared.clone(), stop.clone());
+                s.spawn(move || {
+                    let r = run(&Cpu::<f32>::new(), p, stop, &comm);
+                    if let Err(e) = &r {
+                        comm.fail(&e.to_string());
+                    }
+                    r
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().map_err(|_| Error::Invalid("a rank thread panicked".into()))?)
+            .collect()
+    })
+}
+
 /// What a run starts from, backend-independent.
+#[derive(Clone)]
 struct Prepared {
     cfg: TrainConfig,
     resume: Option<(PathBuf, TrainerState)>,
@@ -551,8 +586,11 @@ pub fn choose_device(device: &str) -> Result<Device> {
     }
 }
 
-fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>) -> Result<TrainSummary> {
+fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) -> Result<TrainSummary> {
     let Prepared { cfg, resume, corpus, config, params, init_note, precision, fingerprint } = p;
+    // Rank 0 alone prints, logs and writes checkpoints.
+    let lead = comm.rank() == 0;
+    let world = comm.world();
     let tokenizer = &corpus.tokenizer;
     let plan = Plan::new(cfg.per_device_batch_size, cfg.max_seq_len);
     let model = Bert::new(be, config.clone(), plan)?;
@@ -569,7 +607,7 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>) -> Result<TrainSu
         },
         &table.decay_mask(),
     )?;
-    let loader_cfg = cfg.loader();
+    let loader_cfg = LoaderConfig { rank: comm.rank(), world_size: world, ..cfg.loader() };
     loader_cfg.validate()?;
     let epoch0 = EpochPlan::new(&corpus, &loader_cfg, 0)?;
     let batches_per_epoch = epoch0.batches(&loader_cfg);
@@ -602,7 +640,7 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>) -> Result<TrainSu
         scaler: LossScaler::new(precision == "fp16"),
         skipped_steps: 0,
         consecutive_nonfinite: 0,
-        world_size: 1,
+        world_size: world,
         tokenizer_fingerprint: fingerprint.clone(),
         config: serde_json::to_value(&cfg).expect("config serialises"),
     };
@@ -611,6 +649,14 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>) -> Result<TrainSu
         be.upload(adamw.m, &m)?;
         be.upload(adamw.v, &v)?;
         adamw.steps = saved.updates;
+        if saved.world_size != world {
+            bail!(
+                "cannot resume from {}: it was trained with {} ranks and this run has {world}; the loader's order depends on the world size, so resume with {} ranks",
+                dir.display(),
+                saved.world_size,
+                saved.world_size
+            );
+        }
         state = TrainerState { config: state.config, ..saved.clone() };
     }
 
@@ -622,46 +668,56 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>) -> Result<TrainSu
     }
 
     // The plan, printed once.
-    let effective = cfg.per_device_batch_size * cfg.gradient_accumulation_steps;
-    eprintln!("bertcuda train: {init_note}");
-    eprintln!(
+    let effective = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * world;
+    let say = |line: String| {
+        if lead {
+            eprintln!("{line}");
+        }
+    };
+    say(format!("bertcuda train: {init_note}"));
+    say(format!(
         "  model    {} layers, hidden {}, {} heads, vocab {}: {:.1} M parameters",
         config.num_hidden_layers,
         config.hidden_size,
         config.num_attention_heads,
         config.vocab_size,
         table.total as f64 / 1e6
-    );
-    eprintln!(
+    ));
+    say(format!(
         "  data     {} documents, {} tokens; {} sequences of ≤{} tokens per epoch, {} steps per epoch",
         corpus.documents,
         corpus.sets.iter().map(|s| s.manifest.tokens).sum::<u64>(),
         epoch0.epoch_examples(),
         cfg.max_seq_len,
         steps_per_epoch
-    );
-    eprintln!(
-        "  steps    {total} (warmup {warmup}, {} schedule, peak lr {}), batch {} × accumulation {} = {effective} sequences per step",
+    ));
+    say(format!(
+        "  steps    {total} (warmup {warmup}, {} schedule, peak lr {}), batch {} × accumulation {} × {world} ranks = {effective} sequences per step",
         cfg.lr_scheduler, cfg.learning_rate, cfg.per_device_batch_size, cfg.gradient_accumulation_steps
-    );
+    ));
     let mem = (table.total * 4 * 4 + model.activation_floats * 4) as f64 / 1e6;
-    eprintln!(
+    say(format!(
         "  device   {}, {precision}: about {mem:.0} MB for weights, gradients, AdamW state and activations",
         be.describe()
-    );
-    eprintln!(
+    ));
+    say(format!(
         "  output   {} (checkpoints every {} steps, metrics.jsonl, TensorBoard runs/)",
         cfg.output.display(),
         cfg.save_steps
-    );
+    ));
 
-    let mut metrics_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(cfg.output.join("metrics.jsonl"))
-        .at(cfg.output.join("metrics.jsonl"))?;
-    let mut tb = EventWriter::create(&cfg.output.join("runs"))?;
-    let mut progress = Progress::steps("train", total, cfg.progress);
+    let mut metrics_file = match lead {
+        true => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(cfg.output.join("metrics.jsonl"))
+                .at(cfg.output.join("metrics.jsonl"))?,
+        ),
+        false => None,
+    };
+    let mut tb = if lead { Some(EventWriter::create(&cfg.output.join("runs"))?) } else { None };
+    let mut progress = Progress::steps("train", total, cfg.progress && lead);
     progress.set(state.global_step);
 
     let corpus_arc = corpus.clone();
@@ -681,7 +737,12 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>) -> Result<TrainSu
     let mut last_saved = state.global_step;
     let mut labels: Vec<Vec<i32>> = vec![Vec::new(); cfg.gradient_accumulation_steps];
     let sq_buf = be.alloc(1)?;
-    let save_now = |state: &TrainerState, model: &Bert<B>, adamw: &AdamW| -> Result<PathBuf> {
+    // Rank 0 writes; the others wait at the barrier so no rank runs ahead of a checkpoint.
+    let save_now = |state: &TrainerState, model: &Bert<B>, adamw: &AdamW| -> Result<Option<PathBuf>> {
+        if !lead {
+            comm.barrier()?;
+            return Ok(None);
+        }
         let params = be.download(model.params)?;
         let (m, v) = (be.download(adamw.m)?, be.download(adamw.v)?);
         let pause =
@@ -699,11 +760,15 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>) -> Result<TrainSu
             pause,
         )?;
         checkpoint::rotate(&cfg.output, cfg.save_total_limit)?;
-        Ok(dir)
+        comm.barrier()?;
+        Ok(Some(dir))
     };
 
     while state.global_step < total {
-        if stop.load(Ordering::Relaxed) {
+        // A stop asked of any rank stops them all, at the same step.
+        let mut stop_votes = [stop.load(Ordering::Relaxed) as u8 as f64];
+        comm.all_reduce_sum_f64(&mut stop_votes)?;
+        if stop_votes[0] > 0.0 {
             summary.stopped_by_signal = true;
             break;
         }
@@ -715,10 +780,12 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>) -> Result<TrainSu
                 None => bail!("internal: the loader ended"),
             }
         }
-        let norm = LossNorm {
-            mlm_tokens: batches.iter().map(|b| b.masked_positions.len()).sum(),
-            sequences: batches.iter().map(|b| b.batch_size).sum(),
-        };
+        let mut counts = [
+            batches.iter().map(|b| b.masked_positions.len()).sum::<usize>() as f64,
+            batches.iter().map(|b| b.batch_size).sum::<usize>() as f64,
+        ];
+        comm.all_reduce_sum_f64(&mut counts)?;
+        let norm = LossNorm { mlm_tokens: counts[0] as usize, sequences: counts[1] as usize };
         model.zero_grads()?;
         let (mut mlm_sum, mut nsp_sum, mut any_mlm, mut any_nsp) = (0.0, 0.0, false, false);
         for (b, lab) in batches.iter().zip(labels.iter_mut()) {
@@ -751,6 +818,15 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>) -> Result<TrainSu
             state.cursor = Cursor { epoch: last.epoch + 1, batch: 0 };
         }
         state.epoch = state.cursor.epoch as f64 + state.cursor.batch as f64 / batches_per_epoch as f64;
+        // Sum the ranks' gradients (each already divided by the global counts) and loss sums.
+        if world > 1 {
+            let mut g = be.download(model.grads)?;
+            comm.all_reduce_sum(&mut g)?;
+            be.upload(model.grads, &g)?;
+        }
+        let mut sums = [mlm_sum, nsp_sum, any_mlm as u8 as f64, any_nsp as u8 as f64];
+        comm.all_reduce_sum_f64(&mut sums)?;
+        let (mlm_sum, nsp_sum, any_mlm, any_nsp) = (sums[0], sums[1], sums[2] > 0.0, sums[3] > 0.0);
         let mlm = any_mlm.then(|| mlm_sum / norm.mlm_tokens.max(1) as f64);
         let nsp = any_nsp.then(|| nsp_sum / norm.sequences.max(1) as f64);
         let loss = mlm.unwrap_or(0.0) + nsp.unwrap_or(0.0);
@@ -815,8 +891,12 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>) -> Result<TrainSu
             eval_corpus.is_some() && (state.global_step % cfg.eval_steps == 0 || state.global_step == total);
         if log_now || eval_now {
             let secs = window.0.elapsed().as_secs_f64().max(1e-9);
+            // Throughput of the whole job.
+            let mut seen = [window.1 as f64, window.2 as f64];
+            comm.all_reduce_sum_f64(&mut seen)?;
+            (window.1, window.2) = (seen[0] as usize, seen[1] as usize);
             let eval = match &eval_corpus {
-                Some(ec) if eval_now => Some(evaluate(
+                Some(ec) if eval_now && lead => Some(evaluate(
                     &model,
                     ec,
                     &LoaderConfig {
@@ -842,7 +922,9 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>) -> Result<TrainSu
                 eval,
             };
             let line = serde_json::to_string(&m).expect("metrics serialise");
-            writeln!(metrics_file, "{line}").at(cfg.output.join("metrics.jsonl"))?;
+            if let Some(f) = metrics_file.as_mut() {
+                writeln!(f, "{line}").at(cfg.output.join("metrics.jsonl"))?;
+            }
             let mut scalars: Vec<(&str, f32)> = vec![
                 ("train/loss", loss as f32),
                 ("train/learning_rate", lr as f32),
@@ -872,7 +954,9 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>) -> Result<TrainSu
                     }
                 }
             }
-            tb.scalars(state.global_step, &scalars)?;
+            if let Some(tb) = tb.as_mut() {
+                tb.scalars(state.global_step, &scalars)?;
+            }
             progress.set_message(&format!("loss {loss:.4} lr {lr:.2e} {:.0} seq/s", m.seq_per_s));
             progress.println(&format!(
                 "step {:>6}/{total}  loss {:.4}  mlm {}  nsp {}  lr {:.3e}  grad_norm {:.3}  {:.1} seq/s{}",
@@ -893,18 +977,23 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>) -> Result<TrainSu
         }
         if state.global_step % cfg.save_steps == 0 && state.global_step < total {
             let t = Instant::now();
-            let dir = save_now(&state, &model, &adamw)?;
+            if let Some(dir) = save_now(&state, &model, &adamw)? {
+                tracing::info!("saved {}", dir.display());
+            }
             save_seconds += t.elapsed().as_secs_f64();
             last_saved = state.global_step;
-            tracing::info!("saved {}", dir.display());
         }
     }
     summary.loop_seconds = loop_start.elapsed().as_secs_f64() - save_seconds;
     drop(loader);
     progress.finish();
     if state.global_step != last_saved {
-        let dir = save_now(&state, &model, &adamw)?;
-        eprintln!("saved {}", dir.display());
+        if let Some(dir) = save_now(&state, &model, &adamw)? {
+            eprintln!("saved {}", dir.display());
+        }
+    }
+    if !lead {
+        return Ok(summary);
     }
     if summary.stopped_by_signal {
         eprintln!("stopped by a signal at step {}; resume with --resume auto", state.global_step);

@@ -148,7 +148,11 @@ impl EpochPlan {
         }
         let mut all: Vec<u32> = (0..index.len() as u32).collect();
         KeyedRng::new(stream::SHUFFLE, &[cfg.examples.seed, epoch]).shuffle(&mut all);
-        let order = all.into_iter().skip(cfg.rank).step_by(cfg.world_size).collect();
+        let mut order: Vec<u32> = all.into_iter().skip(cfg.rank).step_by(cfg.world_size).collect();
+        if cfg.drop_last {
+            // As DistributedSampler(drop_last=True): every rank the same count, so ranks stay in step.
+            order.truncate(index.len() / cfg.world_size);
+        }
         Ok(EpochPlan { epoch, index, order })
     }
 
