@@ -88,15 +88,15 @@ __device__ void attention_fwd_impl(T* out, float* lse, const T* qkv, const int* 
 
 template <typename T>
 __device__ void attention_bwd_d_impl(float* dd, const T* dout, const T* out, int rows, int nh, int hs) {
-    const long r = blockIdx.x * (long)blockDim.x + threadIdx.x;  // over (b, i, head)
-    if (r >= (long)rows * nh) return;
-    const long bi = r / nh;
-    const int h = r % nh, t_rows = rows;
-    (void)t_rows;
-    const T *g = dout + bi * nh * hs + h * hs, *o = out + bi * nh * hs + h * hs;
-    float s = 0.f;
-    for (int x = 0; x < hs; x++) s += to_f32(g[x]) * to_f32(o[x]);
-    dd[r] = s;  // indexed (b·T + i)·NH + h
+    // over (b, i, head): dd[(b·T + i)·NH + h]
+    for (long r = blockIdx.x * (long)blockDim.x + threadIdx.x; r < (long)rows * nh; r += (long)gridDim.x * blockDim.x) {
+        const long bi = r / nh;
+        const int h = r % nh;
+        const T *g = dout + bi * nh * hs + h * hs, *o = out + bi * nh * hs + h * hs;
+        float s = 0.f;
+        for (int x = 0; x < hs; x++) s += to_f32(g[x]) * to_f32(o[x]);
+        dd[r] = s;
+    }
 }
 
 template <typename T, int HS>

@@ -37,11 +37,11 @@ __device__ void bias_grad_partial_impl(float* partial, const T* dout, long rows,
 
 // Stage 2: acc[c] += Σ_k partial[k·stride + c], k in order.
 __device__ void sum_partials_impl(float* acc, const float* partial, int chunks, int cols, int stride) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= cols) return;
-    float s = 0.f;
-    for (int k = 0; k < chunks; k++) s += partial[(long)k * stride + c];
-    acc[c] += s;
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x) {
+        float s = 0.f;
+        for (int k = 0; k < chunks; k++) s += partial[(long)k * stride + c];
+        acc[c] += s;
+    }
 }
 
 template <typename T>

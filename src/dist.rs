@@ -65,8 +65,9 @@ impl RankInfo {
     }
 }
 
-/// Collectives over the ranks of a job. Sums are exact in rank order (deterministic).
-pub trait Comm: Send + Sync {
+/// Collectives over the ranks of a job, on host numbers (counts, losses, flags); the gradients go through
+/// `Backend::all_reduce_sum`, on the device where the backend can.
+pub trait Comm {
     fn rank(&self) -> usize;
     fn world(&self) -> usize;
     /// data = Σ over ranks, in place.

@@ -819,11 +819,7 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
         }
         state.epoch = state.cursor.epoch as f64 + state.cursor.batch as f64 / batches_per_epoch as f64;
         // Sum the ranks' gradients (each already divided by the global counts) and loss sums.
-        if world > 1 {
-            let mut g = be.download(model.grads)?;
-            comm.all_reduce_sum(&mut g)?;
-            be.upload(model.grads, &g)?;
-        }
+        be.all_reduce_sum(model.grads, comm)?;
         let mut sums = [mlm_sum, nsp_sum, any_mlm as u8 as f64, any_nsp as u8 as f64];
         comm.all_reduce_sum_f64(&mut sums)?;
         let (mlm_sum, nsp_sum, any_mlm, any_nsp) = (sums[0], sums[1], sums[2] > 0.0, sums[3] > 0.0);

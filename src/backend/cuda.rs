@@ -16,6 +16,8 @@ use cudarc::driver::{
     LaunchConfig, PushKernelArg,
 };
 
+use cudarc::nccl::{result as nccl_res, sys as nccl_sys};
+
 use crate::backend::{philox, AdamWStep, Backend, Buf, Dropout, Ints, IGNORE_INDEX};
 use crate::bail;
 use crate::error::{Error, Result};
@@ -251,7 +253,11 @@ impl Cuda {
         let k = Kernels::load(&module)?;
         let handle = cu(blas::create_handle())?;
         // SAFETY: the handle is new and the stream lives as long as self.
-        unsafe { cu(blas::set_stream(handle, stream.cu_stream() as blas_sys::cudaStream_t))? };
+        unsafe {
+            cu(blas::set_stream(handle, stream.cu_stream() as blas_sys::cudaStream_t))?;
+            // fp32 SGEMM, no TF32: held to the CPU reference whatever the library's default.
+            cu(blas_sys::cublasSetMathMode(handle, blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH).result())?;
+        }
         let name = cu(ctx.name())?;
         Ok(Cuda {
             ctx,
@@ -346,6 +352,13 @@ impl Cuda {
         // memory is staged before the call returns).
         unsafe { cu(drv::memcpy_htod_async(s.ptr, data, self.stream.cu_stream()))? };
         Ok(s.ptr)
+    }
+
+    fn need(what: &str, got: usize, want: usize) -> Result<()> {
+        if got < want {
+            bail!("internal: {what} holds {got} elements, {want} needed");
+        }
+        Ok(())
     }
 
     fn cfg(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
@@ -525,6 +538,12 @@ impl Backend for Cuda {
         if m == 0 || n == 0 {
             return Ok(());
         }
+        if k == 0 {
+            if !accumulate {
+                unsafe { cu(drv::memset_d8_async(pc, 0, 4 * m * n, self.stream.cu_stream()))? };
+            }
+            return Ok(());
+        }
         // Row-major C (m, n) = op(A) op(B) is column-major Cᵀ (n, m) = op(B)ᵀ op(A)ᵀ: B first.
         use blas_sys::cublasOperation_t::{CUBLAS_OP_N as N, CUBLAS_OP_T as T};
         let (opb, ldb) = if b_t { (T, k) } else { (N, n) };
@@ -552,6 +571,11 @@ impl Backend for Cuda {
     }
 
     fn add_bias(&self, out: Buf, bias: Buf, rows: usize, cols: usize) -> Result<()> {
+        Self::need("add_bias out", out.len, rows * cols)?;
+        Self::need("add_bias bias", bias.len, cols)?;
+        if rows * cols == 0 {
+            return Ok(());
+        }
         let ([po], [pb]) = self.ptrs([out], [bias])?;
         let (r, c) = (rows as i64, cols as i32);
         let mut l = self.stream.launch_builder(&self.k.bias_add);
@@ -561,6 +585,11 @@ impl Backend for Cuda {
     }
 
     fn bias_grad(&self, dbias: Buf, dout: Buf, rows: usize, cols: usize) -> Result<()> {
+        Self::need("bias_grad dout", dout.len, rows * cols)?;
+        Self::need("bias_grad dbias", dbias.len, cols)?;
+        if cols == 0 {
+            return Ok(());
+        }
         let ([pd], [pg]) = self.ptrs([dbias], [dout])?;
         let chunks = rows.div_ceil(64).max(1);
         let part = self.partials(chunks * cols)?;
@@ -572,6 +601,7 @@ impl Backend for Cuda {
     }
 
     fn add(&self, out: Buf, a: Buf, b: Buf) -> Result<()> {
+        Self::need("add", a.len.min(b.len), out.len)?;
         let ([po], [pa, pb]) = self.ptrs([out], [a, b])?;
         self.elementwise(&self.k.add, &[po, pa, pb], out.len, None::<&i32>)
     }
@@ -601,6 +631,10 @@ impl Backend for Cuda {
         seq: usize,
         h: usize,
     ) -> Result<()> {
+        Self::need("embeddings out", out.len, batch * seq * h)?;
+        if batch * seq == 0 {
+            return Ok(());
+        }
         let n = batch * seq;
         if position.len / h < seq {
             bail!("sequence length {seq} exceeds max_position_embeddings {}", position.len / h);
@@ -655,6 +689,12 @@ impl Backend for Cuda {
         c: usize,
         eps: f32,
     ) -> Result<()> {
+        Self::need("layernorm out", out.len.min(inp.len), rows * c)?;
+        Self::need("layernorm stats", mean.len.min(rstd.len), rows)?;
+        Self::need("layernorm weights", w.len.min(b.len), c)?;
+        if rows == 0 {
+            return Ok(());
+        }
         let ([po, pm, pr], [pi, pw, pb]) = self.ptrs([out, mean, rstd], [inp, w, b])?;
         let (r, cc) = (rows as i32, c as i32);
         let mut l = self.stream.launch_builder(&self.k.layernorm_fwd);
@@ -676,6 +716,12 @@ impl Backend for Cuda {
         rows: usize,
         c: usize,
     ) -> Result<()> {
+        Self::need("layernorm dinp", dinp.len.min(dout.len).min(inp.len), rows * c)?;
+        Self::need("layernorm stats", mean.len.min(rstd.len), rows)?;
+        Self::need("layernorm weights", w.len.min(dw.len).min(db.len), c)?;
+        if rows == 0 {
+            return Ok(());
+        }
         let ([pdi, pdw, pdb], [pg, pi, pm, pr, pw]) =
             self.ptrs([dinp, dw, db], [dout, inp, mean, rstd, w])?;
         let (r, cc) = (rows as i32, c as i32);
@@ -692,23 +738,27 @@ impl Backend for Cuda {
     }
 
     fn gelu_fwd(&self, out: Buf, inp: Buf, act: Activation) -> Result<()> {
+        Self::need("elementwise input", inp.len, out.len)?;
         let ([po], [pi]) = self.ptrs([out], [inp])?;
         let approx = (act == Activation::GeluTanh) as i32;
         self.elementwise(&self.k.gelu_fwd, &[po, pi], out.len, Some(&approx))
     }
 
     fn gelu_bwd(&self, dinp: Buf, dout: Buf, inp: Buf, act: Activation) -> Result<()> {
+        Self::need("elementwise input", dout.len.min(inp.len), dinp.len)?;
         let ([pd], [pg, pi]) = self.ptrs([dinp], [dout, inp])?;
         let approx = (act == Activation::GeluTanh) as i32;
         self.elementwise(&self.k.gelu_bwd, &[pd, pg, pi], dinp.len, Some(&approx))
     }
 
     fn tanh_fwd(&self, out: Buf, inp: Buf) -> Result<()> {
+        Self::need("elementwise input", inp.len, out.len)?;
         let ([po], [pi]) = self.ptrs([out], [inp])?;
         self.elementwise(&self.k.tanh_fwd, &[po, pi], out.len, None::<&i32>)
     }
 
     fn tanh_bwd(&self, dinp: Buf, dout: Buf, out: Buf) -> Result<()> {
+        Self::need("elementwise input", dout.len.min(out.len), dinp.len)?;
         let ([pd], [pg, po]) = self.ptrs([dinp], [dout, out])?;
         self.elementwise(&self.k.tanh_bwd, &[pd, pg, po], dinp.len, None::<&i32>)
     }
@@ -740,10 +790,15 @@ impl Backend for Cuda {
         hs: usize,
         dropout: Option<Dropout>,
     ) -> Result<()> {
-        let (_, f, _, _) = self.attention_kernels(hs)?;
-        if state.len < self.attention_state_len(batch, seq, heads) || out.len < batch * seq * heads * hs {
-            bail!("internal: attention buffers too small");
+        let (rows, hid) = (batch * seq, heads * hs);
+        Self::need("attention state", state.len, self.attention_state_len(batch, seq, heads))?;
+        Self::need("attention out", out.len, rows * hid)?;
+        Self::need("attention qkv", qkv.len, rows * 3 * hid)?;
+        Self::need("attention mask", mask.len, rows)?;
+        if rows * heads == 0 {
+            return Ok(());
         }
+        let (_, f, _, _) = self.attention_kernels(hs)?;
         let ([po, pl], [pq]) = self.ptrs([out, state.prefix(batch * heads * seq)], [qkv])?;
         let pm = self.iptr(mask)?;
         let (t, nh, scale, d) =
@@ -768,6 +823,14 @@ impl Backend for Cuda {
         hs: usize,
         dropout: Option<Dropout>,
     ) -> Result<()> {
+        let rows = batch * seq;
+        Self::need("attention state", state.len, self.attention_state_len(batch, seq, heads))?;
+        Self::need("attention dqkv", dqkv.len.min(qkv.len), rows * 3 * heads * hs)?;
+        Self::need("attention dout", dout.len.min(out.len), rows * heads * hs)?;
+        Self::need("attention mask", mask.len, rows)?;
+        if rows * heads == 0 {
+            return Ok(());
+        }
         let (_, _, fkv, fq) = self.attention_kernels(hs)?;
         let half = batch * heads * seq;
         let (lse, dd) = (state.prefix(half), state.at(half, half));
@@ -785,6 +848,31 @@ impl Backend for Cuda {
             l.arg(&pdq).arg(&pg).arg(&pq).arg(&pl).arg(&pd).arg(&pm).arg(&t).arg(&nh).arg(&scale).arg(&d);
             unsafe { cu(l.launch(Self::cfg(grid, 64)))? };
         }
+        Ok(())
+    }
+
+    fn all_reduce_sum(&self, buf: Buf, comm: &dyn crate::dist::Comm) -> Result<()> {
+        if comm.world() == 1 {
+            return Ok(());
+        }
+        let Some(nccl) = comm.as_any().downcast_ref::<NcclComm>() else {
+            let mut h = self.download(buf)?;
+            comm.all_reduce_sum(&mut h)?;
+            return self.upload(buf, &h);
+        };
+        let ([p], []) = self.ptrs([buf], [])?;
+        // SAFETY: in bounds; NCCL runs on our stream, in place.
+        unsafe {
+            cu(nccl_res::all_reduce(
+                p as *const std::ffi::c_void,
+                p as *mut std::ffi::c_void,
+                buf.len,
+                nccl_sys::ncclDataType_t::ncclFloat32,
+                nccl_sys::ncclRedOp_t::ncclSum,
+                nccl.comm,
+                self.stream.cu_stream() as nccl_sys::cudaStream_t,
+            ))?
+        };
         Ok(())
     }
 
@@ -834,6 +922,7 @@ impl Backend for Cuda {
     }
 
     fn gather_rows(&self, out: Buf, inp: Buf, rows: Ints, m: usize, c: usize) -> Result<()> {
+        Self::need("gather out", out.len, m * c)?;
         let host = self.host_ints(rows.prefix(m))?;
         let n = inp.len / c.max(1);
         if let Some(&bad) = host.iter().find(|&&r| r < 0 || r as usize >= n) {
@@ -852,6 +941,13 @@ impl Backend for Cuda {
     }
 
     fn scatter_add_rows(&self, dinp: Buf, dout: Buf, rows: Ints, m: usize, c: usize) -> Result<()> {
+        Self::need("scatter dout", dout.len, m * c)?;
+        {
+            let n = dinp.len / c.max(1);
+            if let Some(&bad) = self.host_ints(rows.prefix(m))?.iter().find(|&&r| r < 0 || r as usize >= n) {
+                bail!("row {bad} outside the {n} rows");
+            }
+        }
         let mut host = self.host_ints(rows.prefix(m))?;
         host.sort_unstable();
         if host.windows(2).any(|w| w[0] == w[1]) {
@@ -878,6 +974,8 @@ impl Backend for Cuda {
         v: usize,
         grad_scale: Option<f64>,
     ) -> Result<()> {
+        Self::need("cross_entropy logits", logits.len, m * v)?;
+        Self::need("cross_entropy losses", losses.len, m)?;
         let host = self.host_ints(labels.prefix(m))?;
         if let Some(&bad) = host.iter().find(|&&l| l != IGNORE_INDEX && (l < 0 || l as usize >= v)) {
             bail!("label {bad} is outside the {v} classes (and not {IGNORE_INDEX})");
@@ -896,6 +994,10 @@ impl Backend for Cuda {
     }
 
     fn argmax_rows(&self, out: Ints, logits: Buf, m: usize, v: usize) -> Result<()> {
+        Self::need("argmax logits", logits.len, m * v)?;
+        Self::need("argmax out", out.len, m)?;
+        // The device values change; the host copy (for row checks) no longer knows them: mark it invalid.
+        self.ints.borrow_mut()[out.id as usize].host[out.off..out.off + m].fill(-1);
         let ([], [pz]) = self.ptrs([], [logits])?;
         let po = self.iptr(out)?;
         let (mm, vv) = (m as i32, v as i32);
@@ -906,5 +1008,116 @@ impl Backend for Cuda {
         l.arg(&po).arg(&pz).arg(&mm).arg(&vv);
         unsafe { cu(l.launch(Self::cfg((m as u32, 1, 1), THREADS)))? };
         Ok(())
+    }
+}
+
+/// NCCL across the GPUs of a job, one process per GPU: gradients are summed on the device
+/// (`Backend::all_reduce_sum`), host numbers through a small device buffer. Dropping it aborts the
+/// communicator, so a failing rank never leaves the others waiting in a collective.
+pub struct NcclComm {
+    comm: nccl_sys::ncclComm_t,
+    rank: usize,
+    world: usize,
+    stream: Arc<CudaStream>,
+    scratch: RefCell<Option<(CudaSlice<f64>, u64, usize)>>,
+}
+
+impl NcclComm {
+    /// A new unique id (rank 0 makes it and hands it to the others through `dist::rendezvous`).
+    pub fn unique_id() -> Result<[u8; crate::dist::ID_BYTES]> {
+        if !unsafe { nccl_sys::is_culib_present() } {
+            bail!("NCCL (libnccl.so) cannot be opened; put it on LD_LIBRARY_PATH (a libnccl.so link to libnccl.so.2)");
+        }
+        let id = cu(nccl_res::get_uniqueid())?;
+        let mut out = [0u8; crate::dist::ID_BYTES];
+        for (o, c) in out.iter_mut().zip(id.internal.iter()) {
+            *o = *c as u8;
+        }
+        Ok(out)
+    }
+
+    /// Join the communicator of `world` ranks as `rank`, on the backend's GPU and stream.
+    pub fn new(be: &Cuda, rank: usize, world: usize, id: [u8; crate::dist::ID_BYTES]) -> Result<Self> {
+        if !unsafe { nccl_sys::is_culib_present() } {
+            bail!("NCCL (libnccl.so) cannot be opened; put it on LD_LIBRARY_PATH (a libnccl.so link to libnccl.so.2)");
+        }
+        let mut internal = [0 as std::ffi::c_char; crate::dist::ID_BYTES];
+        for (i, b) in internal.iter_mut().zip(id) {
+            *i = b as std::ffi::c_char;
+        }
+        let mut comm = std::mem::MaybeUninit::uninit();
+        // SAFETY: comm is written by ncclCommInitRank before it is read.
+        let comm = unsafe {
+            cu(nccl_res::comm_init_rank(
+                comm.as_mut_ptr(),
+                world as i32,
+                nccl_sys::ncclUniqueId { internal },
+                rank as i32,
+            ))
+            .map_err(|e| Error::Invalid(format!("rank {rank}: NCCL init failed: {e}")))?;
+            comm.assume_init()
+        };
+        Ok(NcclComm { comm, rank, world, stream: be.stream.clone(), scratch: RefCell::new(None) })
+    }
+
+    fn sum_f64(&self, data: &mut [f64]) -> Result<()> {
+        let n = data.len().max(1);
+        let mut s = self.scratch.borrow_mut();
+        if s.as_ref().is_none_or(|x| x.2 < n) {
+            let mem = cu(self.stream.alloc_zeros::<f64>(n))?;
+            let p = mem.device_ptr(&self.stream).0;
+            *s = Some((mem, p, n));
+        }
+        let p = s.as_ref().expect("allocated").1;
+        // SAFETY: p holds at least data.len() f64s; the stream is synchronised before `data` is read.
+        unsafe {
+            cu(drv::memcpy_htod_async(p, data, self.stream.cu_stream()))?;
+            cu(nccl_res::all_reduce(
+                p as *const std::ffi::c_void,
+                p as *mut std::ffi::c_void,
+                data.len(),
+                nccl_sys::ncclDataType_t::ncclFloat64,
+                nccl_sys::ncclRedOp_t::ncclSum,
+                self.comm,
+                self.stream.cu_stream() as nccl_sys::cudaStream_t,
+            ))?;
+            cu(drv::memcpy_dtoh_async(data, p, self.stream.cu_stream()))?;
+        }
+        cu(self.stream.synchronize())
+    }
+}
+
+impl Drop for NcclComm {
+    fn drop(&mut self) {
+        // SAFETY: the communicator was initialised and is released once, here.
+        unsafe {
+            let _ = nccl_res::comm_abort(self.comm);
+        }
+    }
+}
+
+impl crate::dist::Comm for NcclComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world(&self) -> usize {
+        self.world
+    }
+    fn all_reduce_sum(&self, data: &mut [f32]) -> Result<()> {
+        let mut d: Vec<f64> = data.iter().map(|&x| x as f64).collect();
+        self.sum_f64(&mut d)?;
+        for (o, v) in data.iter_mut().zip(d) {
+            *o = v as f32;
+        }
+        Ok(())
+    }
+    fn all_reduce_sum_f64(&self, data: &mut [f64]) -> Result<()> {
+        self.sum_f64(data)
+    }
+    fn barrier(&self) -> Result<()> {
+        self.sum_f64(&mut [0.0])
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 }

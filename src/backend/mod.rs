@@ -233,6 +233,18 @@ pub trait Backend {
         dropout: Option<Dropout>,
     ) -> Result<()>;
 
+    // ---- data parallelism ------------------------------------------------------------------------------
+    /// buf = Σ over the ranks of `comm`, in place. This default goes through host memory; the CUDA
+    /// backend sums on the device with NCCL.
+    fn all_reduce_sum(&self, buf: Buf, comm: &dyn crate::dist::Comm) -> Result<()> {
+        if comm.world() == 1 {
+            return Ok(());
+        }
+        let mut h = self.download(buf)?;
+        comm.all_reduce_sum(&mut h)?;
+        self.upload(buf, &h)
+    }
+
     // ---- optimizer ----------------------------------------------------------------------------------
     /// out (1) = Σ x² over `x` (inf or NaN when any element is not finite): gradient norm and finite check.
     fn sum_squares(&self, out: Buf, x: Buf) -> Result<()>;
