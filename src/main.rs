@@ -351,6 +351,9 @@ struct TrainArgs {
     max_nonfinite_steps: Option<u64>,
     #[arg(long)]
     loader_threads: Option<usize>,
+    /// Multi-GPU jobs: seconds a rank waits for the others (rendezvous, a collective) before failing.
+    #[arg(long)]
+    dist_timeout_s: Option<u64>,
     /// No progress bar or periodic progress lines.
     #[arg(long)]
     #[serde(skip)]
@@ -923,16 +926,7 @@ fn train(a: TrainArgs) -> Result<()> {
         };
         return Ok(bertcuda::dist::supervise(&exe, &args, n, port)?);
     }
-    if let Some(info) = bertcuda::dist::RankInfo::from_env(|k| std::env::var(k).ok())? {
-        if info.world > 1 {
-            bail!(
-                "rank {} of {}: multi-process training needs GPUs (NCCL), and this build has no NCCL path yet; \
-                 on the CPU, train with one process",
-                info.rank,
-                info.world
-            );
-        }
-    }
+    let info = bertcuda::dist::RankInfo::from_env(|k| std::env::var(k).ok())?.filter(|i| i.world > 1);
     let no_args = a.config.is_none() && a.data.is_empty() && a.output.is_none() && a.resume.is_none();
     let file = match &a.config {
         Some(p) => Some(bertcuda::train::TrainConfig::file_values(p)?),
@@ -945,7 +939,10 @@ fn train(a: TrainArgs) -> Result<()> {
     }
     let cfg = bertcuda::train::TrainConfig::resolve(file, flags)?;
     let stop = bertcuda::train::install_signal_handlers()?;
-    let summary = bertcuda::train::train(cfg, stop)?;
+    let summary = match info {
+        Some(info) => bertcuda::train::train_distributed(cfg, stop, info)?,
+        None => bertcuda::train::train(cfg, stop)?,
+    };
     if let (Some(first), Some(last)) = (summary.losses.first(), summary.losses.last()) {
         eprintln!("loss: {first:.4} at the first step of this run, {last:.4} at step {}", summary.steps);
     }

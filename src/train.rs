@@ -77,6 +77,8 @@ pub struct TrainConfig {
     /// Non-finite steps in a row that stop the run (fp32/bf16).
     pub max_nonfinite_steps: u64,
     pub loader_threads: usize,
+    /// Multi-GPU jobs: seconds a rank waits for the others (rendezvous, a collective) before it fails.
+    pub dist_timeout_s: u64,
     /// Progress bar / periodic lines on stderr.
     pub progress: bool,
     /// Testing: make the gradients of these steps non-finite.
@@ -126,6 +128,7 @@ impl Default for TrainConfig {
             allow_config_change: false,
             max_nonfinite_steps: 10,
             loader_threads: 1,
+            dist_timeout_s: 600,
             progress: true,
             debug_nonfinite_steps: vec![],
             debug_pause_in_save_ms: 0,
@@ -134,7 +137,8 @@ impl Default for TrainConfig {
 }
 
 /// Settings that may change when a run resumes (`--allow-config-change` for the rest of the schedule).
-const RESUMABLE_CHANGES: [&str; 12] = [
+const RESUMABLE_CHANGES: [&str; 13] = [
+    "dist_timeout_s",
     "output",
     "resume",
     "overwrite_output",
@@ -421,10 +425,11 @@ fn check_resume_config(saved: &serde_json::Value, cfg: &TrainConfig) -> Result<(
 
 /// Everything before the first step that does not depend on the device: checks, the output directory,
 /// the data, and the model's config and starting weights.
-fn prepare_run(cfg: TrainConfig) -> Result<Prepared> {
+fn prepare_run(cfg: TrainConfig, lead: bool) -> Result<Prepared> {
     cfg.validate()?;
     let resume = resume_point(&cfg)?;
-    if resume.is_none()
+    if lead
+        && resume.is_none()
         && cfg.output.exists()
         && std::fs::read_dir(&cfg.output).at(&cfg.output)?.next().is_some()
     {
@@ -437,7 +442,9 @@ fn prepare_run(cfg: TrainConfig) -> Result<Prepared> {
             );
         }
     }
-    std::fs::create_dir_all(&cfg.output).at(&cfg.output)?;
+    if lead {
+        std::fs::create_dir_all(&cfg.output).at(&cfg.output)?;
+    }
 
     // Precision: this build computes in fp32 on both backends; fp16 runs the dynamic loss scaler around
     // that arithmetic (the loop mixed precision uses).
@@ -514,7 +521,7 @@ fn prepare_run(cfg: TrainConfig) -> Result<Prepared> {
 
 /// Run training to the end (or a stop signal), one process.
 pub fn train(cfg: TrainConfig, stop: Arc<AtomicBool>) -> Result<TrainSummary> {
-    let prepared = prepare_run(cfg)?;
+    let prepared = prepare_run(cfg, true)?;
     match choose_device(&prepared.cfg.device)? {
         Device::Cpu => run(&Cpu::<f32>::new(), prepared, stop, &Single),
         Device::Cuda(be) => run(&*be, prepared, stop, &Single),
@@ -525,7 +532,7 @@ pub fn train(cfg: TrainConfig, stop: Arc<AtomicBool>) -> Result<TrainSummary> {
 /// gradients through an in-process communicator: what NCCL does across GPUs, here for tests and
 /// for checking that W ranks equal one rank with W× the batch.
 pub fn train_in_process(cfg: TrainConfig, world: usize, stop: Arc<AtomicBool>) -> Result<Vec<TrainSummary>> {
-    let prepared = prepare_run(cfg)?;
+    let prepared = prepare_run(cfg, true)?;
     let comms = InProcess::group(world, Duration::from_secs(600));
     std::thread::scope(|s| {
         let handles: Vec<_> = comms
@@ -546,6 +553,33 @@ pub fn train_in_process(cfg: TrainConfig, world: usize, stop: Arc<AtomicBool>) -
             .map(|h| h.join().map_err(|_| Error::Invalid("a rank thread panicked".into()))?)
             .collect()
     })
+}
+
+/// One rank of a multi-GPU job (started by torchrun, srun, mpirun or `--nproc-per-node`): the GPU of its
+/// local rank, NCCL's id from rank 0 over the TCP rendezvous, then the same loop as one process, the
+/// gradients summed by NCCL on the device. Every wait is bounded by `dist_timeout_s`.
+pub fn train_distributed(
+    cfg: TrainConfig,
+    stop: Arc<AtomicBool>,
+    info: crate::dist::RankInfo,
+) -> Result<TrainSummary> {
+    use crate::backend::cuda::{Cuda, NcclComm};
+    let who = format!("rank {} of {}", info.rank, info.world);
+    if cfg.device == "cpu" {
+        bail!("{who}: multi-process training needs GPUs (NCCL); with --device cpu, train in one process");
+    }
+    let be = Cuda::new(info.local_rank).map_err(|e| {
+        Error::Invalid(format!(
+            "{who} (local rank {}): {e}; multi-process training needs one GPU per rank",
+            info.local_rank
+        ))
+    })?;
+    let timeout = Duration::from_secs(cfg.dist_timeout_s.max(1));
+    let id = if info.rank == 0 { Some(NcclComm::unique_id()?) } else { None };
+    let id = crate::dist::rendezvous(&info, id, timeout)?;
+    let comm = NcclComm::new(&be, info.rank, info.world, id, timeout)?;
+    let prepared = prepare_run(cfg, info.rank == 0)?;
+    run(&be, prepared, stop, &comm).map_err(|e| Error::Invalid(format!("{who}: {e}")))
 }
 
 /// What a run starts from, backend-independent.

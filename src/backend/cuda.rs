@@ -225,9 +225,29 @@ pub struct Cuda {
     partials: RefCell<Scratch<f32>>,
     groups: RefCell<Scratch<i32>>,
     name: String,
+    sync_timeout: std::cell::Cell<Option<std::time::Duration>>,
 }
 
 const THREADS: u32 = 256;
+
+/// Wait for a stream; with a timeout, an operation that never finishes (a collective whose peer died)
+/// becomes an error instead of a hang.
+fn wait_stream(stream: &CudaStream, timeout: Option<std::time::Duration>) -> Result<()> {
+    let Some(timeout) = timeout else { return cu(stream.synchronize()) };
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        // SAFETY: a query of a live stream.
+        match unsafe { cudarc::driver::sys::cuStreamQuery(stream.cu_stream()) } {
+            cudarc::driver::sys::CUresult::CUDA_SUCCESS => return Ok(()),
+            cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_READY => {}
+            e => bail!("CUDA: {e:?}"),
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!("a GPU operation did not finish within {timeout:?}: another rank of the job died or hangs");
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+}
 
 fn grid_for(n: usize) -> u32 {
     (n.div_ceil(THREADS as usize)).clamp(1, 65_535) as u32
@@ -270,12 +290,18 @@ impl Cuda {
             partials: RefCell::new(Scratch::default()),
             groups: RefCell::new(Scratch::default()),
             name,
+            sync_timeout: std::cell::Cell::new(None),
         })
     }
 
-    /// Wait for all queued work.
+    /// Wait for all queued work (within the sync timeout, when one is set).
     pub fn synchronize(&self) -> Result<()> {
-        cu(self.stream.synchronize())
+        wait_stream(&self.stream, self.sync_timeout.get())
+    }
+
+    /// Bound every wait: in a multi-GPU job a dead peer leaves collectives unfinished forever.
+    pub fn set_sync_timeout(&self, t: Option<std::time::Duration>) {
+        self.sync_timeout.set(t);
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {
@@ -1020,6 +1046,7 @@ pub struct NcclComm {
     world: usize,
     stream: Arc<CudaStream>,
     scratch: RefCell<Option<(CudaSlice<f64>, u64, usize)>>,
+    timeout: std::time::Duration,
 }
 
 impl NcclComm {
@@ -1037,7 +1064,13 @@ impl NcclComm {
     }
 
     /// Join the communicator of `world` ranks as `rank`, on the backend's GPU and stream.
-    pub fn new(be: &Cuda, rank: usize, world: usize, id: [u8; crate::dist::ID_BYTES]) -> Result<Self> {
+    pub fn new(
+        be: &Cuda,
+        rank: usize,
+        world: usize,
+        id: [u8; crate::dist::ID_BYTES],
+        timeout: std::time::Duration,
+    ) -> Result<Self> {
         if !unsafe { nccl_sys::is_culib_present() } {
             bail!("NCCL (libnccl.so) cannot be opened; put it on LD_LIBRARY_PATH (a libnccl.so link to libnccl.so.2)");
         }
@@ -1057,7 +1090,8 @@ impl NcclComm {
             .map_err(|e| Error::Invalid(format!("rank {rank}: NCCL init failed: {e}")))?;
             comm.assume_init()
         };
-        Ok(NcclComm { comm, rank, world, stream: be.stream.clone(), scratch: RefCell::new(None) })
+        be.set_sync_timeout(Some(timeout));
+        Ok(NcclComm { comm, rank, world, stream: be.stream.clone(), scratch: RefCell::new(None), timeout })
     }
 
     fn sum_f64(&self, data: &mut [f64]) -> Result<()> {
@@ -1083,7 +1117,8 @@ impl NcclComm {
             ))?;
             cu(drv::memcpy_dtoh_async(data, p, self.stream.cu_stream()))?;
         }
-        cu(self.stream.synchronize())
+        wait_stream(&self.stream, Some(self.timeout))
+            .map_err(|e| Error::Invalid(format!("rank {}: {e}", self.rank)))
     }
 }
 
