@@ -401,3 +401,37 @@ pub fn bench_kernels() -> Result<(String, Vec<KernelBench>)> {
     });
     Ok((be.describe(), out))
 }
+
+/// `bertcuda bench allreduce`: NCCL all-reduce of fp32 buffers from 1 MiB to 1 GiB across the ranks the
+/// environment describes (torchrun / SLURM / `--nproc-per-node`), as nccl-tests reports it: algorithm
+/// bandwidth = bytes / time, bus bandwidth = algorithm bandwidth · 2(n−1)/n. Rows: (bytes, ms, algbw, busbw).
+pub fn bench_allreduce(info: &crate::dist::RankInfo) -> Result<Vec<(usize, f64, f64, f64)>> {
+    use crate::backend::cuda::{Cuda, NcclComm};
+    use crate::backend::Backend;
+    use crate::dist::Comm;
+    let be = Cuda::new(info.local_rank)?;
+    let timeout = std::time::Duration::from_secs(120);
+    let id = if info.rank == 0 { Some(NcclComm::unique_id()?) } else { None };
+    let id = crate::dist::rendezvous(info, id, timeout)?;
+    let comm = NcclComm::new(&be, info.rank, info.world, id, timeout)?;
+    let n = info.world as f64;
+    let mut out = Vec::new();
+    let mut bytes = 1usize << 20;
+    while bytes <= 1 << 30 {
+        let buf = be.alloc(bytes / 4)?;
+        be.all_reduce_sum(buf, &comm)?;
+        be.synchronize()?;
+        comm.barrier()?;
+        let reps = 10;
+        let start = Instant::now();
+        for _ in 0..reps {
+            be.all_reduce_sum(buf, &comm)?;
+        }
+        be.synchronize()?;
+        let ms = start.elapsed().as_secs_f64() * 1e3 / reps as f64;
+        let alg = bytes as f64 / ms / 1e6;
+        out.push((bytes, ms, alg, alg * 2.0 * (n - 1.0) / n));
+        bytes *= 4;
+    }
+    Ok(out)
+}

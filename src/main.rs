@@ -433,6 +433,10 @@ enum ShardsCmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// NCCL all-reduce bus bandwidth across the ranks of a job, like nccl-tests (needs GPUs).
+    #[command(after_help = "Example:\n  torchrun --nproc-per-node 8 $(which bertcuda) bench allreduce\n  \
+        (or RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT set by any launcher)")]
+    Allreduce,
     /// Each CUDA kernel on BERT-base shapes: time, GB/s or TFLOP/s, fraction of the measured copy bandwidth.
     #[command(after_help = "Example:\n  bertcuda bench kernels")]
     Kernels,
@@ -555,6 +559,21 @@ fn run(cli: Cli) -> Result<()> {
                 m.sentences,
                 m.tokens
             );
+            Ok(())
+        }
+        Command::Bench(BenchCmd::Allreduce) => {
+            let info = bertcuda::dist::RankInfo::from_env(|k| std::env::var(k).ok())?
+                .context("bench allreduce runs under a launcher: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT")?;
+            let rows = bertcuda::bench::bench_allreduce(&info)?;
+            if info.rank == 0 {
+                println!(
+                    "{:>12} {:>10} {:>12} {:>12}   ({} ranks)",
+                    "bytes", "ms", "algbw GB/s", "busbw GB/s", info.world
+                );
+                for (b, ms, alg, bus) in rows {
+                    println!("{b:>12} {ms:>10.3} {alg:>12.1} {bus:>12.1}");
+                }
+            }
             Ok(())
         }
         Command::Bench(BenchCmd::Kernels) => {

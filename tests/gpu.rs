@@ -467,3 +467,51 @@ fn training_200_steps_on_the_gpu_tracks_the_cpu() {
         assert!((mc - mg).abs() < 0.02 * mc, "steps {w}..{}: cpu {mc} gpu {mg}", w + 20);
     }
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU (and libnccl.so)"]
+fn nccl_with_world_size_one_through_the_whole_training_path() {
+    use bertcuda::dist::RankInfo;
+    use bertcuda::train::{train_distributed, TrainConfig};
+    use std::sync::{atomic::AtomicBool, Arc};
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(root.join("data/sample/rust-book.txt")).unwrap();
+    let tok =
+        bertcuda::data::tokenizer::BertTokenizer::train(text.lines().take(2000), 1000, 2, true).unwrap();
+    tok.save_hf(&tmp.path().join("tok")).unwrap();
+    bertcuda::data::prepare::prepare(&bertcuda::data::prepare::PrepareConfig {
+        inputs: vec![root.join("data/sample")],
+        tokenizer: tmp.path().join("tok"),
+        no_lowercase: false,
+        output: tmp.path().join("shards"),
+        workers: 0,
+        overwrite: false,
+        max_line_bytes: bertcuda::data::text::DEFAULT_MAX_LINE_BYTES,
+        shard_tokens: bertcuda::data::prepare::DEFAULT_SHARD_TOKENS,
+        id_bytes: None,
+        progress: false,
+    })
+    .unwrap();
+    let cfg = TrainConfig {
+        data: vec![tmp.path().join("shards")],
+        output: tmp.path().join("out"),
+        model_config: "tiny".into(),
+        device: "cuda".into(),
+        per_device_batch_size: 8,
+        max_steps: Some(5),
+        save_steps: 5,
+        progress: false,
+        ..TrainConfig::default()
+    };
+    let info = RankInfo {
+        rank: 0,
+        world: 1,
+        local_rank: 0,
+        master_addr: "127.0.0.1".into(),
+        master_port: bertcuda::dist::free_port().unwrap(),
+    };
+    let s = train_distributed(cfg, Arc::new(AtomicBool::new(false)), info).unwrap();
+    assert_eq!(s.steps, 5);
+    assert!(s.losses.iter().all(|l| l.is_finite()));
+}
