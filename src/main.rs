@@ -894,18 +894,7 @@ fn default_run_config() -> Result<serde_json::Value> {
     }
     if bertcuda::data::shards::read_manifest(&shards).is_err() {
         eprintln!("default run: preparing shards into {}", shards.display());
-        prepare(&PrepareConfig {
-            inputs: vec![sample],
-            tokenizer: tok,
-            no_lowercase: false,
-            output: shards.clone(),
-            workers: 0,
-            overwrite: true,
-            max_line_bytes: DEFAULT_MAX_LINE_BYTES,
-            shard_tokens: DEFAULT_SHARD_TOKENS,
-            id_bytes: None,
-            progress: false,
-        })?;
+        prepare(&PrepareConfig { overwrite: true, ..PrepareConfig::new(vec![sample], tok, shards.clone()) })?;
     }
     let output = root.join("runs/tiny-sample");
     eprintln!(

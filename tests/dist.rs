@@ -8,8 +8,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bertcuda::data::prepare::{prepare, PrepareConfig, DEFAULT_SHARD_TOKENS};
-use bertcuda::data::text::DEFAULT_MAX_LINE_BYTES;
+use bertcuda::data::prepare::{prepare, PrepareConfig};
 use bertcuda::data::tokenizer::BertTokenizer;
 use bertcuda::dist::{buckets, rendezvous, Comm, InProcess, RankInfo, ID_BYTES};
 use bertcuda::model::config::ModelConfig;
@@ -28,16 +27,8 @@ fn shards_and_config(dir: &Path) -> (PathBuf, PathBuf) {
     tok.save_hf(&dir.join("tok")).unwrap();
     let shards = dir.join("shards");
     prepare(&PrepareConfig {
-        inputs: vec![corpus],
-        tokenizer: dir.join("tok"),
-        no_lowercase: false,
-        output: shards.clone(),
         workers: 1,
-        overwrite: false,
-        max_line_bytes: DEFAULT_MAX_LINE_BYTES,
-        shard_tokens: DEFAULT_SHARD_TOKENS,
-        id_bytes: None,
-        progress: false,
+        ..PrepareConfig::new(vec![corpus], dir.join("tok"), shards.clone())
     })
     .unwrap();
     let mut c = ModelConfig::preset("tiny", tok.vocab_size).unwrap();

@@ -10,8 +10,7 @@ use std::sync::Arc;
 
 use bertcuda::data::examples::{epoch_index, Corpus, ExampleConfig};
 use bertcuda::data::loader::{open_corpus, Batch, Cursor, EpochPlan, Loader, LoaderConfig, IGNORE_INDEX};
-use bertcuda::data::prepare::{prepare, PrepareConfig, DEFAULT_SHARD_TOKENS};
-use bertcuda::data::text::DEFAULT_MAX_LINE_BYTES;
+use bertcuda::data::prepare::{prepare, PrepareConfig};
 
 const WORDS: [&str; 3] = ["run", "walk", "jump"];
 const PIECES: [&str; 3] = ["##ning", "##s", "##ed"];
@@ -51,16 +50,8 @@ fn build(dir: &Path, synth: &Synth) -> PathBuf {
     drop(f);
     let out = dir.join("shards");
     prepare(&PrepareConfig {
-        inputs: vec![dir.join("corpus.txt")],
-        tokenizer: dir.join("vocab.txt"),
-        no_lowercase: false,
-        output: out.clone(),
         workers: 1,
-        overwrite: false,
-        max_line_bytes: DEFAULT_MAX_LINE_BYTES,
-        shard_tokens: DEFAULT_SHARD_TOKENS,
-        id_bytes: None,
-        progress: false,
+        ..PrepareConfig::new(vec![dir.join("corpus.txt")], dir.join("vocab.txt"), out.clone())
     })
     .unwrap();
     out

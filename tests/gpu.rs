@@ -429,18 +429,11 @@ fn training_200_steps_on_the_gpu_tracks_the_cpu() {
     let text = std::fs::read_to_string(root.join("data/sample/rust-book.txt")).unwrap();
     let tok = bertcuda::data::tokenizer::BertTokenizer::train(text.lines(), 2000, 2, true).unwrap();
     tok.save_hf(&tmp.path().join("tok")).unwrap();
-    bertcuda::data::prepare::prepare(&bertcuda::data::prepare::PrepareConfig {
-        inputs: vec![root.join("data/sample")],
-        tokenizer: tmp.path().join("tok"),
-        no_lowercase: false,
-        output: tmp.path().join("shards"),
-        workers: 0,
-        overwrite: false,
-        max_line_bytes: bertcuda::data::text::DEFAULT_MAX_LINE_BYTES,
-        shard_tokens: bertcuda::data::prepare::DEFAULT_SHARD_TOKENS,
-        id_bytes: None,
-        progress: false,
-    })
+    bertcuda::data::prepare::prepare(&bertcuda::data::prepare::PrepareConfig::new(
+        vec![root.join("data/sample")],
+        tmp.path().join("tok"),
+        tmp.path().join("shards"),
+    ))
     .unwrap();
     let run = |device: &str| {
         let cfg = TrainConfig {
@@ -480,18 +473,11 @@ fn nccl_with_world_size_one_through_the_whole_training_path() {
     let tok =
         bertcuda::data::tokenizer::BertTokenizer::train(text.lines().take(2000), 1000, 2, true).unwrap();
     tok.save_hf(&tmp.path().join("tok")).unwrap();
-    bertcuda::data::prepare::prepare(&bertcuda::data::prepare::PrepareConfig {
-        inputs: vec![root.join("data/sample")],
-        tokenizer: tmp.path().join("tok"),
-        no_lowercase: false,
-        output: tmp.path().join("shards"),
-        workers: 0,
-        overwrite: false,
-        max_line_bytes: bertcuda::data::text::DEFAULT_MAX_LINE_BYTES,
-        shard_tokens: bertcuda::data::prepare::DEFAULT_SHARD_TOKENS,
-        id_bytes: None,
-        progress: false,
-    })
+    bertcuda::data::prepare::prepare(&bertcuda::data::prepare::PrepareConfig::new(
+        vec![root.join("data/sample")],
+        tmp.path().join("tok"),
+        tmp.path().join("shards"),
+    ))
     .unwrap();
     let cfg = TrainConfig {
         data: vec![tmp.path().join("shards")],

@@ -12,8 +12,7 @@ use bertcuda::backend::cpu::Cpu;
 use bertcuda::backend::Backend;
 use bertcuda::checkpoint;
 use bertcuda::data::loader::{open_corpus, EpochPlan, LoaderConfig};
-use bertcuda::data::prepare::{prepare, PrepareConfig, DEFAULT_SHARD_TOKENS};
-use bertcuda::data::text::DEFAULT_MAX_LINE_BYTES;
+use bertcuda::data::prepare::{prepare, PrepareConfig};
 use bertcuda::data::tokenizer::BertTokenizer;
 use bertcuda::model::bert::{Bert, Inputs, Plan, StepOptions};
 use bertcuda::model::config::ModelConfig;
@@ -45,19 +44,8 @@ fn fixture() -> &'static Fixture {
         let tok_dir = dir.path().join("tok");
         tok.save_hf(&tok_dir).unwrap();
         let shards = dir.path().join("shards");
-        prepare(&PrepareConfig {
-            inputs: vec![corpus],
-            tokenizer: tok_dir,
-            no_lowercase: false,
-            output: shards.clone(),
-            workers: 1,
-            overwrite: false,
-            max_line_bytes: DEFAULT_MAX_LINE_BYTES,
-            shard_tokens: DEFAULT_SHARD_TOKENS,
-            id_bytes: None,
-            progress: false,
-        })
-        .unwrap();
+        prepare(&PrepareConfig { workers: 1, ..PrepareConfig::new(vec![corpus], tok_dir, shards.clone()) })
+            .unwrap();
         let mut c = ModelConfig::preset("tiny", tok.vocab_size).unwrap();
         c.hidden_size = 32;
         c.num_attention_heads = 2;
@@ -469,16 +457,8 @@ fn init_from_a_real_checkpoint_continues_pretraining_and_refuses_other_vocabular
     fs::write(&corpus, text.lines().take(300).map(|l| format!("{l}\n")).collect::<String>()).unwrap();
     let shards = tmp.path().join("shards");
     prepare(&PrepareConfig {
-        inputs: vec![corpus],
-        tokenizer: minilm.clone(),
-        no_lowercase: false,
-        output: shards.clone(),
         workers: 1,
-        overwrite: false,
-        max_line_bytes: DEFAULT_MAX_LINE_BYTES,
-        shard_tokens: DEFAULT_SHARD_TOKENS,
-        id_bytes: None,
-        progress: false,
+        ..PrepareConfig::new(vec![corpus], minilm.clone(), shards.clone())
     })
     .unwrap();
     let out = tmp.path().join("dapt");

@@ -41,6 +41,24 @@ pub struct PrepareConfig {
     pub progress: bool,
 }
 
+impl PrepareConfig {
+    /// The defaults of `bertcuda prepare`: every core, no overwrite, no progress output.
+    pub fn new(inputs: Vec<PathBuf>, tokenizer: PathBuf, output: PathBuf) -> Self {
+        PrepareConfig {
+            inputs,
+            tokenizer,
+            no_lowercase: false,
+            output,
+            workers: 0,
+            overwrite: false,
+            max_line_bytes: crate::data::text::DEFAULT_MAX_LINE_BYTES,
+            shard_tokens: DEFAULT_SHARD_TOKENS,
+            id_bytes: None,
+            progress: false,
+        }
+    }
+}
+
 pub struct PrepareSummary {
     pub output: PathBuf,
     pub manifest: Manifest,
