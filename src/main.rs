@@ -354,6 +354,9 @@ struct TrainArgs {
     /// Multi-GPU jobs: seconds a rank waits for the others (rendezvous, a collective) before failing.
     #[arg(long)]
     dist_timeout_s: Option<u64>,
+    /// Multi-GPU jobs: gradient bucket size in MB (25), reduced as backward completes each.
+    #[arg(long)]
+    bucket_size_mb: Option<f64>,
     /// No progress bar or periodic progress lines.
     #[arg(long)]
     #[serde(skip)]

@@ -79,6 +79,8 @@ pub struct TrainConfig {
     pub loader_threads: usize,
     /// Multi-GPU jobs: seconds a rank waits for the others (rendezvous, a collective) before it fails.
     pub dist_timeout_s: u64,
+    /// Multi-GPU jobs: size of the gradient buckets reduced as the backward pass completes them.
+    pub bucket_size_mb: f64,
     /// Progress bar / periodic lines on stderr.
     pub progress: bool,
     /// Testing: make the gradients of these steps non-finite.
@@ -129,6 +131,7 @@ impl Default for TrainConfig {
             max_nonfinite_steps: 10,
             loader_threads: 1,
             dist_timeout_s: 600,
+            bucket_size_mb: 25.0,
             progress: true,
             debug_nonfinite_steps: vec![],
             debug_pause_in_save_ms: 0,
@@ -137,8 +140,9 @@ impl Default for TrainConfig {
 }
 
 /// Settings that may change when a run resumes (`--allow-config-change` for the rest of the schedule).
-const RESUMABLE_CHANGES: [&str; 13] = [
+const RESUMABLE_CHANGES: [&str; 14] = [
     "dist_timeout_s",
+    "bucket_size_mb",
     "output",
     "resume",
     "overwrite_output",
@@ -771,6 +775,8 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
     let mut last_saved = state.global_step;
     let mut labels: Vec<Vec<i32>> = vec![Vec::new(); cfg.gradient_accumulation_steps];
     let sq_buf = be.alloc(1)?;
+    let buckets =
+        crate::dist::buckets(table, ((cfg.bucket_size_mb * (1 << 20) as f64) / 4.0).max(1.0) as usize);
     // Rank 0 writes; the others wait at the barrier so no rank runs ahead of a checkpoint.
     let save_now = |state: &TrainerState, model: &Bert<B>, adamw: &AdamW| -> Result<Option<PathBuf>> {
         if !lead {
@@ -822,18 +828,38 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
         let norm = LossNorm { mlm_tokens: counts[0] as usize, sequences: counts[1] as usize };
         model.zero_grads()?;
         let (mut mlm_sum, mut nsp_sum, mut any_mlm, mut any_nsp) = (0.0, 0.0, false, false);
-        for (b, lab) in batches.iter().zip(labels.iter_mut()) {
+        let last_micro = batches.len() - 1;
+        for (k, (b, lab)) in batches.iter().zip(labels.iter_mut()).enumerate() {
             let inp = Inputs::from_batch(b, lab);
-            let l = model.step(
-                &inp,
-                StepOptions {
-                    train: Some(Train { seed: cfg.seed, step: state.micro_step }),
-                    backward: true,
-                    loss_scale: state.scaler.scale as f32,
-                    norm: Some(norm),
-                    accuracy: false,
-                },
-            )?;
+            let opts = StepOptions {
+                train: Some(Train { seed: cfg.seed, step: state.micro_step }),
+                backward: true,
+                loss_scale: state.scaler.scale as f32,
+                norm: Some(norm),
+                accuracy: false,
+            };
+            let l = if world > 1 && k == last_micro {
+                // Sum each bucket across the ranks as soon as the backward pass has completed it (no
+                // reduction on the earlier micro-batches: their gradients accumulate locally).
+                let mut reduced = vec![false; buckets.len()];
+                let mut reduce_ready = |layer: Option<usize>| -> Result<()> {
+                    for (done, bk) in reduced.iter_mut().zip(&buckets) {
+                        let ready = match (layer, bk.ready_after_layer) {
+                            (None, _) => true,
+                            (Some(l), Some(r)) => r >= l,
+                            (Some(_), None) => false,
+                        };
+                        if ready && !*done {
+                            be.all_reduce_sum(model.grads.at(bk.start, bk.len), comm)?;
+                            *done = true;
+                        }
+                    }
+                    Ok(())
+                };
+                model.step_with_hook(&inp, opts, Some(&mut reduce_ready))?
+            } else {
+                model.step(&inp, opts)?
+            };
             state.micro_step += 1;
             if let Some(m) = l.mlm {
                 mlm_sum += m * l.mlm_tokens as f64;
@@ -853,7 +879,6 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
         }
         state.epoch = state.cursor.epoch as f64 + state.cursor.batch as f64 / batches_per_epoch as f64;
         // Sum the ranks' gradients (each already divided by the global counts) and loss sums.
-        be.all_reduce_sum(model.grads, comm)?;
         let mut sums = [mlm_sum, nsp_sum, any_mlm as u8 as f64, any_nsp as u8 as f64];
         comm.all_reduce_sum_f64(&mut sums)?;
         let (mlm_sum, nsp_sum, any_mlm, any_nsp) = (sums[0], sums[1], sums[2] > 0.0, sums[3] > 0.0);

@@ -63,6 +63,10 @@ impl<'a> Inputs<'a> {
     }
 }
 
+/// Called as the backward pass completes gradients: `Some(layer)` after each encoder layer (from the last
+/// down), `None` at the end.
+pub type GradsDone<'f> = dyn FnMut(Option<usize>) -> Result<()> + 'f;
+
 /// Dropout on (training); off in evaluation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Train {
@@ -603,6 +607,18 @@ impl<'a, B: Backend> Bert<'a, B> {
     /// Forward, and with `backward` the gradients of the loss added into `grads` (scaled by `loss_scale`).
     /// Dropout on with `train`.
     pub fn step(&self, inp: &Inputs, o: StepOptions) -> Result<Losses> {
+        self.step_with_hook(inp, o, None)
+    }
+
+    /// `step`, calling `grads_done(Some(l))` once the backward pass has finished encoder layer `l` (the
+    /// heads' gradients are complete before the last layer's) and `grads_done(None)` at its end: the
+    /// gradient buckets of data parallelism are reduced as soon as they are complete.
+    pub fn step_with_hook(
+        &self,
+        inp: &Inputs,
+        o: StepOptions,
+        grads_done: Option<&mut GradsDone>,
+    ) -> Result<Losses> {
         let (train, backward, loss_scale) = (o.train, o.backward, o.loss_scale);
         self.upload_inputs(inp)?;
         let (be, a, top, c) = (self.be, &self.a, &self.table.top, &self.config);
@@ -751,13 +767,18 @@ impl<'a, B: Backend> Bert<'a, B> {
         }
 
         if backward {
-            self.encoder_bwd(inp, train)?;
+            self.encoder_bwd(inp, train, grads_done)?;
         }
         Ok(losses)
     }
 
     /// Backward through the encoder from dx = d(loss)/d(last hidden state).
-    fn encoder_bwd(&self, inp: &Inputs, train: Option<Train>) -> Result<()> {
+    fn encoder_bwd(
+        &self,
+        inp: &Inputs,
+        train: Option<Train>,
+        mut grads_done: Option<&mut GradsDone>,
+    ) -> Result<()> {
         let (be, c, a, top) = (self.be, &self.config, &self.a, &self.table.top);
         let (b, t) = (inp.batch, inp.seq);
         let n = b * t;
@@ -833,6 +854,9 @@ impl<'a, B: Backend> Bert<'a, B> {
             )?;
             // dx (the layer input) = dsum1 + dqkv · Wqkv
             self.linear_bwd(Some((dx, true)), dqkv, a.x[l], lo.qkv_w, lo.qkv_b, n, h, 3 * h)?;
+            if let Some(f) = grads_done.as_deref_mut() {
+                f(Some(l))?;
+            }
         }
         // embeddings: x0 = dropout(LN(emb))
         let demb_ln = match self.dropout(c.hidden_dropout_prob, train, SITE_EMBEDDINGS) {
@@ -865,7 +889,11 @@ impl<'a, B: Backend> Bert<'a, B> {
             b,
             t,
             h,
-        )
+        )?;
+        match grads_done {
+            Some(f) => f(None),
+            None => Ok(()),
+        }
     }
 
     /// Outputs for inspection (eval mode): last hidden state (B·T·H), pooler output (B·H), NSP logits (B·2).
