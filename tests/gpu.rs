@@ -20,6 +20,17 @@ const H: usize = 48;
 const NH: usize = 3; // head size 16
 const V: usize = 211;
 
+/// The repository: the working directory when it is one (the GPU machine runs these from a copy of the
+/// tree elsewhere), else where this was built.
+fn repo_root() -> std::path::PathBuf {
+    let cwd = std::env::current_dir().unwrap();
+    if cwd.join("data/sample/rust-book.txt").is_file() {
+        cwd
+    } else {
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    }
+}
+
 fn gpu() -> Cuda {
     Cuda::new(0).expect("a CUDA GPU with the kernels built")
 }
@@ -424,7 +435,7 @@ fn the_same_seed_gives_bitwise_equal_gpu_losses_and_gradients() {
 fn training_200_steps_on_the_gpu_tracks_the_cpu() {
     use bertcuda::train::{train, TrainConfig};
     use std::sync::{atomic::AtomicBool, Arc};
-    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let root = repo_root();
     let tmp = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(root.join("data/sample/rust-book.txt")).unwrap();
     let tok = bertcuda::data::tokenizer::BertTokenizer::train(text.lines(), 2000, 2, true).unwrap();
@@ -467,7 +478,7 @@ fn nccl_with_world_size_one_through_the_whole_training_path() {
     use bertcuda::dist::RankInfo;
     use bertcuda::train::{train_distributed, TrainConfig};
     use std::sync::{atomic::AtomicBool, Arc};
-    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let root = repo_root();
     let tmp = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(root.join("data/sample/rust-book.txt")).unwrap();
     let tok =
