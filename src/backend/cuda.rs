@@ -1049,12 +1049,18 @@ pub struct NcclComm {
     timeout: std::time::Duration,
 }
 
+fn nccl_present() -> Result<()> {
+    // SAFETY: only checks whether the library can be opened.
+    if !unsafe { nccl_sys::is_culib_present() } {
+        bail!("NCCL (libnccl.so) cannot be opened; put it on LD_LIBRARY_PATH (a libnccl.so link to libnccl.so.2)");
+    }
+    Ok(())
+}
+
 impl NcclComm {
     /// A new unique id (rank 0 makes it and hands it to the others through `dist::rendezvous`).
     pub fn unique_id() -> Result<[u8; crate::dist::ID_BYTES]> {
-        if !unsafe { nccl_sys::is_culib_present() } {
-            bail!("NCCL (libnccl.so) cannot be opened; put it on LD_LIBRARY_PATH (a libnccl.so link to libnccl.so.2)");
-        }
+        nccl_present()?;
         let id = cu(nccl_res::get_uniqueid())?;
         let mut out = [0u8; crate::dist::ID_BYTES];
         for (o, c) in out.iter_mut().zip(id.internal.iter()) {
@@ -1071,9 +1077,7 @@ impl NcclComm {
         id: [u8; crate::dist::ID_BYTES],
         timeout: std::time::Duration,
     ) -> Result<Self> {
-        if !unsafe { nccl_sys::is_culib_present() } {
-            bail!("NCCL (libnccl.so) cannot be opened; put it on LD_LIBRARY_PATH (a libnccl.so link to libnccl.so.2)");
-        }
+        nccl_present()?;
         let mut internal = [0 as std::ffi::c_char; crate::dist::ID_BYTES];
         for (i, b) in internal.iter_mut().zip(id) {
             *i = b as std::ffi::c_char;
