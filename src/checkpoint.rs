@@ -180,11 +180,55 @@ pub fn find_resume(out: &Path) -> (Option<(PathBuf, TrainerState)>, Vec<String>)
     (None, skipped)
 }
 
-/// Delete the oldest checkpoints beyond `keep` (at least 2), only complete ones counting.
-pub fn rotate(out: &Path, keep: usize) -> Result<()> {
+/// Delete the oldest complete checkpoints beyond `keep` (at least 2) among those of this run up to
+/// `current` (a checkpoint with a later step belongs to an abandoned run and is not counted); `current`
+/// itself is never deleted.
+pub fn rotate(out: &Path, keep: usize, current: u64) -> Result<()> {
     let keep = keep.max(2);
-    for (_, dir) in list(out).into_iter().skip(keep) {
-        std::fs::remove_dir_all(&dir).at(&dir)?;
+    let complete = list(out).into_iter().filter(|(s, d)| *s <= current && d.join(MANIFEST).is_file());
+    for (step, dir) in complete.skip(keep) {
+        if step != current {
+            std::fs::remove_dir_all(&dir).at(&dir)?;
+        }
+    }
+    Ok(())
+}
+
+/// A run resuming from step `from` sets aside the checkpoints of later steps (an abandoned continuation),
+/// renaming them `abandoned-checkpoint-STEP`, so `--resume auto` can never go back to them. Their names.
+pub fn set_aside_later(out: &Path, from: u64) -> Result<Vec<PathBuf>> {
+    let mut moved = Vec::new();
+    for (step, dir) in list(out).into_iter().filter(|(s, _)| *s > from) {
+        let to = out.join(format!("abandoned-{}", checkpoint_name(step)));
+        if to.exists() {
+            std::fs::remove_dir_all(&to).at(&to)?;
+        }
+        std::fs::rename(&dir, &to).at(&dir)?;
+        moved.push(to);
+    }
+    Ok(moved)
+}
+
+/// Leftovers of interrupted writes in `out`: hidden temporary directories are removed, and a
+/// checkpoint caught between the two renames of a replacement (`.NAME.old-PID` with no `NAME`) is put back.
+pub fn clean_leftovers(out: &Path) -> Result<()> {
+    for e in std::fs::read_dir(out).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix('.') else { continue };
+        if let Some((base, _)) = rest.rsplit_once(".tmp-") {
+            if base.starts_with("checkpoint-") {
+                std::fs::remove_dir_all(e.path()).at(e.path())?;
+            }
+        } else if let Some((base, _)) = rest.rsplit_once(".old-") {
+            if base.starts_with("checkpoint-") {
+                let dest = out.join(base);
+                if dest.exists() {
+                    std::fs::remove_dir_all(e.path()).at(e.path())?;
+                } else {
+                    std::fs::rename(e.path(), &dest).at(&dest)?;
+                }
+            }
+        }
     }
     Ok(())
 }

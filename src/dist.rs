@@ -256,9 +256,12 @@ pub fn rendezvous(info: &RankInfo, id: Option<[u8; ID_BYTES]>, timeout: Duration
             match listener.accept() {
                 Ok((mut s, _)) => {
                     s.set_nonblocking(false).ok();
-                    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+                    // A greeting is one short line; read at most 64 bytes, never past the deadline.
+                    let left =
+                        deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10));
+                    s.set_read_timeout(Some(left.min(Duration::from_secs(10)))).ok();
                     let mut line = String::new();
-                    BufReader::new(&mut s).read_line(&mut line).ok();
+                    BufReader::new((&mut s).take(64)).read_line(&mut line).ok();
                     let parts: Vec<&str> = line.split_whitespace().collect();
                     let parsed = match parts.as_slice() {
                         [h, r, w] if *h == HELLO => r.parse::<usize>().ok().zip(w.parse::<usize>().ok()),
@@ -312,8 +315,15 @@ pub fn rendezvous(info: &RankInfo, id: Option<[u8; ID_BYTES]>, timeout: Duration
             }
             if &head == b"ERR" {
                 let mut why = String::new();
-                let _ = s.read_to_string(&mut why);
+                let _ = s.take(1024).read_to_string(&mut why);
                 bail!("rank {}: rank 0 refused: {}", info.rank, why.trim());
+            }
+            if &head != b"OK " {
+                bail!(
+                    "rank {}: {addr} is not a bertcuda rendezvous (it answered {:?})",
+                    info.rank,
+                    String::from_utf8_lossy(&head)
+                );
             }
             let mut id = [0u8; ID_BYTES];
             s.read_exact(&mut id)
@@ -377,6 +387,16 @@ pub fn buckets(table: &crate::model::params::ParamTable, cap: usize) -> Vec<Buck
 /// are prefixed by rank; when one exits with an error the others are stopped and the error names it.
 pub fn supervise(exe: &std::path::Path, args: &[String], n: usize, port: u16) -> Result<()> {
     use std::process::{Command, Stdio};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // SIGINT/SIGTERM to the supervisor go to every rank (each saves and exits as one process would).
+    let pending = Arc::new(AtomicUsize::new(0));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let p = pending.clone();
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { signal_hook::low_level::register(sig, move || p.store(sig as usize, Ordering::SeqCst)) }
+            .map_err(|e| Error::Invalid(format!("cannot install signal handlers: {e}")))?;
+    }
+    let mut readers: Vec<Vec<std::thread::JoinHandle<()>>> = Vec::new();
     let mut children = Vec::new();
     for rank in 0..n {
         let mut c = Command::new(exe);
@@ -389,12 +409,13 @@ pub fn supervise(exe: &std::path::Path, args: &[String], n: usize, port: u16) ->
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = c.spawn().map_err(|e| Error::Invalid(format!("cannot start rank {rank}: {e}")))?;
+        let mut mine = Vec::new();
         for (stream, is_err) in [
             (child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>), false),
             (child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>), true),
         ] {
             if let Some(s) = stream {
-                std::thread::spawn(move || {
+                mine.push(std::thread::spawn(move || {
                     for line in BufReader::new(s).lines().map_while(|l| l.ok()) {
                         if is_err {
                             eprintln!("[rank {rank}] {line}");
@@ -402,19 +423,33 @@ pub fn supervise(exe: &std::path::Path, args: &[String], n: usize, port: u16) ->
                             println!("[rank {rank}] {line}");
                         }
                     }
-                });
+                }));
             }
         }
+        readers.push(mine);
         children.push(child);
     }
     let mut done = vec![false; n];
     loop {
+        let sig = pending.swap(0, Ordering::SeqCst);
+        if sig != 0 {
+            for (r, c) in children.iter().enumerate() {
+                if !done[r] {
+                    // SAFETY: sending a signal to our own child process.
+                    unsafe { libc::kill(c.id() as libc::pid_t, sig as libc::c_int) };
+                }
+            }
+        }
         for rank in 0..n {
             if done[rank] {
                 continue;
             }
             if let Some(status) = children[rank].try_wait().map_err(|e| Error::Invalid(e.to_string()))? {
                 done[rank] = true;
+                // Its last lines (its error) are printed before anything else is said.
+                for h in readers[rank].drain(..) {
+                    let _ = h.join();
+                }
                 if !status.success() {
                     for (r, c) in children.iter_mut().enumerate() {
                         if !done[r] {

@@ -59,6 +59,9 @@ impl AtomicDir {
         let old = if self.dest.exists() {
             let name = self.dest.file_name().and_then(|n| n.to_str()).unwrap_or("out");
             let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+            if old.exists() {
+                fs::remove_dir_all(&old).at(&old)?; // a leftover of an earlier process with this id
+            }
             fs::rename(&self.dest, &old).at(&self.dest)?;
             Some(old)
         } else {
@@ -68,7 +71,10 @@ impl AtomicDir {
         sync_dir(&parent)?;
         self.committed = true;
         if let Some(old) = old {
-            fs::remove_dir_all(&old).at(&old)?;
+            // The new directory is in place; failing to delete the old one loses nothing.
+            if let Err(e) = fs::remove_dir_all(&old) {
+                tracing::warn!("could not remove {}: {e}", old.display());
+            }
         }
         Ok(self.dest.clone())
     }
@@ -94,6 +100,15 @@ pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = File::create(path).at(path)?;
     f.write_all(bytes).at(path)?;
     f.sync_all().at(path)
+}
+
+/// Replace a file atomically: write a temporary file beside it, fsync, rename over it, fsync the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = parent_of(path).join(format!(".{name}.tmp-{}", std::process::id()));
+    write_synced(&tmp, bytes)?;
+    fs::rename(&tmp, path).at(path)?;
+    sync_dir(&parent_of(path))
 }
 
 /// fsync a directory (its entries).

@@ -220,6 +220,9 @@ impl TrainConfig {
         if self.max_steps == Some(0) || self.num_train_epochs.is_some_and(|e| e <= 0.0) {
             bail!("--max-steps / --num-train-epochs must be positive");
         }
+        if self.max_nonfinite_steps == 0 {
+            bail!("--max-nonfinite-steps must be at least 1");
+        }
         if self.logging_steps == 0 || self.save_steps == 0 || self.eval_steps == 0 {
             bail!("--logging-steps, --save-steps and --eval-steps must be at least 1");
         }
@@ -448,6 +451,15 @@ fn prepare_run(cfg: TrainConfig, lead: bool) -> Result<Prepared> {
     }
     if lead {
         std::fs::create_dir_all(&cfg.output).at(&cfg.output)?;
+        checkpoint::clean_leftovers(&cfg.output)?;
+        if let Some((_, state)) = &resume {
+            for dir in checkpoint::set_aside_later(&cfg.output, state.global_step)? {
+                tracing::warn!(
+                    "set aside {}: a later checkpoint than the one this run resumes from",
+                    dir.display()
+                );
+            }
+        }
     }
 
     // Precision: this build computes in fp32 on both backends; fp16 runs the dynamic loss scaler around
@@ -537,14 +549,17 @@ pub fn train(cfg: TrainConfig, stop: Arc<AtomicBool>) -> Result<TrainSummary> {
 /// for checking that W ranks equal one rank with W× the batch.
 pub fn train_in_process(cfg: TrainConfig, world: usize, stop: Arc<AtomicBool>) -> Result<Vec<TrainSummary>> {
     let prepared = prepare_run(cfg, true)?;
-    let comms = InProcess::group(world, Duration::from_secs(600));
+    let comms = InProcess::group(world, Duration::from_secs(prepared.cfg.dist_timeout_s.max(1)));
     std::thread::scope(|s| {
         let handles: Vec<_> = comms
             .into_iter()
             .map(|comm| {
                 let (p, stop) = (prepared.clone(), stop.clone());
                 s.spawn(move || {
-                    let r = run(&Cpu::<f32>::new(), p, stop, &comm);
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        run(&Cpu::<f32>::new(), p, stop, &comm)
+                    }))
+                    .unwrap_or_else(|_| Err(Error::Invalid(format!("rank {} panicked", comm.rank()))));
                     if let Err(e) = &r {
                         comm.fail(&e.to_string());
                     }
@@ -698,6 +713,30 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
         state = TrainerState { config: state.config, ..saved.clone() };
     }
 
+    // Every rank must start from rank 0's point (a rank that resumed elsewhere, or not at all, would
+    // silently diverge): compare with rank 0's numbers, and stop together on any difference.
+    if world > 1 {
+        let mine = [
+            state.global_step as f64,
+            state.updates as f64,
+            state.micro_step as f64,
+            state.cursor.epoch as f64,
+            state.cursor.batch as f64,
+        ];
+        let mut zero = if lead { mine } else { [0.0; 5] };
+        comm.all_reduce_sum_f64(&mut zero)?;
+        let mut differs = [(zero != mine) as u8 as f64];
+        comm.all_reduce_sum_f64(&mut differs)?;
+        if differs[0] > 0.0 {
+            bail!(
+                "rank {}: the ranks do not start from the same point (rank 0 at step {}, this rank at step {}); every rank must see rank 0's checkpoints (a shared --output)",
+                comm.rank(),
+                zero[0],
+                mine[0]
+            );
+        }
+    }
+
     let eval_corpus = if cfg.eval_data.is_empty() { None } else { Some(open_corpus(&cfg.eval_data)?) };
     if let Some(ec) = &eval_corpus {
         if ec.tokenizer.fingerprint() != fingerprint {
@@ -799,7 +838,7 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
             },
             pause,
         )?;
-        checkpoint::rotate(&cfg.output, cfg.save_total_limit)?;
+        checkpoint::rotate(&cfg.output, cfg.save_total_limit, state.global_step)?;
         comm.barrier()?;
         Ok(Some(dir))
     };
@@ -873,11 +912,11 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
             window.2 += b.lengths.iter().map(|&x| x as usize).sum::<usize>();
         }
         let last = batches.last().expect("at least one micro-batch").cursor;
+        // The next batch; past the epoch's last one the loader moves on to the next epoch by itself
+        // (epochs have different sizes, so the trainer does not roll the cursor over).
         state.cursor = Cursor { epoch: last.epoch, batch: last.batch + 1 };
-        if state.cursor.batch >= batches_per_epoch {
-            state.cursor = Cursor { epoch: last.epoch + 1, batch: 0 };
-        }
-        state.epoch = state.cursor.epoch as f64 + state.cursor.batch as f64 / batches_per_epoch as f64;
+        state.epoch = last.epoch as f64
+            + (last.batch + 1) as f64 / batches.last().map_or(1, |b| b.epoch_batches.max(1)) as f64;
         // Sum the ranks' gradients (each already divided by the global counts) and loss sums.
         let mut sums = [mlm_sum, nsp_sum, any_mlm as u8 as f64, any_nsp as u8 as f64];
         comm.all_reduce_sum_f64(&mut sums)?;
@@ -918,6 +957,13 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
                     state.global_step,
                     state.scaler.scale
                 );
+                if state.scaler.scale < 1.0 {
+                    bail!(
+                        "step {}: the fp16 loss scale fell below 1 (the gradients are not finite at any scale); stopping. The last good checkpoint in {} is intact: lower --learning-rate, or train in fp32",
+                        state.global_step,
+                        cfg.output.display()
+                    );
+                }
             } else {
                 state.consecutive_nonfinite += 1;
                 tracing::warn!(
@@ -978,7 +1024,8 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
             };
             let line = serde_json::to_string(&m).expect("metrics serialise");
             if let Some(f) = metrics_file.as_mut() {
-                writeln!(f, "{line}").at(cfg.output.join("metrics.jsonl"))?;
+                // One write per line: a kill never leaves half a line for the resumed run to append to.
+                f.write_all(format!("{line}\n").as_bytes()).at(cfg.output.join("metrics.jsonl"))?;
             }
             let mut scalars: Vec<(&str, f32)> = vec![
                 ("train/loss", loss as f32),

@@ -335,3 +335,68 @@ fn buckets_cover_the_gradients_once_in_backward_order() {
         b.iter().any(|x| x.ready_after_layer == Some(3)) && b.iter().any(|x| x.ready_after_layer == Some(0))
     );
 }
+
+#[test]
+fn a_foreign_service_on_the_port_is_not_taken_for_rank_zero() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut s, _) = l.accept().unwrap();
+        let mut buf = [0u8; 64];
+        let _ = s.read(&mut buf);
+        s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").unwrap();
+    });
+    let e = rendezvous(&info(1, 2, port), None, Duration::from_secs(5)).unwrap_err().to_string();
+    assert!(e.contains("not a bertcuda rendezvous"), "{e}");
+    server.join().unwrap();
+}
+
+#[cfg(unix)]
+#[test]
+fn the_supervisor_passes_sigterm_to_its_ranks_which_save_and_exit_zero() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (shards, config) = shards_and_config(tmp.path());
+    let out = tmp.path().join("out");
+    let child = Command::new(env!("CARGO_BIN_EXE_bertcuda"))
+        .args([
+            "train",
+            "--nproc-per-node",
+            "1",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--max-steps",
+            "100000",
+            "--save-steps",
+            "100000",
+            "--max-seq-len",
+            "32",
+            "--per-device-batch-size",
+            "4",
+        ])
+        .arg("--data")
+        .arg(&shards)
+        .arg("--model-config")
+        .arg(&config)
+        .arg("--output")
+        .arg(&out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !(out.join("metrics.jsonl").is_file()
+        && fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().count() >= 3)
+    {
+        assert!(t.elapsed() < Duration::from_secs(60), "no training steps");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("[rank 0]") && err.contains("stopped by a signal"), "{err}");
+    let (found, _) = bertcuda::checkpoint::find_resume(&out);
+    assert!(found.is_some());
+}

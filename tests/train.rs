@@ -635,3 +635,80 @@ fn eval_reports_losses_accuracy_and_perplexity() {
     assert!(v["nsp_loss"].is_null() && v["nsp_accuracy"].is_null() && v["mlm_loss"].is_f64());
     assert!(run(&[]).contains("perplexity"));
 }
+
+#[test]
+fn resume_is_exact_from_any_checkpoint_across_epochs_of_different_sizes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a_out = tmp.path().join("a");
+    // Batches of 128: about nine steps an epoch, so 30 steps cross epoch boundaries (epochs differ in
+    // size: their examples are drawn per epoch).
+    // A seed whose epoch 1 has more batches than epoch 0: the case a cursor rolled over by epoch 0's
+    // size would get wrong.
+    let corpus = open_corpus(std::slice::from_ref(&fixture().shards)).unwrap();
+    let seed = (0..200u64)
+        .find(|&seed| {
+            let l = TrainConfig { per_device_batch_size: 128, seed, ..base_config(&a_out) }.loader();
+            EpochPlan::new(&corpus, &l, 1).unwrap().batches(&l)
+                > EpochPlan::new(&corpus, &l, 0).unwrap().batches(&l)
+        })
+        .expect("a seed with a larger epoch 1");
+    let cfg = |out: &Path| TrainConfig {
+        per_device_batch_size: 128,
+        seed,
+        max_steps: Some(30),
+        save_steps: 1,
+        save_total_limit: 40,
+        ..base_config(out)
+    };
+    train(cfg(&a_out), never()).unwrap();
+    let states: Vec<_> =
+        (1..30).map(|k| checkpoint::verify(&a_out.join(checkpoint::checkpoint_name(k))).unwrap()).collect();
+    assert!(states.last().unwrap().cursor.epoch >= 2, "{:?}", states.last().unwrap().cursor);
+    let want = fs::read(a_out.join("model.safetensors")).unwrap();
+    // Resume from the checkpoints just before and after each epoch boundary, and one inside.
+    let mut picks: Vec<u64> = vec![5];
+    for w in states.windows(2) {
+        if w[0].cursor.epoch != w[1].cursor.epoch || w[1].cursor.batch == 0 {
+            picks.extend([w[0].global_step, w[1].global_step]);
+        }
+    }
+    picks.dedup();
+    for k in picks {
+        let b_out = tmp.path().join(format!("b{k}"));
+        fs::create_dir_all(&b_out).unwrap();
+        copy_dir(&a_out.join(checkpoint::checkpoint_name(k)), &b_out.join(checkpoint::checkpoint_name(k)));
+        train(TrainConfig { resume: Some("auto".into()), ..cfg(&b_out) }, never()).unwrap();
+        assert_eq!(fs::read(b_out.join("model.safetensors")).unwrap(), want, "resumed from step {k}");
+    }
+}
+
+#[test]
+fn rotation_keeps_the_new_checkpoint_and_ignores_an_abandoned_continuation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    train(
+        TrainConfig { max_steps: Some(12), save_steps: 4, save_total_limit: 3, ..base_config(&out) },
+        never(),
+    )
+    .unwrap();
+    // Roll back to step 4 and continue with other save settings: 8 and 12 belong to the abandoned run.
+    let cfg = TrainConfig {
+        resume: Some(out.join("checkpoint-000004").to_str().unwrap().into()),
+        max_steps: Some(12),
+        save_steps: 2,
+        save_total_limit: 2,
+        ..base_config(&out)
+    };
+    train(cfg, never()).unwrap();
+    let steps: Vec<u64> = checkpoint::list(&out).into_iter().map(|c| c.0).collect();
+    assert_eq!(steps, [12, 10], "the newest complete checkpoints of this run");
+    assert!(
+        out.join("abandoned-checkpoint-000008").is_dir() && out.join("abandoned-checkpoint-000012").is_dir()
+    );
+    // A leftover temporary directory and a checkpoint caught between the renames of a replacement.
+    fs::create_dir_all(out.join(".checkpoint-000014.tmp-99999")).unwrap();
+    fs::rename(out.join("checkpoint-000012"), out.join(".checkpoint-000012.old-99999")).unwrap();
+    checkpoint::clean_leftovers(&out).unwrap();
+    assert!(!out.join(".checkpoint-000014.tmp-99999").exists());
+    checkpoint::verify(&out.join("checkpoint-000012")).unwrap();
+}

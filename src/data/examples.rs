@@ -127,7 +127,11 @@ impl Corpus {
         let vocab = tokenizer.vocab_in_order();
         let continuation = vocab.iter().map(|t| t.starts_with("##")).collect();
         let special = tokenizer.special;
-        let replaceable = (0..vocab.len() as u32).filter(|id| !special.all().contains(id)).collect();
+        let replaceable: Vec<u32> =
+            (0..vocab.len() as u32).filter(|id| !special.all().contains(id)).collect();
+        if replaceable.is_empty() {
+            bail!("{}: the tokenizer's vocabulary holds only special tokens", dirs[0].display());
+        }
         Ok(Corpus {
             vocab_size: first.vocab_size,
             special,

@@ -78,6 +78,8 @@ pub struct Batch {
     pub lengths: Vec<u32>,
     /// Which batch of the stream this is.
     pub cursor: Cursor,
+    /// Batches in this batch's epoch (epochs differ: their examples are drawn per epoch).
+    pub epoch_batches: u64,
 }
 
 impl Batch {
@@ -101,6 +103,7 @@ impl Batch {
             masked_positions: Vec::new(),
             lengths: Vec::with_capacity(b),
             cursor,
+            epoch_batches: 0,
         };
         for (i, e) in examples.iter().enumerate() {
             let n = e.input_ids.len();
@@ -196,7 +199,10 @@ impl EpochPlan {
             .map(|&s| make(corpus, ex, self.epoch, s as u64, &self.index[s as usize]))
             .collect();
         let pad_to = cfg.pad_to_max.then_some(ex.max_seq_len);
-        Batch::collate(&examples, corpus.special.pad, pad_to, Cursor { epoch: self.epoch, batch: k })
+        let mut b =
+            Batch::collate(&examples, corpus.special.pad, pad_to, Cursor { epoch: self.epoch, batch: k });
+        b.epoch_batches = self.batches(cfg);
+        b
     }
 }
 

@@ -204,6 +204,6 @@ impl ModelConfig {
 
     pub fn save(&self, path: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(&self.to_hf_json()).expect("config serialises");
-        crate::fsutil::write_synced(path, text.as_bytes())
+        crate::fsutil::write_atomic(path, text.as_bytes())
     }
 }

@@ -248,6 +248,6 @@ pub fn save_pretrained(dir: &Path, config: &ModelConfig, params: &[f32]) -> Resu
     std::fs::create_dir_all(dir).at(dir)?;
     let table = ParamTable::new(config);
     let bytes = safetensors_bytes(&table, params)?;
-    crate::fsutil::write_synced(&dir.join("model.safetensors"), &bytes)?;
+    crate::fsutil::write_atomic(&dir.join("model.safetensors"), &bytes)?;
     config.save(&dir.join("config.json"))
 }
