@@ -275,37 +275,52 @@ struct TrainArgs {
     /// fp32, bf16 or fp16 (dynamic loss scaling).
     #[arg(long)]
     precision: Option<String>,
+    /// Sequences per GPU (or CPU) per micro-batch (32).
     #[arg(long)]
     per_device_batch_size: Option<usize>,
+    /// Micro-batches per optimizer step (1).
     #[arg(long)]
     gradient_accumulation_steps: Option<usize>,
+    /// Peak learning rate (1e-4).
     #[arg(long)]
     learning_rate: Option<f64>,
+    /// AdamW decoupled weight decay, not applied to biases and LayerNorm weights (0.01).
     #[arg(long)]
     weight_decay: Option<f64>,
+    /// AdamW β1 (0.9).
     #[arg(long)]
     adam_beta1: Option<f64>,
+    /// AdamW β2 (0.999).
     #[arg(long)]
     adam_beta2: Option<f64>,
+    /// AdamW ε (1e-6).
     #[arg(long)]
     adam_epsilon: Option<f64>,
+    /// Linear warmup steps (or --warmup-ratio; default none).
     #[arg(long)]
     warmup_steps: Option<u64>,
+    /// Warmup as a fraction of the steps.
     #[arg(long)]
     warmup_ratio: Option<f64>,
     /// linear, cosine, constant or constant_with_warmup.
     #[arg(long)]
     lr_scheduler: Option<String>,
+    /// Optimizer steps to train (or --num-train-epochs; default 3 epochs).
     #[arg(long)]
     max_steps: Option<u64>,
+    /// Epochs to train (fractions allowed).
     #[arg(long)]
     num_train_epochs: Option<f64>,
+    /// Global gradient-norm clipping; 0 turns it off (1.0).
     #[arg(long)]
     max_grad_norm: Option<f64>,
+    /// Tokens per sequence, special tokens included (128).
     #[arg(long)]
     max_seq_len: Option<usize>,
+    /// Probability of selecting a token for the MLM loss (0.15).
     #[arg(long)]
     mlm_probability: Option<f64>,
+    /// Probability of a shorter target length per document (0.1).
     #[arg(long)]
     short_seq_prob: Option<f64>,
     #[arg(long)]
@@ -319,26 +334,33 @@ struct TrainArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "is_false")]
     pad_to_max: bool,
+    /// Seed of the initialisation, the examples, the masks and dropout (42).
     #[arg(long)]
     seed: Option<u64>,
+    /// Log every this many steps (10).
     #[arg(long)]
     logging_steps: Option<u64>,
+    /// Checkpoint every this many steps (500), and at the end.
     #[arg(long)]
     save_steps: Option<u64>,
     /// Checkpoints kept (at least 2); older ones are deleted once a new one is complete.
     #[arg(long)]
     save_total_limit: Option<usize>,
+    /// Shard directories to evaluate on during training.
     #[arg(long, num_args = 1..)]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     eval_data: Vec<PathBuf>,
+    /// Evaluate every this many steps (500).
     #[arg(long)]
     eval_steps: Option<u64>,
+    /// Batches per evaluation (20).
     #[arg(long)]
     eval_batches: Option<usize>,
     /// Continue a run: `auto` (the newest checkpoint that verifies; the default with no value) or a
     /// checkpoint directory.
     #[arg(long, num_args = 0..=1, default_missing_value = "auto")]
     resume: Option<String>,
+    /// Replace a non-empty output directory instead of refusing.
     #[arg(long)]
     #[serde(skip_serializing_if = "is_false")]
     overwrite_output: bool,
@@ -349,6 +371,7 @@ struct TrainArgs {
     /// Non-finite steps in a row that stop an fp32/bf16 run.
     #[arg(long)]
     max_nonfinite_steps: Option<u64>,
+    /// Threads building each batch (1).
     #[arg(long)]
     loader_threads: Option<usize>,
     /// Multi-GPU jobs: seconds a rank waits for the others (rendezvous, a collective) before failing.
