@@ -638,6 +638,7 @@ impl<T: Real> Backend for Cpu<T> {
             let m = &mask[b * seq..(b + 1) * seq];
             let any_key = m.iter().any(|&v| v != 0);
             let row = |t: usize, part: usize| &x[(b * seq + t) * 3 * h + part * h + hd * hs..][..hs];
+            let mut acc = vec![T::default(); hs];
             for i in 0..seq {
                 let q = row(i, 0);
                 let pi = &mut p[i * seq..(i + 1) * seq];
@@ -665,7 +666,7 @@ impl<T: Real> Backend for Cpu<T> {
                     *v = *v / z;
                 }
                 // out row i of this head = Σ_j dropout(p_ij) v_j
-                let mut acc = vec![T::default(); hs];
+                acc.fill(T::default());
                 for j in 0..seq {
                     let mut pij = pi[j];
                     if let Some((key, thr, inv)) = drop {
