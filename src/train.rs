@@ -918,6 +918,7 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
         state.epoch = last.epoch as f64
             + (last.batch + 1) as f64 / batches.last().map_or(1, |b| b.epoch_batches.max(1)) as f64;
         // Sum the ranks' gradients (each already divided by the global counts) and loss sums.
+        be.all_reduce_wait()?;
         let mut sums = [mlm_sum, nsp_sum, any_mlm as u8 as f64, any_nsp as u8 as f64];
         comm.all_reduce_sum_f64(&mut sums)?;
         let (mlm_sum, nsp_sum, any_mlm, any_nsp) = (sums[0], sums[1], sums[2] > 0.0, sums[3] > 0.0);

@@ -217,6 +217,10 @@ impl Drop for BlasHandle {
 pub struct Cuda {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    /// NCCL's gradient reductions run here, each after the compute work that completed its bucket, so they
+    /// overlap the rest of the backward pass.
+    comm_stream: Arc<CudaStream>,
+    comm_pending: std::cell::Cell<bool>,
     blas: BlasHandle,
     _module: Arc<CudaModule>,
     k: Kernels,
@@ -265,6 +269,7 @@ impl Cuda {
         // One stream: the allocation events cudarc records for multi-stream safety are not needed.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
+        let comm_stream = cu(ctx.new_stream())?;
         let module = cu(ctx.load_module(cudarc::nvrtc::Ptx::from_binary(FATBIN.to_vec()))).map_err(|e| {
             Error::Invalid(format!(
                 "{e}: the kernels do not load on this GPU (built for sm_80, sm_90 and PTX 9.0)"
@@ -282,6 +287,8 @@ impl Cuda {
         Ok(Cuda {
             ctx,
             stream,
+            comm_stream,
+            comm_pending: std::cell::Cell::new(false),
             blas: BlasHandle(handle),
             _module: module,
             k,
@@ -887,7 +894,10 @@ impl Backend for Cuda {
             return self.upload(buf, &h);
         };
         let ([p], []) = self.ptrs([buf], [])?;
-        // SAFETY: in bounds; NCCL runs on our stream, in place.
+        // The communication stream waits for the compute queued so far (the bucket is complete), then
+        // sums in place while the compute stream goes on with the backward pass.
+        cu(self.comm_stream.join(&self.stream))?;
+        // SAFETY: in bounds; no compute kernel touches this region until all_reduce_wait.
         unsafe {
             cu(nccl_res::all_reduce(
                 p as *const std::ffi::c_void,
@@ -896,9 +906,17 @@ impl Backend for Cuda {
                 nccl_sys::ncclDataType_t::ncclFloat32,
                 nccl_sys::ncclRedOp_t::ncclSum,
                 nccl.comm,
-                self.stream.cu_stream() as nccl_sys::cudaStream_t,
+                self.comm_stream.cu_stream() as nccl_sys::cudaStream_t,
             ))?
         };
+        self.comm_pending.set(true);
+        Ok(())
+    }
+
+    fn all_reduce_wait(&self) -> Result<()> {
+        if self.comm_pending.replace(false) {
+            cu(self.stream.join(&self.comm_stream))?;
+        }
         Ok(())
     }
 

@@ -245,6 +245,12 @@ pub trait Backend {
         self.upload(buf, &h)
     }
 
+    /// Wait, on the compute side, for every `all_reduce_sum` queued so far (the CUDA backend runs them on
+    /// a communication stream, overlapping the backward pass).
+    fn all_reduce_wait(&self) -> Result<()> {
+        Ok(())
+    }
+
     // ---- optimizer ----------------------------------------------------------------------------------
     /// out (1) = Σ x² over `x` (inf or NaN when any element is not finite): gradient norm and finite check.
     fn sum_squares(&self, out: Buf, x: Buf) -> Result<()>;
