@@ -250,6 +250,15 @@ fn verify_names_a_corrupt_truncated_or_missing_shard() {
     let e = ShardSet::open(&header).err().unwrap().to_string();
     assert!(e.contains("shard-00000.bin") && e.contains("magic"), "{e}");
 
+    // A corrupt offset table is refused when the shards are opened, before any read relies on it.
+    let offsets = make("offsets");
+    let f = offsets.join("shard-00000.bin");
+    let mut b = fs::read(&f).unwrap();
+    b[64 + 8] = 0xff; // the second document offset
+    fs::write(&f, b).unwrap();
+    let e = ShardSet::open(&offsets).err().unwrap().to_string();
+    assert!(e.contains("shard-00000.bin") && (e.contains("offset") || e.contains("increasing")), "{e}");
+
     let no_manifest = make("no-manifest");
     fs::remove_file(no_manifest.join("manifest.json")).unwrap();
     let e = err_text(&no_manifest);

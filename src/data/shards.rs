@@ -239,6 +239,10 @@ impl Shard {
         if doc[0] != 0 || doc[d as usize] != s || sent[0] != 0 || sent[s as usize] != n {
             return Err(bad("offset tables do not span the shard".into()));
         }
+        // Increasing offsets are what every read relies on (a corrupt table must not become a panic).
+        if doc.windows(2).any(|w| w[0] >= w[1]) || sent.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(bad("offset tables are not increasing (corrupt)".into()));
+        }
         Ok(shard)
     }
 
