@@ -199,6 +199,7 @@ pub fn bench_model(preset: &str, batch: usize, seq: usize, steps: usize) -> Resu
 }
 
 pub struct TrainBench {
+    pub device: String,
     pub steps: u64,
     pub batch: usize,
     /// Whole training steps: loader, forward, backward, clipping, AdamW, logging.
@@ -206,27 +207,35 @@ pub struct TrainBench {
     pub train_tokens_per_s: f64,
     /// Forward + backward alone on one batch of the same data, same dropout.
     pub model_seq_per_s: f64,
+    /// Model FLOPs per second of the whole steps: (6·N + 12·L·H·T) per token, N the encoder's parameters.
+    pub model_tflops: f64,
+    /// Device memory in use after the model-alone run (the GPU), bytes.
+    pub memory_bytes: Option<u64>,
 }
 
-/// `bertcuda bench train`: whole training steps next to the model's own forward + backward.
+/// `bertcuda bench train`: whole training steps next to the model's own forward + backward, with the
+/// model FLOP rate for MFU.
 pub fn bench_train(
     data: &[PathBuf],
     preset: &str,
+    device: &str,
+    precision: &str,
     batch: usize,
     seq: usize,
     steps: u64,
 ) -> Result<TrainBench> {
-    use crate::backend::cpu::Cpu;
-    use crate::data::loader::{open_corpus, EpochPlan};
-    use crate::model::bert::{Bert, Inputs, Plan, StepOptions, Train};
+    use crate::backend::Backend;
+    use crate::data::loader::open_corpus;
     use crate::model::config::ModelConfig;
     use crate::model::params::ParamTable;
-    use crate::train::{train, TrainConfig};
+    use crate::train::{choose_device, train, Device, TrainConfig};
     let out = std::env::temp_dir().join(format!("bertcuda-bench-train-{}", std::process::id()));
     let cfg = TrainConfig {
         data: data.to_vec(),
         output: out.clone(),
         model_config: preset.into(),
+        device: device.into(),
+        precision: precision.into(),
         per_device_batch_size: batch,
         max_seq_len: seq,
         max_steps: Some(steps),
@@ -240,17 +249,54 @@ pub fn bench_train(
     let _ = std::fs::remove_dir_all(&out);
     let s = s?;
     let tokens_per_s = s.last.as_ref().map_or(0.0, |m| m.tokens_per_s);
-    // The model alone on the run's first batch.
     let corpus = open_corpus(data)?;
     let config = ModelConfig::preset(preset, corpus.tokenizer.vocab_size)?;
-    let be = Cpu::<f32>::new();
-    let model = Bert::new(&be, config.clone(), Plan::new(batch, seq))?;
-    model.set_params(&ParamTable::new(&config).init(&config, 0))?;
-    let loader = crate::train::loader_config(&cfg);
-    let b = EpochPlan::new(&corpus, &loader, 0)?.batch(&corpus, &loader, 0);
+    let table = ParamTable::new(&config);
+    let n_encoder =
+        table.params.iter().filter(|p| p.name.starts_with("bert.encoder.")).map(|p| p.len).sum::<usize>()
+            as f64;
+    let flops_per_token =
+        6.0 * n_encoder + 12.0 * (config.num_hidden_layers * config.hidden_size * seq) as f64;
+    let (model_seq_per_s, memory_bytes, device_name) = match choose_device(device)? {
+        Device::Cpu => {
+            let be = crate::backend::cpu::Cpu::<f32>::new();
+            (model_alone(&be, &cfg, &corpus, &config, steps)?, None, be.describe())
+        }
+        Device::Cuda(be) => {
+            (model_alone(&*be, &cfg, &corpus, &config, steps)?, be.memory_used(), be.describe())
+        }
+    };
+    Ok(TrainBench {
+        device: device_name,
+        steps,
+        batch,
+        train_seq_per_s: (steps as usize * batch) as f64 / s.loop_seconds,
+        train_tokens_per_s: tokens_per_s,
+        model_seq_per_s,
+        model_tflops: flops_per_token * tokens_per_s / 1e12,
+        memory_bytes,
+    })
+}
+
+/// Sequences per second of forward + backward alone, on the run's first batch.
+fn model_alone<B: crate::backend::Backend>(
+    be: &B,
+    cfg: &crate::train::TrainConfig,
+    corpus: &crate::data::examples::Corpus,
+    config: &crate::model::config::ModelConfig,
+    steps: u64,
+) -> Result<f64> {
+    use crate::data::loader::EpochPlan;
+    use crate::model::bert::{Bert, Inputs, Plan, StepOptions, Train};
+    use crate::model::params::ParamTable;
+    let model = Bert::new(be, config.clone(), Plan::new(cfg.per_device_batch_size, cfg.max_seq_len))?;
+    model.set_params(&ParamTable::new(config).init(config, 0))?;
+    let loader = cfg.loader();
+    let b = EpochPlan::new(corpus, &loader, 0)?.batch(corpus, &loader, 0);
     let mut labels = Vec::new();
     let inp = Inputs::from_batch(&b, &mut labels);
     model.step(&inp, StepOptions { train: Some(Train { seed: 0, step: 0 }), ..StepOptions::grads() })?;
+    be.synchronize()?;
     let start = Instant::now();
     for k in 0..steps {
         model.step(
@@ -258,14 +304,8 @@ pub fn bench_train(
             StepOptions { train: Some(Train { seed: 0, step: k + 1 }), ..StepOptions::grads() },
         )?;
     }
-    let model_s = start.elapsed().as_secs_f64() / steps as f64;
-    Ok(TrainBench {
-        steps,
-        batch,
-        train_seq_per_s: (steps as usize * batch) as f64 / s.loop_seconds,
-        train_tokens_per_s: tokens_per_s,
-        model_seq_per_s: batch as f64 / model_s,
-    })
+    be.synchronize()?;
+    Ok(b.batch_size as f64 * steps as f64 / start.elapsed().as_secs_f64())
 }
 
 /// One line of `bertcuda bench kernels`.

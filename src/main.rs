@@ -475,14 +475,20 @@ enum BenchCmd {
         data: Vec<PathBuf>,
         #[arg(long, default_value = "tiny")]
         preset: String,
-        #[arg(long, default_value = "cpu", value_parser = ["cpu"])]
+        /// auto, cpu or cuda.
+        #[arg(long, default_value = "auto")]
         device: String,
+        #[arg(long, default_value = "auto")]
+        precision: String,
         #[arg(long, default_value_t = 32)]
         batch_size: usize,
-        #[arg(long, default_value_t = 128)]
+        #[arg(long, visible_alias = "seq-len", default_value_t = 128)]
         seq: usize,
         #[arg(long, default_value_t = 30)]
         steps: u64,
+        /// The device's peak TFLOP/s for MFU (e.g. 989 for an H100 SXM's dense bf16); none: no MFU.
+        #[arg(long)]
+        peak_tflops: Option<f64>,
     },
     /// Forward + backward steps per second of the CPU backend (compare: benches/torch_cpu.py).
     #[command(after_help = "Example:\n  bertcuda bench model --preset mini --batch-size 8 --seq 128")]
@@ -613,17 +619,33 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Bench(BenchCmd::Train { data, preset, device: _, batch_size, seq, steps }) => {
-            let b = bertcuda::bench::bench_train(&data, &preset, batch_size, seq, steps)?;
+        Command::Bench(BenchCmd::Train {
+            data,
+            preset,
+            device,
+            precision,
+            batch_size,
+            seq,
+            steps,
+            peak_tflops,
+        }) => {
+            let b =
+                bertcuda::bench::bench_train(&data, &preset, &device, &precision, batch_size, seq, steps)?;
+            println!("{} {preset}, batch {}×{seq}, {} steps", b.device, b.batch, b.steps);
             println!(
-                "train loop: {:.1} sequences/s, {:.0} tokens/s ({} steps of {}); model forward+backward alone: {:.1} sequences/s; the loop adds {:.1}%",
+                "train loop: {:.1} sequences/s, {:.0} tokens/s; forward+backward alone: {:.1} sequences/s; the loop adds {:.1}%",
                 b.train_seq_per_s,
                 b.train_tokens_per_s,
-                b.steps,
-                b.batch,
                 b.model_seq_per_s,
                 100.0 * (b.model_seq_per_s / b.train_seq_per_s - 1.0)
             );
+            let mfu = peak_tflops.map_or(String::new(), |p| {
+                format!(", MFU {:.1}% of {p} TFLOP/s", 100.0 * b.model_tflops / p)
+            });
+            println!("model FLOPs: {:.3} TFLOP/s{mfu}", b.model_tflops);
+            if let Some(m) = b.memory_bytes {
+                println!("device memory in use: {:.2} GB", m as f64 / 1e9);
+            }
             Ok(())
         }
         Command::Bench(BenchCmd::Model { preset, batch_size, seq, steps }) => {

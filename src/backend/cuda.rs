@@ -301,11 +301,6 @@ impl Cuda {
         })
     }
 
-    /// Wait for all queued work (within the sync timeout, when one is set).
-    pub fn synchronize(&self) -> Result<()> {
-        wait_stream(&self.stream, self.sync_timeout.get())
-    }
-
     /// Bound every wait: in a multi-GPU job a dead peer leaves collectives unfinished forever.
     pub fn set_sync_timeout(&self, t: Option<std::time::Duration>) {
         self.sync_timeout.set(t);
@@ -473,6 +468,15 @@ impl Cuda {
 impl Backend for Cuda {
     fn describe(&self) -> String {
         format!("cuda ({}, fp32)", self.name)
+    }
+
+    /// Wait for all queued work (within the sync timeout, when one is set).
+    fn synchronize(&self) -> Result<()> {
+        wait_stream(&self.stream, self.sync_timeout.get())
+    }
+
+    fn memory_used(&self) -> Option<u64> {
+        self.ctx.mem_get_info().ok().map(|(free, total)| (total - free) as u64)
     }
 
     fn alloc(&self, len: usize) -> Result<Buf> {

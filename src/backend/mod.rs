@@ -93,6 +93,15 @@ pub trait Backend {
     /// One line for logs: which device, which precision.
     fn describe(&self) -> String;
 
+    /// Wait for all queued work (timing); the CPU computes synchronously.
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Device memory in use, bytes, where the backend knows it.
+    fn memory_used(&self) -> Option<u64> {
+        None
+    }
+
     // ---- memory -------------------------------------------------------------------------------------
     /// A zeroed float buffer.
     fn alloc(&self, len: usize) -> Result<Buf>;
