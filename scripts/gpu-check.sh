@@ -38,6 +38,11 @@ part "memcheck (kernel tests)" memcheck.log compute-sanitizer --tool memcheck --
 part "racecheck (kernel tests)" racecheck.log compute-sanitizer --tool racecheck --error-exitcode 1 .gpu/tests/gpu --ignored --test-threads=1 "${kernel_tests[@]}"
 part "bench kernels" bench-kernels.log .gpu/bertcuda bench kernels
 part "PyTorch ops on the same shapes" torch-ops.log python3 benches/torch_gpu_ops.py
+part "sample shards" prepare.log bash -c ".gpu/bertcuda tokenizer train --input data/sample --vocab-size 8000 --output '$out/tok' --overwrite && .gpu/bertcuda prepare --input data/sample --tokenizer '$out/tok' --output '$out/shards' --overwrite --quiet"
+part "bench train tiny (GPU)" bench-train-tiny.log .gpu/bertcuda bench train --data "$out/shards" --preset tiny --device cuda
+part "bench train base (GPU, fp32)" bench-train-base.log .gpu/bertcuda bench train --data "$out/shards" --preset base --device cuda --batch-size 32 --steps 10
+part "transformers base, fp32 and bf16" torch-train.log bash -c "python3 benches/torch_train_gpu.py --preset base --batch-size 32 --precision fp32 && python3 benches/torch_train_gpu.py --preset base --batch-size 32 --precision bf16 --peak-tflops 989"
+part "default training run (no arguments)" default-run.log .gpu/bertcuda train --quiet
 {
   echo
   echo "## bench kernels"
@@ -47,6 +52,10 @@ part "PyTorch ops on the same shapes" torch-ops.log python3 benches/torch_gpu_op
   echo "## PyTorch"
   echo '```'
   cat "$out/torch-ops.log"
+  echo '```'
+  echo "## bench train (bertcuda, then transformers)"
+  echo '```'
+  cat "$out/bench-train-tiny.log" "$out/bench-train-base.log" "$out/torch-train.log"
   echo '```'
   echo "## GPU tests (tail)"
   echo '```'
