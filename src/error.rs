@@ -5,13 +5,10 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// An operating-system error on a named file.
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// An operating-system error on a named file. (The OS error is part of the message, not a separate
+    /// cause, so `{:#}` does not print it twice.)
+    #[error("{}: {err}", path.display())]
+    Io { path: PathBuf, err: std::io::Error },
     /// A file that exists but whose contents are wrong (corrupt, truncated, another format).
     #[error("{}: {what}", path.display())]
     Corrupt { path: PathBuf, what: String },
@@ -24,7 +21,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
-        Error::Io { path: path.as_ref().to_path_buf(), source }
+        Error::Io { path: path.as_ref().to_path_buf(), err: source }
     }
     pub fn corrupt(path: impl AsRef<Path>, what: impl Into<String>) -> Self {
         Error::Corrupt { path: path.as_ref().to_path_buf(), what: what.into() }
