@@ -14,6 +14,22 @@ use crate::model::bert::{Bert, Inputs, Losses, Plan, StepOptions};
 use crate::model::config::ModelConfig;
 use crate::model::hf::{load_pretrained, LoadReport};
 
+/// Run `$body` with `$be` bound to the backend `--device` names (cpu, cuda, or auto).
+macro_rules! on_device {
+    ($device:expr, $be:ident => $body:expr) => {
+        match crate::train::choose_device($device)? {
+            crate::train::Device::Cpu => {
+                let $be = &Cpu::<f32>::new();
+                $body
+            }
+            crate::train::Device::Cuda(c) => {
+                let $be = &*c;
+                $body
+            }
+        }
+    };
+}
+
 /// A model directory loaded for inference.
 pub struct LoadedModel {
     pub config: ModelConfig,
@@ -32,7 +48,7 @@ impl LoadedModel {
         self.report.initialised.iter().any(|n| n.starts_with("cls.") || n.starts_with("bert.pooler."))
     }
 
-    fn model<'a>(&self, be: &'a Cpu<f32>, batch: usize, seq: usize) -> Result<Bert<'a, Cpu<f32>>> {
+    fn model<'a, B: Backend>(&self, be: &'a B, batch: usize, seq: usize) -> Result<Bert<'a, B>> {
         let m = Bert::new(be, self.config.clone(), Plan::new(batch.max(1), seq.max(1)))?;
         m.set_params(&self.params)?;
         Ok(m)
@@ -149,9 +165,14 @@ pub struct ForwardResult {
 }
 
 /// `bertcuda forward`: losses; with `outputs` the output tensors; with `grads` every parameter's gradient.
-pub fn forward(model: &LoadedModel, fb: &FlatBatch, outputs: bool, grads: bool) -> Result<ForwardResult> {
-    let be = Cpu::<f32>::new();
-    let m = model.model(&be, fb.batch, fb.seq)?;
+fn forward_on<B: Backend>(
+    be: &B,
+    model: &LoadedModel,
+    fb: &FlatBatch,
+    outputs: bool,
+    grads: bool,
+) -> Result<ForwardResult> {
+    let m = model.model(be, fb.batch, fb.seq)?;
     let (b, t, h, v) = (fb.batch, fb.seq, model.config.hidden_size, model.config.vocab_size);
     let all_rows: Vec<u32> = (0..(b * t) as u32).collect();
     let inp = Inputs {
@@ -227,7 +248,8 @@ pub struct Prediction {
 }
 
 /// `bertcuda fill-mask`: for each [MASK] in the text, its position and the top-k predictions.
-pub fn fill_mask(
+fn fill_mask_on<B: Backend>(
+    be: &B,
     model: &LoadedModel,
     tok: &BertTokenizer,
     text: &str,
@@ -246,8 +268,7 @@ pub fn fill_mask(
             model.config.max_position_embeddings
         );
     }
-    let be = Cpu::<f32>::new();
-    let m = model.model(&be, 1, t)?;
+    let m = model.model(be, 1, t)?;
     let mask = vec![1u8; t];
     let inp = Inputs {
         batch: 1,
@@ -295,7 +316,8 @@ pub enum Pooling {
 }
 
 /// `bertcuda embed`: one vector per text.
-pub fn embed(
+fn embed_on<B: Backend>(
+    be: &B,
     model: &LoadedModel,
     tok: &BertTokenizer,
     texts: &[String],
@@ -315,8 +337,7 @@ pub fn embed(
         types[i * t..i * t + e.len()].copy_from_slice(ty);
         mask[i * t..i * t + e.len()].fill(1);
     }
-    let be = Cpu::<f32>::new();
-    let m = model.model(&be, b, t)?;
+    let m = model.model(be, b, t)?;
     let inp = Inputs {
         batch: b,
         seq: t,
@@ -353,13 +374,57 @@ pub fn losses_json(l: &Losses) -> serde_json::Value {
 }
 
 /// `bertcuda eval`: the model on fixed batches of the corpus.
-pub fn evaluate(
+fn evaluate_on<B: Backend>(
+    be: &B,
     model: &LoadedModel,
     corpus: &crate::data::examples::Corpus,
     cfg: &crate::data::loader::LoaderConfig,
     max_batches: usize,
 ) -> Result<crate::train::EvalResult> {
-    let be = Cpu::<f32>::new();
-    let m = model.model(&be, cfg.batch_size, cfg.examples.max_seq_len)?;
+    let m = model.model(be, cfg.batch_size, cfg.examples.max_seq_len)?;
     crate::train::evaluate(&m, corpus, cfg, max_batches)
+}
+
+/// `bertcuda forward` on `device` (cpu, cuda or auto).
+pub fn forward(
+    device: &str,
+    model: &LoadedModel,
+    fb: &FlatBatch,
+    outputs: bool,
+    grads: bool,
+) -> Result<ForwardResult> {
+    on_device!(device, be => forward_on(be, model, fb, outputs, grads))
+}
+
+/// `bertcuda fill-mask` on `device`.
+pub fn fill_mask(
+    device: &str,
+    model: &LoadedModel,
+    tok: &BertTokenizer,
+    text: &str,
+    top_k: usize,
+) -> Result<Vec<(usize, Vec<Prediction>)>> {
+    on_device!(device, be => fill_mask_on(be, model, tok, text, top_k))
+}
+
+/// `bertcuda embed` on `device`.
+pub fn embed(
+    device: &str,
+    model: &LoadedModel,
+    tok: &BertTokenizer,
+    texts: &[String],
+    pooling: Pooling,
+) -> Result<Vec<Vec<f32>>> {
+    on_device!(device, be => embed_on(be, model, tok, texts, pooling))
+}
+
+/// `bertcuda eval` on `device`.
+pub fn evaluate(
+    device: &str,
+    model: &LoadedModel,
+    corpus: &crate::data::examples::Corpus,
+    cfg: &crate::data::loader::LoaderConfig,
+    max_batches: usize,
+) -> Result<crate::train::EvalResult> {
+    on_device!(device, be => evaluate_on(be, model, corpus, cfg, max_batches))
 }

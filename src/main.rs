@@ -398,6 +398,9 @@ struct EvalArgs {
     /// A model directory (config.json, model.safetensors).
     #[arg(long)]
     model: PathBuf,
+    /// auto (a GPU when there is one), cpu or cuda.
+    #[arg(long, default_value = "auto", value_parser = ["cpu", "cuda", "auto"])]
+    device: String,
     #[command(flatten)]
     data: DataArgs,
     #[arg(long, default_value_t = 32)]
@@ -420,7 +423,8 @@ struct ForwardArgs {
     /// The batch, as JSON.
     #[arg(long)]
     batch: PathBuf,
-    #[arg(long, default_value = "cpu", value_parser = ["cpu"])]
+    /// cpu (the reference), cuda or auto.
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda", "auto"])]
     device: String,
     /// Write last_hidden_state, pooler_output, prediction_logits and seq_relationship_logits (f32) here.
     #[arg(long)]
@@ -434,6 +438,9 @@ struct ForwardArgs {
 struct FillMaskArgs {
     #[arg(long)]
     model: PathBuf,
+    /// auto (a GPU when there is one), cpu or cuda.
+    #[arg(long, default_value = "auto", value_parser = ["cpu", "cuda", "auto"])]
+    device: String,
     #[arg(long, default_value_t = 5)]
     top_k: usize,
     text: String,
@@ -443,6 +450,9 @@ struct FillMaskArgs {
 struct EmbedArgs {
     #[arg(long)]
     model: PathBuf,
+    /// auto (a GPU when there is one), cpu or cuda.
+    #[arg(long, default_value = "auto", value_parser = ["cpu", "cuda", "auto"])]
+    device: String,
     /// pooler: BertPooler's output; cls: the [CLS] hidden state; mean: the mean over the text's tokens.
     #[arg(long, default_value = "pooler", value_parser = ["pooler", "cls", "mean"])]
     pooling: String,
@@ -884,7 +894,7 @@ fn load_model(dir: &std::path::Path) -> Result<LoadedModel> {
 fn forward(a: ForwardArgs) -> Result<()> {
     let model = load_model(&a.model)?;
     let fb = BatchFile::read(&a.batch)?.flatten(&a.batch)?;
-    let r = bertcuda::infer::forward(&model, &fb, a.dump.is_some(), a.grads)?;
+    let r = bertcuda::infer::forward(&a.device, &model, &fb, a.dump.is_some(), a.grads)?;
     if let Some(path) = &a.dump {
         bertcuda::infer::write_safetensors(path, &r.tensors)?;
     }
@@ -895,7 +905,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
 fn fill_mask(a: FillMaskArgs) -> Result<()> {
     let model = load_model(&a.model)?;
     let tok = bertcuda::infer::model_tokenizer(&a.model)?;
-    for (pos, preds) in bertcuda::infer::fill_mask(&model, &tok, &a.text, a.top_k)? {
+    for (pos, preds) in bertcuda::infer::fill_mask(&a.device, &model, &tok, &a.text, a.top_k)? {
         println!("{}", serde_json::json!({"position": pos, "predictions": preds}));
     }
     Ok(())
@@ -909,7 +919,7 @@ fn embed(a: EmbedArgs) -> Result<()> {
         "mean" => Pooling::Mean,
         _ => Pooling::Pooler,
     };
-    for v in bertcuda::infer::embed(&model, &tok, &a.text, pooling)? {
+    for v in bertcuda::infer::embed(&a.device, &model, &tok, &a.text, pooling)? {
         println!("{}", serde_json::to_string(&v)?);
     }
     Ok(())
@@ -1020,7 +1030,7 @@ fn eval(a: EvalArgs) -> Result<()> {
         drop_last: false,
     };
     cfg.validate()?;
-    let mut r = bertcuda::infer::evaluate(&model, &corpus, &cfg, a.max_batches)?;
+    let mut r = bertcuda::infer::evaluate(&a.device, &model, &corpus, &cfg, a.max_batches)?;
     let missing = |prefix: &str| model.report.initialised.iter().any(|n| n.starts_with(prefix));
     if missing("cls.seq_relationship") {
         eprintln!("{}: no NSP head in the checkpoint; NSP results omitted", a.model.display());

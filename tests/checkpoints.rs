@@ -62,7 +62,7 @@ fn minilm_embeddings_equal_transformers() {
         assert_eq!(ids, want[..ids.len()]);
     }
     for (key, pooling) in [("pooler", Pooling::Pooler), ("cls", Pooling::Cls), ("mean", Pooling::Mean)] {
-        let got = embed(&model, &tok, &texts, pooling).unwrap();
+        let got = embed("cpu", &model, &tok, &texts, pooling).unwrap();
         let want: Vec<Vec<f32>> = serde_json::from_value(expected[key].clone()).unwrap();
         for (g, w) in got.iter().zip(&want) {
             let err = g.iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
