@@ -439,6 +439,15 @@ pub fn bench_kernels() -> Result<(String, Vec<KernelBench>)> {
         unit: "TFLOP/s",
         fraction: f64::NAN,
     });
+    be.set_precision("bf16")?;
+    let ms = time(20, &mut || be.matmul(c, a, bm, n, i, h, false, true, false))?;
+    out.push(KernelBench {
+        name: "gemm (4096×3072×768, fp32 storage, bf16 tensor cores)".into(),
+        ms,
+        rate: 2.0 * (n * i * h) as f64 / ms / 1e9,
+        unit: "TFLOP/s",
+        fraction: f64::NAN,
+    });
     Ok((be.describe(), out))
 }
 

@@ -462,16 +462,6 @@ fn prepare_run(cfg: TrainConfig, lead: bool) -> Result<Prepared> {
         }
     }
 
-    // Precision: this build computes in fp32 on both backends; fp16 runs the dynamic loss scaler around
-    // that arithmetic (the loop mixed precision uses).
-    let precision = match cfg.precision.as_str() {
-        "auto" | "fp32" => "fp32",
-        "fp16" => "fp16",
-        _ => bail!(
-            "--precision bf16: this build computes in fp32 on both backends (bf16 storage is not wired yet); use --precision fp32, or fp16 for the dynamic loss scaler"
-        ),
-    };
-
     let corpus = open_corpus(&cfg.data)?;
     let tokenizer = &corpus.tokenizer;
     let fingerprint = tokenizer.fingerprint();
@@ -532,7 +522,7 @@ fn prepare_run(cfg: TrainConfig, lead: bool) -> Result<Prepared> {
         );
     }
 
-    Ok(Prepared { cfg, resume, corpus, config, params, init_note, precision, fingerprint })
+    Ok(Prepared { cfg, resume, corpus, config, params, init_note, fingerprint })
 }
 
 /// Run training to the end (or a stop signal), one process.
@@ -610,7 +600,6 @@ struct Prepared {
     config: ModelConfig,
     params: Vec<f32>,
     init_note: String,
-    precision: &'static str,
     fingerprint: String,
 }
 
@@ -640,7 +629,9 @@ pub fn choose_device(device: &str) -> Result<Device> {
 }
 
 fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) -> Result<TrainSummary> {
-    let Prepared { cfg, resume, corpus, config, params, init_note, precision, fingerprint } = p;
+    let Prepared { cfg, resume, corpus, config, params, init_note, fingerprint } = p;
+    // The backend settles the precision (fp16 always runs the dynamic loss scaler).
+    let precision = be.set_precision(&cfg.precision)?;
     // Rank 0 alone prints, logs and writes checkpoints.
     let lead = comm.rank() == 0;
     let world = comm.world();

@@ -446,12 +446,13 @@ fn training_200_steps_on_the_gpu_tracks_the_cpu() {
         tmp.path().join("shards"),
     ))
     .unwrap();
-    let run = |device: &str| {
+    let run = |device: &str, precision: &str| {
         let cfg = TrainConfig {
             data: vec![tmp.path().join("shards")],
-            output: tmp.path().join(device),
+            output: tmp.path().join(format!("{device}-{precision}")),
             model_config: "tiny".into(),
             device: device.into(),
+            precision: precision.into(),
             per_device_batch_size: 16,
             max_seq_len: 128,
             learning_rate: 1e-3,
@@ -464,11 +465,15 @@ fn training_200_steps_on_the_gpu_tracks_the_cpu() {
         };
         train(cfg, Arc::new(AtomicBool::new(false))).unwrap().losses
     };
-    let (c, g) = (run("cpu"), run("cuda"));
-    // Means over windows of 20 steps agree within 2% (fp32 rounding grows over 200 updates).
-    for w in (0..200).step_by(20) {
-        let (mc, mg) = (c[w..w + 20].iter().sum::<f64>() / 20.0, g[w..w + 20].iter().sum::<f64>() / 20.0);
-        assert!((mc - mg).abs() < 0.02 * mc, "steps {w}..{}: cpu {mc} gpu {mg}", w + 20);
+    let c = run("cpu", "fp32");
+    // Means over windows of 20 steps agree within 2% in fp32 (rounding grows over 200 updates), within 5%
+    // with bf16 or fp16 tensor-core matrix products.
+    for (precision, tol) in [("fp32", 0.02), ("bf16", 0.05), ("fp16", 0.05)] {
+        let g = run("cuda", precision);
+        for w in (0..200).step_by(20) {
+            let (mc, mg) = (c[w..w + 20].iter().sum::<f64>() / 20.0, g[w..w + 20].iter().sum::<f64>() / 20.0);
+            assert!((mc - mg).abs() < tol * mc, "{precision}, steps {w}..{}: cpu {mc} gpu {mg}", w + 20);
+        }
     }
 }
 

@@ -230,6 +230,9 @@ pub struct Cuda {
     groups: RefCell<Scratch<i32>>,
     name: String,
     sync_timeout: std::cell::Cell<Option<std::time::Duration>>,
+    /// cuBLAS compute type of every matrix product: fp32 storage, and fp32 (CUBLAS_COMPUTE_32F), bf16 or
+    /// fp16 tensor-core operands (..._FAST_16BF / _16F) with fp32 accumulation.
+    gemm: std::cell::Cell<(blas_sys::cublasComputeType_t, &'static str)>,
 }
 
 const THREADS: u32 = 256;
@@ -298,6 +301,7 @@ impl Cuda {
             groups: RefCell::new(Scratch::default()),
             name,
             sync_timeout: std::cell::Cell::new(None),
+            gemm: std::cell::Cell::new((blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, "fp32")),
         })
     }
 
@@ -467,7 +471,31 @@ impl Cuda {
 
 impl Backend for Cuda {
     fn describe(&self) -> String {
-        format!("cuda ({}, fp32)", self.name)
+        format!("cuda ({}, {} matrix products, fp32 storage)", self.name, self.gemm.get().1)
+    }
+
+    fn set_precision(&self, requested: &str) -> Result<&'static str> {
+        use blas_sys::cublasComputeType_t::*;
+        let major = cu(self.ctx.attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+        ))?;
+        let chosen = match requested {
+            "auto" if major >= 8 => "bf16",
+            "auto" | "fp32" => "fp32",
+            "bf16" if major < 8 => {
+                bail!("--precision bf16 needs compute capability 8.0 or newer; this GPU has {major}.x")
+            }
+            "bf16" => "bf16",
+            "fp16" => "fp16",
+            other => bail!("--precision {other}: choose fp32, bf16 or fp16"),
+        };
+        let compute = match chosen {
+            "bf16" => CUBLAS_COMPUTE_32F_FAST_16BF,
+            "fp16" => CUBLAS_COMPUTE_32F_FAST_16F,
+            _ => CUBLAS_COMPUTE_32F,
+        };
+        self.gemm.set((compute, chosen));
+        Ok(chosen)
     }
 
     /// Wait for all queued work (within the sync timeout, when one is set).
@@ -586,23 +614,29 @@ impl Backend for Cuda {
         let (opb, ldb) = if b_t { (T, k) } else { (N, n) };
         let (opa, lda) = if a_t { (T, m) } else { (N, k) };
         let (alpha, beta) = (1f32, if accumulate { 1f32 } else { 0f32 });
+        use blas_sys::cudaDataType::CUDA_R_32F;
         // SAFETY: the regions were bounds-checked for these shapes; cuBLAS runs on our stream.
         unsafe {
-            cu(blas::sgemm(
+            cu(blas::gemm_ex(
                 self.blas.0,
                 opb,
                 opa,
                 n as i32,
                 m as i32,
                 k as i32,
-                &alpha,
-                pb as *const f32,
+                &alpha as *const f32 as *const std::ffi::c_void,
+                pb as *const std::ffi::c_void,
+                CUDA_R_32F,
                 ldb.max(1) as i32,
-                pa as *const f32,
+                pa as *const std::ffi::c_void,
+                CUDA_R_32F,
                 lda.max(1) as i32,
-                &beta,
-                pc as *mut f32,
+                &beta as *const f32 as *const std::ffi::c_void,
+                pc as *mut std::ffi::c_void,
+                CUDA_R_32F,
                 n as i32,
+                self.gemm.get().0,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             ))
         }
     }

@@ -93,6 +93,16 @@ pub trait Backend {
     /// One line for logs: which device, which precision.
     fn describe(&self) -> String;
 
+    /// Settle `--precision` (auto, fp32, bf16, fp16) for this backend; the name of what it runs. The CPU
+    /// computes in fp32: fp16 there runs the loss scaler around fp32 arithmetic, bf16 is refused.
+    fn set_precision(&self, requested: &str) -> Result<&'static str> {
+        match requested {
+            "auto" | "fp32" => Ok("fp32"),
+            "fp16" => Ok("fp16"),
+            other => crate::bail!("--precision {other}: the CPU backend computes in fp32; use --precision fp32 (or fp16 for the loss scaler), or a GPU"),
+        }
+    }
+
     /// Wait for all queued work (timing); the CPU computes synchronously.
     fn synchronize(&self) -> Result<()> {
         Ok(())
