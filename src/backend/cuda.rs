@@ -237,6 +237,24 @@ pub struct Cuda {
 
 const THREADS: u32 = 256;
 
+/// The rows of each key, for the deterministic embedding gradient: (keys ascending, offsets into rows
+/// (keys + 1), rows in row order within each key). One block then sums one key's rows in this order.
+pub fn row_groups(keys_of_rows: &[i32]) -> (Vec<i32>, Vec<i32>, Vec<i32>) {
+    let mut order: Vec<i32> = (0..keys_of_rows.len() as i32).collect();
+    order.sort_by_key(|&r| (keys_of_rows[r as usize], r));
+    let mut keys = Vec::new();
+    let mut offsets = Vec::new();
+    for (i, &r) in order.iter().enumerate() {
+        let k = keys_of_rows[r as usize];
+        if keys.last() != Some(&k) {
+            keys.push(k);
+            offsets.push(i as i32);
+        }
+    }
+    offsets.push(order.len() as i32);
+    (keys, offsets, order)
+}
+
 /// Wait for a stream; with a timeout, an operation that never finishes (a collective whose peer died)
 /// becomes an error instead of a hang.
 fn wait_stream(stream: &CudaStream, timeout: Option<std::time::Duration>) -> Result<()> {
@@ -408,28 +426,14 @@ impl Cuda {
 
     /// table[key] += Σ rows of dout in the key's group; groups built here from the host copy of `keys`.
     fn embedding_scatter(&self, table: u64, dout: u64, keys_of_rows: &[i32], h: usize) -> Result<()> {
-        // Rows grouped by key, in row order within a group: [keys..., offsets..., rows...].
-        let mut order: Vec<u32> = (0..keys_of_rows.len() as u32).collect();
-        order.sort_by_key(|&r| (keys_of_rows[r as usize], r));
-        let mut keys = Vec::new();
-        let mut offsets = vec![0i32];
-        for (i, &r) in order.iter().enumerate() {
-            let k = keys_of_rows[r as usize];
-            if keys.last() != Some(&k) {
-                if i > 0 {
-                    offsets.push(i as i32);
-                }
-                keys.push(k);
-            }
-        }
-        offsets.push(order.len() as i32);
+        let (keys, offsets, order) = row_groups(keys_of_rows);
         if keys.is_empty() {
             return Ok(());
         }
         let g = keys.len();
         let mut data = keys;
         data.extend(&offsets);
-        data.extend(order.iter().map(|&r| r as i32));
+        data.extend(&order);
         let base = self.upload_groups(&data)?;
         let (kp, op, rp) = (base, base + 4 * g as u64, base + 4 * (2 * g + 1) as u64);
         let (gi, hi) = (g as i32, h as i32);
@@ -1214,5 +1218,34 @@ impl crate::dist::Comm for NcclComm {
     }
     fn as_any(&self) -> &dyn std::any::Any {
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_groups_list_each_keys_rows_in_row_order() {
+        let (keys, offsets, rows) = row_groups(&[3, 1, 3, 0, 1, 3]);
+        assert_eq!(keys, [0, 1, 3]);
+        assert_eq!(offsets, [0, 1, 3, 6]);
+        assert_eq!(rows, [3, 1, 4, 0, 2, 5]);
+        let (k, o, r) = row_groups(&[]);
+        assert!(k.is_empty() && o == [0] && r.is_empty());
+    }
+
+    #[test]
+    fn without_a_gpu_the_cuda_backend_says_why_instead_of_panicking() {
+        if probe().is_err() {
+            let e = Cuda::new(0).err().expect("no GPU here").to_string();
+            assert!(e.starts_with("--device cuda: "), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_kernel_structs_match_their_c_layouts() {
+        assert_eq!(std::mem::size_of::<DropoutArgs>(), 20);
+        assert_eq!(std::mem::size_of::<AdamWArgs>(), 28);
     }
 }
