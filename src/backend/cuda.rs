@@ -1236,10 +1236,15 @@ mod tests {
     }
 
     #[test]
-    fn without_a_gpu_the_cuda_backend_says_why_instead_of_panicking() {
-        if probe().is_err() {
-            let e = Cuda::new(0).err().expect("no GPU here").to_string();
-            assert!(e.starts_with("--device cuda: "), "{e}");
+    fn the_cuda_backend_opens_when_the_probe_says_so_and_otherwise_says_why() {
+        match probe() {
+            Err(why) => {
+                let e = Cuda::new(0).err().expect("no usable GPU").to_string();
+                assert_eq!(e, format!("--device cuda: {why}"));
+            }
+            Ok(()) => {
+                Cuda::new(0).expect("the probe found a usable GPU");
+            }
         }
     }
 
