@@ -31,7 +31,12 @@ for pat in 'libcublas.so.*' 'libcublasLt.so.*' 'libcuda.so.1'; do
     case ":${LD_LIBRARY_PATH:-}:" in *":$(dirname "$f"):"*) ;; *) export LD_LIBRARY_PATH="$(dirname "$f")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}";; esac
   done
 done
+# cudarc opens NCCL as libnccl.so; wheels and toolkits ship libnccl.so.2: link it under that name.
+libs=/tmp/bertcuda-libs; mkdir -p "$libs"
+nccl=$(find /usr/local/cuda*/ /opt/ /usr/lib/x86_64-linux-gnu/ / -xdev -name 'libnccl.so.2*' 2>/dev/null | sort -V | tail -n 1)
+[ -n "$nccl" ] && ln -sf "$nccl" "$libs/libnccl.so" && export LD_LIBRARY_PATH="$libs:${LD_LIBRARY_PATH:-}"
 echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}" > "$out/env.txt"
+echo "nccl: ${nccl:-not found}" >> "$out/env.txt"
 kernel_tests=(--skip training_200 --skip whole_model --skip same_seed --skip gpu_loss)
 part "GPU tests" gpu-tests.log .gpu/tests/gpu --ignored --test-threads=1
 part "memcheck (kernel tests)" memcheck.log compute-sanitizer --tool memcheck --error-exitcode 1 .gpu/tests/gpu --ignored --test-threads=1 "${kernel_tests[@]}"
