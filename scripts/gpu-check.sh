@@ -33,7 +33,7 @@ for pat in 'libcublas.so.*' 'libcublasLt.so.*' 'libcuda.so.1'; do
 done
 # cudarc opens NCCL as libnccl.so; wheels and toolkits ship libnccl.so.2: link it under that name.
 libs=/tmp/bertcuda-libs; mkdir -p "$libs"
-nccl=$(find /usr/local/cuda*/ /opt/ /usr/lib/x86_64-linux-gnu/ / -xdev -name 'libnccl.so.2*' 2>/dev/null | sort -V | tail -n 1)
+nccl=$(find /usr/local /opt /usr/lib -name 'libnccl.so.2*' 2>/dev/null | sort -V | tail -n 1)
 [ -n "$nccl" ] && ln -sf "$nccl" "$libs/libnccl.so" && export LD_LIBRARY_PATH="$libs:${LD_LIBRARY_PATH:-}"
 echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}" > "$out/env.txt"
 echo "nccl: ${nccl:-not found}" >> "$out/env.txt"
