@@ -27,7 +27,7 @@ part() {  # part NAME LOGFILE COMMAND...
 } >> "$report"
 # cuBLAS and the driver for cudarc's dynamic loading.
 for pat in 'libcublas.so.*' 'libcublasLt.so.*' 'libcuda.so.1'; do
-  for f in $(find /usr/local/cuda*/ /usr/local/nvidia/ /opt/ /usr/lib/x86_64-linux-gnu/ -name "$pat" 2>/dev/null | sort -V | tail -n 2); do
+  for f in $(find /usr/local /opt /usr/lib -name "$pat" 2>/dev/null | sort -V | tail -n 2); do
     case ":${LD_LIBRARY_PATH:-}:" in *":$(dirname "$f"):"*) ;; *) export LD_LIBRARY_PATH="$(dirname "$f")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}";; esac
   done
 done
