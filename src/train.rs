@@ -804,7 +804,7 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
     let mut window = (Instant::now(), 0usize, 0usize); // since the last log: time, sequences, tokens
     let mut last_saved = state.global_step;
     let mut labels: Vec<Vec<i32>> = vec![Vec::new(); cfg.gradient_accumulation_steps];
-    let sq_buf = be.alloc(1)?;
+    let sq_buf = be.alloc_kind(1, crate::backend::Kind::Stat)?;
     let buckets =
         crate::dist::buckets(table, ((cfg.bucket_size_mb * (1 << 20) as f64) / 4.0).max(1.0) as usize);
     // Rank 0 writes; the others wait at the barrier so no rank runs ahead of a checkpoint.

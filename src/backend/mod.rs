@@ -57,6 +57,21 @@ impl Ints {
     }
 }
 
+/// What a buffer holds; a backend may store each kind in its own precision (the CUDA backend keeps
+/// activations in bf16 under `--precision bf16`; parameters, gradients, optimizer state and statistics stay
+/// fp32). Values cross the trait as f32 either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Master weights (fp32); a backend may keep a low-precision copy for its matrix products.
+    Param,
+    /// Parameter gradients (fp32).
+    Grad,
+    /// Activations and their gradients.
+    Activation,
+    /// Statistics, losses, optimizer moments: always fp32.
+    Stat,
+}
+
 /// What keys a dropout mask: the same key gives the same mask in forward and backward, on every backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DropoutKey {
@@ -115,6 +130,11 @@ pub trait Backend {
     // ---- memory -------------------------------------------------------------------------------------
     /// A zeroed float buffer.
     fn alloc(&self, len: usize) -> Result<Buf>;
+    /// A zeroed buffer for what `kind` says it holds.
+    fn alloc_kind(&self, len: usize, kind: Kind) -> Result<Buf> {
+        let _ = kind;
+        self.alloc(len)
+    }
     /// A zeroed i32 buffer.
     fn alloc_ints(&self, len: usize) -> Result<Ints>;
     fn upload(&self, dst: Buf, src: &[f32]) -> Result<()>;

@@ -8,7 +8,7 @@
 //! chunks of `Plan::logit_rows` rows; in training each chunk's backward follows its forward at once (the
 //! loss is a sum over rows), so the (rows, V) logits are never all in memory.
 
-use crate::backend::{Backend, Buf, Dropout, DropoutKey, Ints, IGNORE_INDEX};
+use crate::backend::{Backend, Buf, Dropout, DropoutKey, Ints, Kind, IGNORE_INDEX};
 use crate::bail;
 use crate::error::Result;
 use crate::model::config::{Activation, ModelConfig};
@@ -232,38 +232,43 @@ impl<'a, B: Backend> Bert<'a, B> {
         }
         let act = config.activation()?;
         let table = ParamTable::new(&config);
-        let params = be.alloc(table.total)?;
-        let grads = be.alloc(table.total)?;
+        let params = be.alloc_kind(table.total, Kind::Param)?;
+        let grads = be.alloc_kind(table.total, Kind::Grad)?;
         let (b, n) = (plan.max_batch, plan.max_batch * plan.max_seq);
         let (h, i, v, l) =
             (config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers);
-        let mut floats = 0usize;
-        let mut f = |len: usize| -> Result<Buf> {
-            floats += len;
-            be.alloc(len)
+        // Activations (f) and fp32 statistics (st).
+        let floats = std::cell::Cell::new(0usize);
+        let f = |len: usize| -> Result<Buf> {
+            floats.set(floats.get() + len);
+            be.alloc_kind(len, Kind::Activation)
+        };
+        let st = |len: usize| -> Result<Buf> {
+            floats.set(floats.get() + len);
+            be.alloc_kind(len, Kind::Stat)
         };
         let state = be.attention_state_len(plan.max_batch, plan.max_seq, config.num_attention_heads);
         let mut layers = Vec::with_capacity(l);
         for _ in 0..l {
             layers.push(LayerActs {
                 qkv: f(n * 3 * h)?,
-                att_state: f(state)?,
+                att_state: st(state)?,
                 ctx: f(n * h)?,
                 sum1: f(n * h)?,
-                mean1: f(n)?,
-                rstd1: f(n)?,
+                mean1: st(n)?,
+                rstd1: st(n)?,
                 h1: f(n * h)?,
                 ff1: f(n * i)?,
                 gelu: f(n * i)?,
                 sum2: f(n * h)?,
-                mean2: f(n)?,
-                rstd2: f(n)?,
+                mean2: st(n)?,
+                rstd2: st(n)?,
             });
         }
         let a = Acts {
             emb: f(n * h)?,
-            emb_mean: f(n)?,
-            emb_rstd: f(n)?,
+            emb_mean: st(n)?,
+            emb_rstd: st(n)?,
             emb_ln: f(n * h)?,
             x: (0..=l).map(|_| f(n * h)).collect::<Result<_>>()?,
             layers,
@@ -272,16 +277,16 @@ impl<'a, B: Backend> Bert<'a, B> {
             pooled: f(b * h)?,
             pool_pre: f(b * h)?,
             nsp_logits: f(b * 2)?,
-            nsp_losses: f(b)?,
+            nsp_losses: st(b)?,
             head_in: f(n * h)?,
             head_t: f(n * h)?,
             head_g: f(n * h)?,
-            head_mean: f(n)?,
-            head_rstd: f(n)?,
+            head_mean: st(n)?,
+            head_rstd: st(n)?,
             head_h: f(n * h)?,
             logits: f(plan.logit_rows * v)?,
-            mlm_losses: f(n)?,
-            loss_sum: f(1)?,
+            mlm_losses: st(n)?,
+            loss_sum: st(1)?,
             dx: f(n * h)?,
             dx2: f(n * h)?,
             dwide: f(n * (3 * h).max(i))?,
@@ -297,7 +302,7 @@ impl<'a, B: Backend> Bert<'a, B> {
             nsp_labels: be.alloc_ints(b)?,
             predictions: be.alloc_ints(plan.logit_rows.max(b))?,
         };
-        let activation_floats = floats + 7 * n;
+        let activation_floats = floats.get() + 7 * n;
         Ok(Bert { be, config, table, act, plan, params, grads, a, activation_floats })
     }
 
