@@ -133,6 +133,12 @@ __device__ void dropout_impl(T* out, const T* inp, long n, DropoutArgs d) {
 
 BERTCUDA_INSTANTIATE_FLOAT_TYPES(ELEMENTWISE)
 
+// The low-precision copy of the parameters the matrix products read: out[i] = bf16(in[i]).
+extern "C" __global__ void cast_fwd_bf16(__nv_bfloat16* out, const float* in, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        out[i] = __float2bfloat16(in[i]);
+}
+
 extern "C" __global__ void sum_partials_bwd_f32(float* acc, const float* partial, int chunks, int cols, int stride) {
     sum_partials_impl(acc, partial, chunks, cols, stride);
 }

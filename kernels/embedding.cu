@@ -15,16 +15,17 @@ __device__ void embeddings_fwd_impl(T* out, const int* ids, const int* types, co
         out[(long)r * h + j] = from_f32<T>(to_f32(we[j]) + to_f32(pe[j]) + to_f32(te[j]));
 }
 
+// The table is a parameter gradient: fp32 whatever the activations' type.
 template <typename T>
-__device__ void embedding_scatter_impl(T* table, const T* dout, const int* keys, const int* offsets,
+__device__ void embedding_scatter_impl(float* table, const T* dout, const int* keys, const int* offsets,
                                        const int* rows, int groups, int h) {
     const int k = blockIdx.x;
     if (k >= groups) return;
-    T* dst = table + (long)keys[k] * h;
+    float* dst = table + (long)keys[k] * h;
     for (int j = threadIdx.x; j < h; j += blockDim.x) {
         float s = 0.f;
         for (int i = offsets[k]; i < offsets[k + 1]; i++) s += to_f32(dout[(long)rows[i] * h + j]);
-        dst[j] = from_f32<T>(to_f32(dst[j]) + s);
+        dst[j] += s;
     }
 }
 
@@ -34,7 +35,7 @@ __device__ void embedding_scatter_impl(T* table, const T* dout, const int* keys,
                                                   int h) {                                                    \
         embeddings_fwd_impl(out, ids, types, word, position, token_type, rows, seq, h);                      \
     }                                                                                                         \
-    extern "C" __global__ void embeddings_bwd_##N(T* table, const T* dout, const int* keys, const int* offsets, \
+    extern "C" __global__ void embeddings_bwd_##N(float* table, const T* dout, const int* keys, const int* offsets, \
                                                   const int* rows, int groups, int h) {                       \
         embedding_scatter_impl(table, dout, keys, offsets, rows, groups, h);                                 \
     }

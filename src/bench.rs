@@ -289,6 +289,7 @@ fn model_alone<B: crate::backend::Backend>(
     use crate::data::loader::EpochPlan;
     use crate::model::bert::{Bert, Inputs, Plan, StepOptions, Train};
     use crate::model::params::ParamTable;
+    be.set_precision(&cfg.precision)?;
     let model = Bert::new(be, config.clone(), Plan::new(cfg.per_device_batch_size, cfg.max_seq_len))?;
     model.set_params(&ParamTable::new(config).init(config, 0))?;
     let loader = cfg.loader();

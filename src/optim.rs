@@ -121,7 +121,13 @@ impl AdamW {
         let n = decay_mask.len();
         let decay = be.alloc_ints(n)?;
         be.upload_ints(decay, &decay_mask.iter().map(|&d| d as i32).collect::<Vec<_>>())?;
-        Ok(AdamW { config, m: be.alloc_kind(n, Kind::Stat)?, v: be.alloc_kind(n, Kind::Stat)?, decay, steps: 0 })
+        Ok(AdamW {
+            config,
+            m: be.alloc_kind(n, Kind::Stat)?,
+            v: be.alloc_kind(n, Kind::Stat)?,
+            decay,
+            steps: 0,
+        })
     }
 
     /// One update with learning rate `lr`.

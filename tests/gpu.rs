@@ -398,6 +398,25 @@ fn whole_model_loss_and_every_gradient_equal_the_cpu() {
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
+fn bf16_activations_track_the_fp32_cpu_model() {
+    let table = ParamTable::new(&small_model());
+    let (lc, gc) = model_grads(&Cpu::<f32>::new(), None);
+    let be = gpu();
+    assert_eq!(be.set_precision("bf16").unwrap(), "bf16");
+    let (lg, gg) = model_grads(&be, None);
+    // bf16 activations (8 bits of mantissa): the loss within 1%, each gradient tensor within 10% of its
+    // largest element.
+    assert!((lc - lg).abs() < 1e-2 * lc.abs(), "loss cpu {lc} gpu bf16 {lg}");
+    for p in &table.params {
+        let (a, b) = (&gc[p.offset..p.offset + p.len], &gg[p.offset..p.offset + p.len]);
+        let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+        let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
+        assert!(err < 0.1, "{}: relative error {err:e}", p.name);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
 fn the_gpu_loss_has_the_gradient_the_gpu_backward_computes() {
     // Central differences of the GPU loss along the GPU gradient, fp32: d/dε L(θ + ε·g) at 0 = |g|².
     let c = small_model();

@@ -18,7 +18,7 @@ use cudarc::driver::{
 
 use cudarc::nccl::{result as nccl_res, sys as nccl_sys};
 
-use crate::backend::{philox, AdamWStep, Backend, Buf, Dropout, Ints, IGNORE_INDEX};
+use crate::backend::{philox, AdamWStep, Backend, Buf, Dropout, Ints, Kind, IGNORE_INDEX};
 use crate::bail;
 use crate::error::{Error, Result};
 use crate::model::config::Activation;
@@ -105,34 +105,66 @@ struct AdamWArgs {
 // SAFETY: plain-old-data matching the C struct.
 unsafe impl DeviceRepr for AdamWArgs {}
 
+/// Storage types of float buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dt {
+    F32,
+    Bf16,
+}
+
+impl Dt {
+    fn size(self) -> usize {
+        match self {
+            Dt::F32 => 4,
+            Dt::Bf16 => 2,
+        }
+    }
+}
+
+/// A kernel in each activation storage type.
+struct Typed {
+    f32: CudaFunction,
+    bf16: CudaFunction,
+}
+
+impl Typed {
+    fn of(&self, dt: Dt) -> &CudaFunction {
+        match dt {
+            Dt::F32 => &self.f32,
+            Dt::Bf16 => &self.bf16,
+        }
+    }
+}
+
 /// Every kernel, loaded once; a missing one fails at start-up, named.
 struct Kernels {
-    add: CudaFunction,
-    bias_add: CudaFunction,
-    bias_grad_partial: CudaFunction,
+    add: Typed,
+    bias_add: Typed,
+    bias_grad_partial: Typed,
     sum_partials: CudaFunction,
-    scale: CudaFunction,
-    fill: CudaFunction,
-    gelu_fwd: CudaFunction,
-    gelu_bwd: CudaFunction,
-    tanh_fwd: CudaFunction,
-    tanh_bwd: CudaFunction,
-    dropout: CudaFunction,
-    layernorm_fwd: CudaFunction,
-    layernorm_bwd: CudaFunction,
-    layernorm_param_partial: CudaFunction,
-    embeddings_fwd: CudaFunction,
-    embeddings_bwd: CudaFunction,
-    gather_rows: CudaFunction,
-    scatter_rows: CudaFunction,
-    cross_entropy: CudaFunction,
-    argmax: CudaFunction,
-    sum_squares_partial: CudaFunction,
+    scale: Typed,
+    fill: Typed,
+    cast_bf16: CudaFunction,
+    gelu_fwd: Typed,
+    gelu_bwd: Typed,
+    tanh_fwd: Typed,
+    tanh_bwd: Typed,
+    dropout: Typed,
+    layernorm_fwd: Typed,
+    layernorm_bwd: Typed,
+    layernorm_param_partial: Typed,
+    embeddings_fwd: Typed,
+    embeddings_bwd: Typed,
+    gather_rows: Typed,
+    scatter_rows: Typed,
+    cross_entropy: Typed,
+    argmax: Typed,
+    sum_squares_partial: Typed,
     sum_squares_final: CudaFunction,
     adamw: CudaFunction,
-    attention_bwd_d: CudaFunction,
+    attention_bwd_d: Typed,
     /// head size → (forward, dk/dv, dq)
-    attention: Vec<(usize, CudaFunction, CudaFunction, CudaFunction)>,
+    attention: Vec<(usize, Typed, Typed, Typed)>,
 }
 
 impl Kernels {
@@ -141,49 +173,60 @@ impl Kernels {
             m.load_function(name)
                 .map_err(|e| Error::Invalid(format!("CUDA kernel {name} is missing from the module: {e:?}")))
         };
+        let t = |base: &str| -> Result<Typed> {
+            Ok(Typed { f32: f(&format!("{base}_f32"))?, bf16: f(&format!("{base}_bf16"))? })
+        };
         let mut attention = Vec::new();
         for hs in [16usize, 32, 64, 128] {
+            let typed = |op: &str| -> Result<Typed> {
+                Ok(Typed { f32: f(&format!("{op}_f32_hs{hs}"))?, bf16: f(&format!("{op}_bf16_hs{hs}"))? })
+            };
             attention.push((
                 hs,
-                f(&format!("attention_fwd_f32_hs{hs}"))?,
-                f(&format!("attention_bwd_dkdv_f32_hs{hs}"))?,
-                f(&format!("attention_bwd_dq_f32_hs{hs}"))?,
+                typed("attention_fwd")?,
+                typed("attention_bwd_dkdv")?,
+                typed("attention_bwd_dq")?,
             ));
         }
         Ok(Kernels {
-            add: f("add_fwd_f32")?,
-            bias_add: f("bias_add_fwd_f32")?,
-            bias_grad_partial: f("bias_grad_partial_bwd_f32")?,
+            add: t("add_fwd")?,
+            bias_add: t("bias_add_fwd")?,
+            bias_grad_partial: t("bias_grad_partial_bwd")?,
             sum_partials: f("sum_partials_bwd_f32")?,
-            scale: f("scale_fwd_f32")?,
-            fill: f("fill_fwd_f32")?,
-            gelu_fwd: f("gelu_fwd_f32")?,
-            gelu_bwd: f("gelu_bwd_f32")?,
-            tanh_fwd: f("tanh_fwd_f32")?,
-            tanh_bwd: f("tanh_bwd_f32")?,
-            dropout: f("dropout_fwd_f32")?,
-            layernorm_fwd: f("layernorm_fwd_f32")?,
-            layernorm_bwd: f("layernorm_bwd_f32")?,
-            layernorm_param_partial: f("layernorm_param_partial_bwd_f32")?,
-            embeddings_fwd: f("embeddings_fwd_f32")?,
-            embeddings_bwd: f("embeddings_bwd_f32")?,
-            gather_rows: f("gather_rows_fwd_f32")?,
-            scatter_rows: f("scatter_rows_bwd_f32")?,
-            cross_entropy: f("cross_entropy_fwd_f32")?,
-            argmax: f("argmax_fwd_f32")?,
-            sum_squares_partial: f("sum_squares_partial_fwd_f32")?,
+            scale: t("scale_fwd")?,
+            fill: t("fill_fwd")?,
+            cast_bf16: f("cast_fwd_bf16")?,
+            gelu_fwd: t("gelu_fwd")?,
+            gelu_bwd: t("gelu_bwd")?,
+            tanh_fwd: t("tanh_fwd")?,
+            tanh_bwd: t("tanh_bwd")?,
+            dropout: t("dropout_fwd")?,
+            layernorm_fwd: t("layernorm_fwd")?,
+            layernorm_bwd: t("layernorm_bwd")?,
+            layernorm_param_partial: t("layernorm_param_partial_bwd")?,
+            embeddings_fwd: t("embeddings_fwd")?,
+            embeddings_bwd: t("embeddings_bwd")?,
+            gather_rows: t("gather_rows_fwd")?,
+            scatter_rows: t("scatter_rows_bwd")?,
+            cross_entropy: t("cross_entropy_fwd")?,
+            argmax: t("argmax_fwd")?,
+            sum_squares_partial: t("sum_squares_partial_fwd")?,
             sum_squares_final: f("sum_squares_final_fwd_f32")?,
             adamw: f("adamw_fwd_f32")?,
-            attention_bwd_d: f("attention_bwd_d_f32")?,
+            attention_bwd_d: t("attention_bwd_d")?,
             attention,
         })
     }
 }
 
+/// One float allocation: its bytes, storage type, and for parameters under bf16 a bf16 copy the matrix
+/// products and kernels read (refreshed on upload and after every AdamW step).
 struct Floats {
-    _mem: CudaSlice<f32>,
+    _mem: CudaSlice<u8>,
     ptr: u64,
     len: usize,
+    dt: Dt,
+    shadow: Option<(CudaSlice<u8>, u64)>,
 }
 
 struct IntsBuf {
@@ -233,6 +276,8 @@ pub struct Cuda {
     /// cuBLAS compute type of every matrix product: fp32 storage, and fp32 (CUBLAS_COMPUTE_32F), bf16 or
     /// fp16 tensor-core operands (..._FAST_16BF / _16F) with fp32 accumulation.
     gemm: std::cell::Cell<(blas_sys::cublasComputeType_t, &'static str)>,
+    /// Storage of activations: bf16 under --precision bf16, else fp32.
+    act_dt: std::cell::Cell<Dt>,
 }
 
 const THREADS: u32 = 256;
@@ -320,6 +365,7 @@ impl Cuda {
             name,
             sync_timeout: std::cell::Cell::new(None),
             gemm: std::cell::Cell::new((blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, "fp32")),
+            act_dt: std::cell::Cell::new(Dt::F32),
         })
     }
 
@@ -333,15 +379,30 @@ impl Cuda {
     }
 
     /// Bounds and overlap checks, then the device pointers of the outputs and inputs.
+    /// Bounds and overlap checks, then the device pointers: each buffer's own storage.
     fn ptrs<const O: usize, const I: usize>(
         &self,
+        outs: [Buf; O],
+        ins: [Buf; I],
+    ) -> Result<([u64; O], [u64; I])> {
+        self.ptrs_as(Dt::F32, outs, ins)
+    }
+
+    /// As `ptrs`, for an op whose activations are stored as `dt`: parameters are read from their bf16 copy
+    /// when `dt` is bf16 (statistics and gradients keep their fp32 storage).
+    fn ptrs_as<const O: usize, const I: usize>(
+        &self,
+        dt: Dt,
         outs: [Buf; O],
         ins: [Buf; I],
     ) -> Result<([u64; O], [u64; I])> {
         let floats = self.floats.borrow();
         let ptr = |b: &Buf| -> Result<u64> {
             match floats.get(b.id as usize) {
-                Some(f) if b.off + b.len <= f.len => Ok(f.ptr + 4 * b.off as u64),
+                Some(f) if b.off + b.len <= f.len => Ok(match (&f.shadow, dt) {
+                    (Some((_, sp)), Dt::Bf16) => sp + 2 * b.off as u64,
+                    _ => f.ptr + (f.dt.size() * b.off) as u64,
+                }),
                 _ => bail!("internal: buffer region {b:?} out of bounds"),
             }
         };
@@ -359,6 +420,14 @@ impl Cuda {
             *p = ptr(b)?;
         }
         Ok((po, pi))
+    }
+
+    /// The storage type of a buffer.
+    fn dt(&self, b: Buf) -> Result<Dt> {
+        match self.floats.borrow().get(b.id as usize) {
+            Some(f) => Ok(f.dt),
+            None => bail!("internal: no buffer {}", b.id),
+        }
     }
 
     fn iptr(&self, i: Ints) -> Result<u64> {
@@ -425,7 +494,7 @@ impl Cuda {
     }
 
     /// table[key] += Σ rows of dout in the key's group; groups built here from the host copy of `keys`.
-    fn embedding_scatter(&self, table: u64, dout: u64, keys_of_rows: &[i32], h: usize) -> Result<()> {
+    fn embedding_scatter(&self, dt: Dt, table: u64, dout: u64, keys_of_rows: &[i32], h: usize) -> Result<()> {
         let (keys, offsets, order) = row_groups(keys_of_rows);
         if keys.is_empty() {
             return Ok(());
@@ -437,7 +506,7 @@ impl Cuda {
         let base = self.upload_groups(&data)?;
         let (kp, op, rp) = (base, base + 4 * g as u64, base + 4 * (2 * g + 1) as u64);
         let (gi, hi) = (g as i32, h as i32);
-        let mut l = self.stream.launch_builder(&self.k.embeddings_bwd);
+        let mut l = self.stream.launch_builder(self.k.embeddings_bwd.of(dt));
         l.arg(&table).arg(&dout).arg(&kp).arg(&op).arg(&rp).arg(&gi).arg(&hi);
         unsafe { cu(l.launch(Self::cfg((g as u32, 1, 1), THREADS)))? };
         Ok(())
@@ -464,7 +533,7 @@ impl Cuda {
         Ok(())
     }
 
-    fn attention_kernels(&self, hs: usize) -> Result<&(usize, CudaFunction, CudaFunction, CudaFunction)> {
+    fn attention_kernels(&self, hs: usize) -> Result<&(usize, Typed, Typed, Typed)> {
         self.k.attention.iter().find(|a| a.0 == hs).ok_or_else(|| {
             Error::Invalid(format!(
                 "head size {hs} is not supported by the CUDA attention kernels (16, 32, 64 or 128)"
@@ -475,7 +544,8 @@ impl Cuda {
 
 impl Backend for Cuda {
     fn describe(&self) -> String {
-        format!("cuda ({}, {} matrix products, fp32 storage)", self.name, self.gemm.get().1)
+        let storage = if self.act_dt.get() == Dt::Bf16 { "bf16 activations" } else { "fp32 storage" };
+        format!("cuda ({}, {} matrix products, {storage})", self.name, self.gemm.get().1)
     }
 
     fn set_precision(&self, requested: &str) -> Result<&'static str> {
@@ -499,6 +569,10 @@ impl Backend for Cuda {
             _ => CUBLAS_COMPUTE_32F,
         };
         self.gemm.set((compute, chosen));
+        // bf16: activations stored in bf16 (half the bytes of every memory-bound kernel); parameters,
+        // gradients, optimizer state and statistics stay fp32, with a bf16 copy of the parameters. Applies to
+        // the buffers allocated from now on: set it before building the model.
+        self.act_dt.set(if chosen == "bf16" { Dt::Bf16 } else { Dt::F32 });
         Ok(chosen)
     }
 
@@ -512,10 +586,23 @@ impl Backend for Cuda {
     }
 
     fn alloc(&self, len: usize) -> Result<Buf> {
-        let mem = cu(self.stream.alloc_zeros::<f32>(len.max(1)))?;
+        self.alloc_kind(len, Kind::Stat)
+    }
+
+    fn alloc_kind(&self, len: usize, kind: Kind) -> Result<Buf> {
+        let act = self.act_dt.get();
+        let dt = if kind == Kind::Activation { act } else { Dt::F32 };
+        let mem = cu(self.stream.alloc_zeros::<u8>(dt.size() * len.max(1)))?;
         let ptr = mem.device_ptr(&self.stream).0;
+        let shadow = if kind == Kind::Param && act == Dt::Bf16 {
+            let m = cu(self.stream.alloc_zeros::<u8>(2 * len.max(1)))?;
+            let p = m.device_ptr(&self.stream).0;
+            Some((m, p))
+        } else {
+            None
+        };
         let mut floats = self.floats.borrow_mut();
-        floats.push(Floats { _mem: mem, ptr, len });
+        floats.push(Floats { _mem: mem, ptr, len, dt, shadow });
         Ok(Buf { id: floats.len() as u32 - 1, off: 0, len })
     }
 
@@ -531,9 +618,25 @@ impl Backend for Cuda {
         if src.len() > dst.len {
             bail!("internal: uploading {} values into {}", src.len(), dst.len);
         }
+        let (dt, shadow) = {
+            let floats = self.floats.borrow();
+            let f =
+                floats.get(dst.id as usize).ok_or_else(|| Error::Invalid("internal: no buffer".into()))?;
+            (f.dt, f.shadow.as_ref().map(|(_, p)| p + 2 * dst.off as u64))
+        };
         let ([p], []) = self.ptrs([dst], [])?;
-        // SAFETY: in bounds; pageable host memory is staged before the call returns.
-        unsafe { cu(drv::memcpy_htod_async(p, src, self.stream.cu_stream())) }
+        let bf16 = |v: &[f32]| v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect::<Vec<u16>>();
+        // SAFETY: in bounds; pageable host memory is staged before each call returns.
+        unsafe {
+            match dt {
+                Dt::F32 => cu(drv::memcpy_htod_async(p, src, self.stream.cu_stream()))?,
+                Dt::Bf16 => cu(drv::memcpy_htod_async(p, &bf16(src), self.stream.cu_stream()))?,
+            }
+            if let Some(sp) = shadow {
+                cu(drv::memcpy_htod_async(sp, &bf16(src), self.stream.cu_stream()))?;
+            }
+        }
+        Ok(())
     }
 
     fn upload_f64(&self, dst: Buf, src: &[f64]) -> Result<()> {
@@ -541,12 +644,23 @@ impl Backend for Cuda {
     }
 
     fn download(&self, src: Buf) -> Result<Vec<f32>> {
+        let dt = self.dt(src)?;
         let ([], [p]) = self.ptrs([], [src])?;
-        let mut out = vec![0f32; src.len];
-        // SAFETY: in bounds; the stream is synchronised before `out` is read.
-        unsafe { cu(drv::memcpy_dtoh_async(&mut out, p, self.stream.cu_stream()))? };
-        self.synchronize()?;
-        Ok(out)
+        // SAFETY: in bounds; the stream is synchronised before the host buffer is read.
+        match dt {
+            Dt::F32 => {
+                let mut out = vec![0f32; src.len];
+                unsafe { cu(drv::memcpy_dtoh_async(&mut out, p, self.stream.cu_stream()))? };
+                self.synchronize()?;
+                Ok(out)
+            }
+            Dt::Bf16 => {
+                let mut raw = vec![0u16; src.len];
+                unsafe { cu(drv::memcpy_dtoh_async(&mut raw, p, self.stream.cu_stream()))? };
+                self.synchronize()?;
+                Ok(raw.into_iter().map(|b| half::bf16::from_bits(b).to_f32()).collect())
+            }
+        }
     }
 
     fn download_f64(&self, src: Buf) -> Result<Vec<f64>> {
@@ -573,19 +687,24 @@ impl Backend for Cuda {
     }
 
     fn fill(&self, dst: Buf, value: f32) -> Result<()> {
+        let dt = self.dt(dst)?;
         let ([p], []) = self.ptrs([dst], [])?;
         if value == 0.0 {
-            return unsafe { cu(drv::memset_d8_async(p, 0, 4 * dst.len, self.stream.cu_stream())) };
+            return unsafe { cu(drv::memset_d8_async(p, 0, dt.size() * dst.len, self.stream.cu_stream())) };
         }
-        self.elementwise(&self.k.fill, &[p], dst.len, Some(&value))
+        self.elementwise(self.k.fill.of(dt), &[p], dst.len, Some(&value))
     }
 
     fn copy(&self, dst: Buf, src: Buf) -> Result<()> {
         if src.len > dst.len {
             bail!("internal: copying {} values into {}", src.len, dst.len);
         }
+        let dt = self.dt(src)?;
+        if self.dt(dst)? != dt {
+            bail!("internal: copy between buffers of different storage types");
+        }
         let ([d], [s]) = self.ptrs([dst], [src])?;
-        unsafe { cu(drv::memcpy_dtod_async(d, s, 4 * src.len, self.stream.cu_stream())) }
+        unsafe { cu(drv::memcpy_dtod_async(d, s, dt.size() * src.len, self.stream.cu_stream())) }
     }
 
     fn matmul(
@@ -603,13 +722,18 @@ impl Backend for Cuda {
         if c.len < m * n || a.len < m * k || b.len < k * n {
             bail!("internal: matmul regions too small for ({m}, {n}, {k})");
         }
-        let ([pc], [pa, pb]) = self.ptrs([c], [a, b])?;
+        // Operands in bf16 when any activation involved is (parameters then come from their bf16 copy);
+        // the output keeps its own storage (fp32 for parameter gradients).
+        let (dc, da, db) = (self.dt(c)?, self.dt(a)?, self.dt(b)?);
+        let op_dt = if [dc, da, db].contains(&Dt::Bf16) { Dt::Bf16 } else { Dt::F32 };
+        let ([pc], [pa, pb]) = self.ptrs_as(op_dt, [c], [a, b])?;
+        let pc = if dc == Dt::F32 { self.ptrs([c], [])?.0[0] } else { pc };
         if m == 0 || n == 0 {
             return Ok(());
         }
         if k == 0 {
             if !accumulate {
-                unsafe { cu(drv::memset_d8_async(pc, 0, 4 * m * n, self.stream.cu_stream()))? };
+                unsafe { cu(drv::memset_d8_async(pc, 0, dc.size() * m * n, self.stream.cu_stream()))? };
             }
             return Ok(());
         }
@@ -618,7 +742,14 @@ impl Backend for Cuda {
         let (opb, ldb) = if b_t { (T, k) } else { (N, n) };
         let (opa, lda) = if a_t { (T, m) } else { (N, k) };
         let (alpha, beta) = (1f32, if accumulate { 1f32 } else { 0f32 });
-        use blas_sys::cudaDataType::CUDA_R_32F;
+        use blas_sys::cudaDataType::{CUDA_R_16BF, CUDA_R_32F};
+        let ty = |d: Dt| if d == Dt::Bf16 { CUDA_R_16BF } else { CUDA_R_32F };
+        let (ta, tb, tc) = (ty(op_dt), ty(op_dt), ty(dc));
+        let compute = if op_dt == Dt::Bf16 {
+            blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+        } else {
+            self.gemm.get().0
+        };
         // SAFETY: the regions were bounds-checked for these shapes; cuBLAS runs on our stream.
         unsafe {
             cu(blas::gemm_ex(
@@ -630,65 +761,69 @@ impl Backend for Cuda {
                 k as i32,
                 &alpha as *const f32 as *const std::ffi::c_void,
                 pb as *const std::ffi::c_void,
-                CUDA_R_32F,
+                tb,
                 ldb.max(1) as i32,
                 pa as *const std::ffi::c_void,
-                CUDA_R_32F,
+                ta,
                 lda.max(1) as i32,
                 &beta as *const f32 as *const std::ffi::c_void,
                 pc as *mut std::ffi::c_void,
-                CUDA_R_32F,
+                tc,
                 n as i32,
-                self.gemm.get().0,
+                compute,
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             ))
         }
     }
 
     fn add_bias(&self, out: Buf, bias: Buf, rows: usize, cols: usize) -> Result<()> {
+        let dt = self.dt(out)?;
         Self::need("add_bias out", out.len, rows * cols)?;
         Self::need("add_bias bias", bias.len, cols)?;
         if rows * cols == 0 {
             return Ok(());
         }
-        let ([po], [pb]) = self.ptrs([out], [bias])?;
+        let ([po], [pb]) = self.ptrs_as(dt, [out], [bias])?;
         let (r, c) = (rows as i64, cols as i32);
-        let mut l = self.stream.launch_builder(&self.k.bias_add);
+        let mut l = self.stream.launch_builder(self.k.bias_add.of(dt));
         l.arg(&po).arg(&pb).arg(&r).arg(&c);
         unsafe { cu(l.launch(Self::cfg((grid_for(rows * cols), 1, 1), THREADS)))? };
         Ok(())
     }
 
     fn bias_grad(&self, dbias: Buf, dout: Buf, rows: usize, cols: usize) -> Result<()> {
+        let dt = self.dt(dout)?;
         Self::need("bias_grad dout", dout.len, rows * cols)?;
         Self::need("bias_grad dbias", dbias.len, cols)?;
         if cols == 0 {
             return Ok(());
         }
-        let ([pd], [pg]) = self.ptrs([dbias], [dout])?;
+        let ([pd], [pg]) = self.ptrs_as(dt, [dbias], [dout])?;
         let chunks = rows.div_ceil(64).max(1);
         let part = self.partials(chunks * cols)?;
         let (r, c) = (rows as i64, cols as i32);
-        let mut l = self.stream.launch_builder(&self.k.bias_grad_partial);
+        let mut l = self.stream.launch_builder(self.k.bias_grad_partial.of(dt));
         l.arg(&part).arg(&pg).arg(&r).arg(&c);
         unsafe { cu(l.launch(Self::cfg((chunks as u32, 1, 1), THREADS)))? };
         self.sum_partials(pd, part, chunks, cols, cols)
     }
 
     fn add(&self, out: Buf, a: Buf, b: Buf) -> Result<()> {
+        let dt = self.dt(out)?;
         Self::need("add", a.len.min(b.len), out.len)?;
-        let ([po], [pa, pb]) = self.ptrs([out], [a, b])?;
-        self.elementwise(&self.k.add, &[po, pa, pb], out.len, None::<&i32>)
+        let ([po], [pa, pb]) = self.ptrs_as(dt, [out], [a, b])?;
+        self.elementwise(self.k.add.of(dt), &[po, pa, pb], out.len, None::<&i32>)
     }
 
     fn sum(&self, out: Buf, inp: Buf) -> Result<()> {
-        let ([po], [pi]) = self.ptrs([out], [inp])?;
+        let dt = self.dt(inp)?;
+        let ([po], [pi]) = self.ptrs_as(dt, [out], [inp])?;
         unsafe { cu(drv::memset_d8_async(po, 0, 4, self.stream.cu_stream()))? };
         // Σ as the bias gradient of a one-column matrix: blocks of 64 rows, then the blocks in order.
         let chunks = inp.len.div_ceil(64).max(1);
         let part = self.partials(chunks)?;
         let (r, c) = (inp.len as i64, 1i32);
-        let mut l = self.stream.launch_builder(&self.k.bias_grad_partial);
+        let mut l = self.stream.launch_builder(self.k.bias_grad_partial.of(dt));
         l.arg(&part).arg(&pi).arg(&r).arg(&c);
         unsafe { cu(l.launch(Self::cfg((chunks as u32, 1, 1), THREADS)))? };
         self.sum_partials(po, part, chunks, 1, 1)
@@ -706,6 +841,7 @@ impl Backend for Cuda {
         seq: usize,
         h: usize,
     ) -> Result<()> {
+        let dt = self.dt(out)?;
         Self::need("embeddings out", out.len, batch * seq * h)?;
         if batch * seq == 0 {
             return Ok(());
@@ -723,10 +859,10 @@ impl Backend for Cuda {
         if let Some(bad) = tyh.iter().find(|&&i| i < 0 || i >= nt) {
             bail!("token type {bad} is outside type_vocab_size {nt}");
         }
-        let ([po], [pw, pp, pt]) = self.ptrs([out], [word, position, token_type])?;
+        let ([po], [pw, pp, pt]) = self.ptrs_as(dt, [out], [word, position, token_type])?;
         let (pi, pty) = (self.iptr(ids)?, self.iptr(types)?);
         let (rows, s, hh) = (n as i32, seq as i32, h as i32);
-        let mut l = self.stream.launch_builder(&self.k.embeddings_fwd);
+        let mut l = self.stream.launch_builder(self.k.embeddings_fwd.of(dt));
         l.arg(&po).arg(&pi).arg(&pty).arg(&pw).arg(&pp).arg(&pt).arg(&rows).arg(&s).arg(&hh);
         unsafe { cu(l.launch(Self::cfg((n as u32, 1, 1), THREADS)))? };
         Ok(())
@@ -744,12 +880,13 @@ impl Backend for Cuda {
         seq: usize,
         h: usize,
     ) -> Result<()> {
+        let dt = self.dt(dout)?;
         let n = batch * seq;
-        let ([pw, pp, pt], [pg]) = self.ptrs([dword, dposition, dtoken_type], [dout])?;
+        let ([pw, pp, pt], [pg]) = self.ptrs_as(dt, [dword, dposition, dtoken_type], [dout])?;
         let positions: Vec<i32> = (0..n).map(|r| (r % seq) as i32).collect();
-        self.embedding_scatter(pw, pg, &self.host_ints(ids.prefix(n))?, h)?;
-        self.embedding_scatter(pp, pg, &positions, h)?;
-        self.embedding_scatter(pt, pg, &self.host_ints(types.prefix(n))?, h)
+        self.embedding_scatter(dt, pw, pg, &self.host_ints(ids.prefix(n))?, h)?;
+        self.embedding_scatter(dt, pp, pg, &positions, h)?;
+        self.embedding_scatter(dt, pt, pg, &self.host_ints(types.prefix(n))?, h)
     }
 
     fn layernorm_fwd(
@@ -764,15 +901,16 @@ impl Backend for Cuda {
         c: usize,
         eps: f32,
     ) -> Result<()> {
+        let dt = self.dt(out)?;
         Self::need("layernorm out", out.len.min(inp.len), rows * c)?;
         Self::need("layernorm stats", mean.len.min(rstd.len), rows)?;
         Self::need("layernorm weights", w.len.min(b.len), c)?;
         if rows == 0 {
             return Ok(());
         }
-        let ([po, pm, pr], [pi, pw, pb]) = self.ptrs([out, mean, rstd], [inp, w, b])?;
+        let ([po, pm, pr], [pi, pw, pb]) = self.ptrs_as(dt, [out, mean, rstd], [inp, w, b])?;
         let (r, cc) = (rows as i32, c as i32);
-        let mut l = self.stream.launch_builder(&self.k.layernorm_fwd);
+        let mut l = self.stream.launch_builder(self.k.layernorm_fwd.of(dt));
         l.arg(&po).arg(&pm).arg(&pr).arg(&pi).arg(&pw).arg(&pb).arg(&r).arg(&cc).arg(&eps);
         unsafe { cu(l.launch(Self::cfg((rows.div_ceil(8) as u32, 1, 1), THREADS)))? };
         Ok(())
@@ -791,6 +929,7 @@ impl Backend for Cuda {
         rows: usize,
         c: usize,
     ) -> Result<()> {
+        let dt = self.dt(dinp)?;
         Self::need("layernorm dinp", dinp.len.min(dout.len).min(inp.len), rows * c)?;
         Self::need("layernorm stats", mean.len.min(rstd.len), rows)?;
         Self::need("layernorm weights", w.len.min(dw.len).min(db.len), c)?;
@@ -798,14 +937,14 @@ impl Backend for Cuda {
             return Ok(());
         }
         let ([pdi, pdw, pdb], [pg, pi, pm, pr, pw]) =
-            self.ptrs([dinp, dw, db], [dout, inp, mean, rstd, w])?;
+            self.ptrs_as(dt, [dinp, dw, db], [dout, inp, mean, rstd, w])?;
         let (r, cc) = (rows as i32, c as i32);
-        let mut l = self.stream.launch_builder(&self.k.layernorm_bwd);
+        let mut l = self.stream.launch_builder(self.k.layernorm_bwd.of(dt));
         l.arg(&pdi).arg(&pg).arg(&pi).arg(&pm).arg(&pr).arg(&pw).arg(&r).arg(&cc);
         unsafe { cu(l.launch(Self::cfg((rows.div_ceil(8) as u32, 1, 1), THREADS)))? };
         let chunks = rows.div_ceil(64).max(1);
         let part = self.partials(chunks * 2 * c)?;
-        let mut l = self.stream.launch_builder(&self.k.layernorm_param_partial);
+        let mut l = self.stream.launch_builder(self.k.layernorm_param_partial.of(dt));
         l.arg(&part).arg(&pg).arg(&pi).arg(&pm).arg(&pr).arg(&r).arg(&cc);
         unsafe { cu(l.launch(Self::cfg((chunks as u32, 1, 1), THREADS)))? };
         self.sum_partials(pdw, part, chunks, c, 2 * c)?;
@@ -813,35 +952,40 @@ impl Backend for Cuda {
     }
 
     fn gelu_fwd(&self, out: Buf, inp: Buf, act: Activation) -> Result<()> {
+        let dt = self.dt(out)?;
         Self::need("elementwise input", inp.len, out.len)?;
-        let ([po], [pi]) = self.ptrs([out], [inp])?;
+        let ([po], [pi]) = self.ptrs_as(dt, [out], [inp])?;
         let approx = (act == Activation::GeluTanh) as i32;
-        self.elementwise(&self.k.gelu_fwd, &[po, pi], out.len, Some(&approx))
+        self.elementwise(self.k.gelu_fwd.of(dt), &[po, pi], out.len, Some(&approx))
     }
 
     fn gelu_bwd(&self, dinp: Buf, dout: Buf, inp: Buf, act: Activation) -> Result<()> {
+        let dt = self.dt(dinp)?;
         Self::need("elementwise input", dout.len.min(inp.len), dinp.len)?;
-        let ([pd], [pg, pi]) = self.ptrs([dinp], [dout, inp])?;
+        let ([pd], [pg, pi]) = self.ptrs_as(dt, [dinp], [dout, inp])?;
         let approx = (act == Activation::GeluTanh) as i32;
-        self.elementwise(&self.k.gelu_bwd, &[pd, pg, pi], dinp.len, Some(&approx))
+        self.elementwise(self.k.gelu_bwd.of(dt), &[pd, pg, pi], dinp.len, Some(&approx))
     }
 
     fn tanh_fwd(&self, out: Buf, inp: Buf) -> Result<()> {
+        let dt = self.dt(out)?;
         Self::need("elementwise input", inp.len, out.len)?;
-        let ([po], [pi]) = self.ptrs([out], [inp])?;
-        self.elementwise(&self.k.tanh_fwd, &[po, pi], out.len, None::<&i32>)
+        let ([po], [pi]) = self.ptrs_as(dt, [out], [inp])?;
+        self.elementwise(self.k.tanh_fwd.of(dt), &[po, pi], out.len, None::<&i32>)
     }
 
     fn tanh_bwd(&self, dinp: Buf, dout: Buf, out: Buf) -> Result<()> {
+        let dt = self.dt(dinp)?;
         Self::need("elementwise input", dout.len.min(out.len), dinp.len)?;
-        let ([pd], [pg, po]) = self.ptrs([dinp], [dout, out])?;
-        self.elementwise(&self.k.tanh_bwd, &[pd, pg, po], dinp.len, None::<&i32>)
+        let ([pd], [pg, po]) = self.ptrs_as(dt, [dinp], [dout, out])?;
+        self.elementwise(self.k.tanh_bwd.of(dt), &[pd, pg, po], dinp.len, None::<&i32>)
     }
 
     fn dropout_fwd(&self, out: Buf, inp: Buf, d: Dropout) -> Result<()> {
-        let ([po], [pi]) = self.ptrs([out], [inp])?;
+        let dt = self.dt(out)?;
+        let ([po], [pi]) = self.ptrs_as(dt, [out], [inp])?;
         let args = DropoutArgs::of(Some(d));
-        self.elementwise(&self.k.dropout, &[po, pi], out.len.min(inp.len), Some(&args))
+        self.elementwise(self.k.dropout.of(dt), &[po, pi], out.len.min(inp.len), Some(&args))
     }
 
     fn dropout_bwd(&self, dinp: Buf, dout: Buf, d: Dropout) -> Result<()> {
@@ -865,6 +1009,7 @@ impl Backend for Cuda {
         hs: usize,
         dropout: Option<Dropout>,
     ) -> Result<()> {
+        let dt = self.dt(qkv)?;
         let (rows, hid) = (batch * seq, heads * hs);
         Self::need("attention state", state.len, self.attention_state_len(batch, seq, heads))?;
         Self::need("attention out", out.len, rows * hid)?;
@@ -873,8 +1018,8 @@ impl Backend for Cuda {
         if rows * heads == 0 {
             return Ok(());
         }
-        let (_, f, _, _) = self.attention_kernels(hs)?;
-        let ([po, pl], [pq]) = self.ptrs([out, state.prefix(batch * heads * seq)], [qkv])?;
+        let f = self.attention_kernels(hs)?.1.of(dt);
+        let ([po, pl], [pq]) = self.ptrs_as(dt, [out, state.prefix(batch * heads * seq)], [qkv])?;
         let pm = self.iptr(mask)?;
         let (t, nh, scale, d) =
             (seq as i32, heads as i32, (1.0 / (hs as f64).sqrt()) as f32, DropoutArgs::of(dropout));
@@ -898,6 +1043,7 @@ impl Backend for Cuda {
         hs: usize,
         dropout: Option<Dropout>,
     ) -> Result<()> {
+        let dt = self.dt(qkv)?;
         let rows = batch * seq;
         Self::need("attention state", state.len, self.attention_state_len(batch, seq, heads))?;
         Self::need("attention dqkv", dqkv.len.min(qkv.len), rows * 3 * heads * hs)?;
@@ -906,15 +1052,16 @@ impl Backend for Cuda {
         if rows * heads == 0 {
             return Ok(());
         }
-        let (_, _, fkv, fq) = self.attention_kernels(hs)?;
+        let kernels = self.attention_kernels(hs)?;
+        let (fkv, fq) = (kernels.2.of(dt), kernels.3.of(dt));
         let half = batch * heads * seq;
         let (lse, dd) = (state.prefix(half), state.at(half, half));
-        let ([pdd], [pg, po]) = self.ptrs([dd], [dout, out])?;
+        let ([pdd], [pg, po]) = self.ptrs_as(dt, [dd], [dout, out])?;
         let (rows, nh, hsi) = ((batch * seq) as i32, heads as i32, hs as i32);
-        let mut l = self.stream.launch_builder(&self.k.attention_bwd_d);
+        let mut l = self.stream.launch_builder(self.k.attention_bwd_d.of(dt));
         l.arg(&pdd).arg(&pg).arg(&po).arg(&rows).arg(&nh).arg(&hsi);
         unsafe { cu(l.launch(Self::cfg((grid_for(half), 1, 1), THREADS)))? };
-        let ([pdq], [pg, pq, pl, pd]) = self.ptrs([dqkv], [dout, qkv, lse, dd])?;
+        let ([pdq], [pg, pq, pl, pd]) = self.ptrs_as(dt, [dqkv], [dout, qkv, lse, dd])?;
         let pm = self.iptr(mask)?;
         let (t, scale, d) = (seq as i32, (1.0 / (hs as f64).sqrt()) as f32, DropoutArgs::of(dropout));
         let grid = ((batch * heads) as u32, seq.div_ceil(64) as u32, 1);
@@ -935,6 +1082,9 @@ impl Backend for Cuda {
             comm.all_reduce_sum(&mut h)?;
             return self.upload(buf, &h);
         };
+        if self.dt(buf)? != Dt::F32 {
+            bail!("internal: gradients are summed in fp32");
+        }
         let ([p], []) = self.ptrs([buf], [])?;
         // The communication stream waits for the compute queued so far (the bucket is complete), then
         // sums in place while the compute stream goes on with the backward pass.
@@ -963,12 +1113,13 @@ impl Backend for Cuda {
     }
 
     fn sum_squares(&self, out: Buf, x: Buf) -> Result<()> {
-        let ([po], [px]) = self.ptrs([out], [x])?;
+        let dt = self.dt(x)?;
+        let ([po], [px]) = self.ptrs_as(dt, [out], [x])?;
         let blocks = x.len.div_ceil(1 << 14).clamp(1, 1024);
         let chunk = x.len.div_ceil(blocks) as i64;
         let part = self.partials(blocks)?;
         let n = x.len as i64;
-        let mut l = self.stream.launch_builder(&self.k.sum_squares_partial);
+        let mut l = self.stream.launch_builder(self.k.sum_squares_partial.of(dt));
         l.arg(&part).arg(&px).arg(&n).arg(&chunk);
         unsafe { cu(l.launch(Self::cfg((blocks as u32, 1, 1), THREADS)))? };
         let k = blocks as i32;
@@ -979,8 +1130,9 @@ impl Backend for Cuda {
     }
 
     fn scale(&self, x: Buf, factor: f32) -> Result<()> {
-        let ([px], []) = self.ptrs([x], [])?;
-        self.elementwise(&self.k.scale, &[px], x.len, Some(&factor))
+        let dt = self.dt(x)?;
+        let ([px], []) = self.ptrs_as(dt, [x], [])?;
+        self.elementwise(self.k.scale.of(dt), &[px], x.len, Some(&factor))
     }
 
     fn adamw(&self, params: Buf, grads: Buf, m: Buf, v: Buf, decay: Ints, h: &AdamWStep) -> Result<()> {
@@ -1004,29 +1156,38 @@ impl Backend for Cuda {
         let mut l = self.stream.launch_builder(&self.k.adamw);
         l.arg(&pp).arg(&pg).arg(&pm).arg(&pv).arg(&pd).arg(&nn).arg(&args);
         unsafe { cu(l.launch(Self::cfg((grid_for(n), 1, 1), THREADS)))? };
+        // The bf16 copy the kernels and matrix products read follows the new master weights.
+        let ([shadow], []) = self.ptrs_as(Dt::Bf16, [params], [])?;
+        if shadow != pp {
+            let mut l = self.stream.launch_builder(&self.k.cast_bf16);
+            l.arg(&shadow).arg(&pp).arg(&nn);
+            unsafe { cu(l.launch(Self::cfg((grid_for(n), 1, 1), THREADS)))? };
+        }
         Ok(())
     }
 
     fn gather_rows(&self, out: Buf, inp: Buf, rows: Ints, m: usize, c: usize) -> Result<()> {
+        let dt = self.dt(out)?;
         Self::need("gather out", out.len, m * c)?;
         let host = self.host_ints(rows.prefix(m))?;
         let n = inp.len / c.max(1);
         if let Some(&bad) = host.iter().find(|&&r| r < 0 || r as usize >= n) {
             bail!("row {bad} outside the {n} rows");
         }
-        let ([po], [pi]) = self.ptrs([out], [inp])?;
+        let ([po], [pi]) = self.ptrs_as(dt, [out], [inp])?;
         let pr = self.iptr(rows)?;
         let (mm, cc) = (m as i32, c as i32);
         if m == 0 {
             return Ok(());
         }
-        let mut l = self.stream.launch_builder(&self.k.gather_rows);
+        let mut l = self.stream.launch_builder(self.k.gather_rows.of(dt));
         l.arg(&po).arg(&pi).arg(&pr).arg(&mm).arg(&cc);
         unsafe { cu(l.launch(Self::cfg((m as u32, 1, 1), THREADS)))? };
         Ok(())
     }
 
     fn scatter_add_rows(&self, dinp: Buf, dout: Buf, rows: Ints, m: usize, c: usize) -> Result<()> {
+        let dt = self.dt(dinp)?;
         Self::need("scatter dout", dout.len, m * c)?;
         {
             let n = dinp.len / c.max(1);
@@ -1039,13 +1200,13 @@ impl Backend for Cuda {
         if host.windows(2).any(|w| w[0] == w[1]) {
             bail!("internal: scatter_add_rows needs distinct rows on the CUDA backend");
         }
-        let ([pd], [pg]) = self.ptrs([dinp], [dout])?;
+        let ([pd], [pg]) = self.ptrs_as(dt, [dinp], [dout])?;
         let pr = self.iptr(rows)?;
         let (mm, cc) = (m as i32, c as i32);
         if m == 0 {
             return Ok(());
         }
-        let mut l = self.stream.launch_builder(&self.k.scatter_rows);
+        let mut l = self.stream.launch_builder(self.k.scatter_rows.of(dt));
         l.arg(&pd).arg(&pg).arg(&pr).arg(&mm).arg(&cc);
         unsafe { cu(l.launch(Self::cfg((m as u32, 1, 1), THREADS)))? };
         Ok(())
@@ -1060,6 +1221,7 @@ impl Backend for Cuda {
         v: usize,
         grad_scale: Option<f64>,
     ) -> Result<()> {
+        let dt = self.dt(logits)?;
         Self::need("cross_entropy logits", logits.len, m * v)?;
         Self::need("cross_entropy losses", losses.len, m)?;
         let host = self.host_ints(labels.prefix(m))?;
@@ -1069,28 +1231,29 @@ impl Backend for Cuda {
         if m == 0 {
             return Ok(());
         }
-        let ([pl, pz], []) = self.ptrs([losses, logits], [])?;
+        let ([pl, pz], []) = self.ptrs_as(dt, [losses, logits], [])?;
         let pb = self.iptr(labels)?;
         let (mm, vv, grad, scale) =
             (m as i32, v as i32, grad_scale.is_some() as i32, grad_scale.unwrap_or(0.0) as f32);
-        let mut l = self.stream.launch_builder(&self.k.cross_entropy);
+        let mut l = self.stream.launch_builder(self.k.cross_entropy.of(dt));
         l.arg(&pl).arg(&pz).arg(&pb).arg(&mm).arg(&vv).arg(&grad).arg(&scale);
         unsafe { cu(l.launch(Self::cfg((m as u32, 1, 1), THREADS)))? };
         Ok(())
     }
 
     fn argmax_rows(&self, out: Ints, logits: Buf, m: usize, v: usize) -> Result<()> {
+        let dt = self.dt(logits)?;
         Self::need("argmax logits", logits.len, m * v)?;
         Self::need("argmax out", out.len, m)?;
         // The device values change; the host copy (for row checks) no longer knows them: mark it invalid.
         self.ints.borrow_mut()[out.id as usize].host[out.off..out.off + m].fill(-1);
-        let ([], [pz]) = self.ptrs([], [logits])?;
+        let ([], [pz]) = self.ptrs_as(dt, [], [logits])?;
         let po = self.iptr(out)?;
         let (mm, vv) = (m as i32, v as i32);
         if m == 0 {
             return Ok(());
         }
-        let mut l = self.stream.launch_builder(&self.k.argmax);
+        let mut l = self.stream.launch_builder(self.k.argmax.of(dt));
         l.arg(&po).arg(&pz).arg(&mm).arg(&vv);
         unsafe { cu(l.launch(Self::cfg((m as u32, 1, 1), THREADS)))? };
         Ok(())
