@@ -324,7 +324,7 @@ pub struct KernelBench {
 /// against the device's own measured copy bandwidth (and cuBLAS SGEMM for the matrix product).
 pub fn bench_kernels() -> Result<(String, Vec<KernelBench>)> {
     use crate::backend::cuda::Cuda;
-    use crate::backend::{AdamWStep, Backend, Dropout, DropoutKey};
+    use crate::backend::{AdamWStep, Backend, Dropout, DropoutKey, Kind};
     use crate::model::config::Activation;
     let be = Cuda::new(0)?;
     let (b, t, h, nh, i, v) = (32usize, 128usize, 768usize, 12usize, 3072usize, 30522usize);
@@ -440,14 +440,54 @@ pub fn bench_kernels() -> Result<(String, Vec<KernelBench>)> {
         unit: "TFLOP/s",
         fraction: f64::NAN,
     });
-    be.set_precision("bf16")?;
-    let ms = time(20, &mut || be.matmul(c, a, bm, n, i, h, false, true, false))?;
+    // The bf16 path: a second backend whose activations are stored in bf16 (the matrix product on bf16
+    // tensor cores, and the memory-bound kernels moving half the bytes).
+    let b16 = Cuda::new(0)?;
+    b16.set_precision("bf16")?;
+    let (xa, wa, ya) = (
+        b16.alloc_kind(n * h, Kind::Activation)?,
+        b16.alloc_kind(i * h, Kind::Param)?,
+        b16.alloc_kind(n * i, Kind::Activation)?,
+    );
+    let time16 = |reps: usize, f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        f()?;
+        b16.synchronize()?;
+        let start = Instant::now();
+        for _ in 0..reps {
+            f()?;
+        }
+        b16.synchronize()?;
+        Ok(start.elapsed().as_secs_f64() * 1e3 / reps as f64)
+    };
+    let ms = time16(20, &mut || b16.matmul(ya, xa, wa, n, i, h, false, true, false))?;
     out.push(KernelBench {
-        name: "gemm (4096×3072×768, fp32 storage, bf16 tensor cores)".into(),
+        name: "gemm bf16 (4096×3072×768)".into(),
         ms,
         rate: 2.0 * (n * i * h) as f64 / ms / 1e9,
         unit: "TFLOP/s",
         fraction: f64::NAN,
+    });
+    let (ya2, ln_w) = (b16.alloc_kind(n * i, Kind::Activation)?, b16.alloc_kind(h, Kind::Param)?);
+    let (m16, r16) = (b16.alloc_kind(n, Kind::Stat)?, b16.alloc_kind(n, Kind::Stat)?);
+    let ms = time16(50, &mut || b16.gelu_fwd(ya2, ya, Activation::GeluErf))?;
+    let r = 2.0 * 2.0 * (n * i) as f64 / ms / 1e6;
+    out.push(KernelBench {
+        name: "gelu_fwd bf16 (4096×3072)".into(),
+        ms,
+        rate: r,
+        unit: "GB/s",
+        fraction: r / copy_gbs,
+    });
+    let ms = time16(50, &mut || {
+        b16.layernorm_fwd(ya2.prefix(n * h), m16, r16, ya.prefix(n * h), ln_w, ln_w, n, h, 1e-12)
+    })?;
+    let r = 2.0 * 2.0 * (n * h) as f64 / ms / 1e6;
+    out.push(KernelBench {
+        name: "layernorm_fwd bf16 (4096×768)".into(),
+        ms,
+        rate: r,
+        unit: "GB/s",
+        fraction: r / copy_gbs,
     });
     Ok((be.describe(), out))
 }

@@ -422,6 +422,16 @@ impl Cuda {
         Ok((po, pi))
     }
 
+    /// Arguments the kernels take as float* must be stored in fp32 (statistics, losses, gradients).
+    fn need_f32(&self, what: &str, bufs: &[Buf]) -> Result<()> {
+        for b in bufs {
+            if self.dt(*b)? != Dt::F32 {
+                bail!("internal: {what} must be an fp32 buffer (a statistic, loss or gradient)");
+            }
+        }
+        Ok(())
+    }
+
     /// The storage type of a buffer.
     fn dt(&self, b: Buf) -> Result<Dt> {
         match self.floats.borrow().get(b.id as usize) {
@@ -568,11 +578,15 @@ impl Backend for Cuda {
             "fp16" => CUBLAS_COMPUTE_32F_FAST_16F,
             _ => CUBLAS_COMPUTE_32F,
         };
+        let act = if chosen == "bf16" { Dt::Bf16 } else { Dt::F32 };
+        if act != self.act_dt.get() && !self.floats.borrow().is_empty() {
+            bail!("internal: the activation storage type is chosen before any buffer is allocated");
+        }
         self.gemm.set((compute, chosen));
         // bf16: activations stored in bf16 (half the bytes of every memory-bound kernel); parameters,
         // gradients, optimizer state and statistics stay fp32, with a bf16 copy of the parameters. Applies to
         // the buffers allocated from now on: set it before building the model.
-        self.act_dt.set(if chosen == "bf16" { Dt::Bf16 } else { Dt::F32 });
+        self.act_dt.set(act);
         Ok(chosen)
     }
 
@@ -792,6 +806,7 @@ impl Backend for Cuda {
     }
 
     fn bias_grad(&self, dbias: Buf, dout: Buf, rows: usize, cols: usize) -> Result<()> {
+        self.need_f32("bias gradient", &[dbias])?;
         let dt = self.dt(dout)?;
         Self::need("bias_grad dout", dout.len, rows * cols)?;
         Self::need("bias_grad dbias", dbias.len, cols)?;
@@ -816,6 +831,7 @@ impl Backend for Cuda {
     }
 
     fn sum(&self, out: Buf, inp: Buf) -> Result<()> {
+        self.need_f32("sum output", &[out])?;
         let dt = self.dt(inp)?;
         let ([po], [pi]) = self.ptrs_as(dt, [out], [inp])?;
         unsafe { cu(drv::memset_d8_async(po, 0, 4, self.stream.cu_stream()))? };
@@ -880,6 +896,7 @@ impl Backend for Cuda {
         seq: usize,
         h: usize,
     ) -> Result<()> {
+        self.need_f32("embedding gradients", &[dword, dposition, dtoken_type])?;
         let dt = self.dt(dout)?;
         let n = batch * seq;
         let ([pw, pp, pt], [pg]) = self.ptrs_as(dt, [dword, dposition, dtoken_type], [dout])?;
@@ -901,6 +918,7 @@ impl Backend for Cuda {
         c: usize,
         eps: f32,
     ) -> Result<()> {
+        self.need_f32("layernorm statistics", &[mean, rstd])?;
         let dt = self.dt(out)?;
         Self::need("layernorm out", out.len.min(inp.len), rows * c)?;
         Self::need("layernorm stats", mean.len.min(rstd.len), rows)?;
@@ -929,6 +947,7 @@ impl Backend for Cuda {
         rows: usize,
         c: usize,
     ) -> Result<()> {
+        self.need_f32("layernorm statistics and gradients", &[mean, rstd, dw, db])?;
         let dt = self.dt(dinp)?;
         Self::need("layernorm dinp", dinp.len.min(dout.len).min(inp.len), rows * c)?;
         Self::need("layernorm stats", mean.len.min(rstd.len), rows)?;
@@ -1009,6 +1028,7 @@ impl Backend for Cuda {
         hs: usize,
         dropout: Option<Dropout>,
     ) -> Result<()> {
+        self.need_f32("attention state", &[state])?;
         let dt = self.dt(qkv)?;
         let (rows, hid) = (batch * seq, heads * hs);
         Self::need("attention state", state.len, self.attention_state_len(batch, seq, heads))?;
@@ -1043,6 +1063,7 @@ impl Backend for Cuda {
         hs: usize,
         dropout: Option<Dropout>,
     ) -> Result<()> {
+        self.need_f32("attention state", &[state])?;
         let dt = self.dt(qkv)?;
         let rows = batch * seq;
         Self::need("attention state", state.len, self.attention_state_len(batch, seq, heads))?;
@@ -1113,6 +1134,7 @@ impl Backend for Cuda {
     }
 
     fn sum_squares(&self, out: Buf, x: Buf) -> Result<()> {
+        self.need_f32("sum of squares output", &[out])?;
         let dt = self.dt(x)?;
         let ([po], [px]) = self.ptrs_as(dt, [out], [x])?;
         let blocks = x.len.div_ceil(1 << 14).clamp(1, 1024);
@@ -1136,6 +1158,7 @@ impl Backend for Cuda {
     }
 
     fn adamw(&self, params: Buf, grads: Buf, m: Buf, v: Buf, decay: Ints, h: &AdamWStep) -> Result<()> {
+        self.need_f32("AdamW buffers", &[params, grads, m, v])?;
         let n = params.len;
         if grads.len != n || m.len != n || v.len != n || decay.len != n {
             bail!("internal: adamw buffers of different lengths");
@@ -1221,6 +1244,7 @@ impl Backend for Cuda {
         v: usize,
         grad_scale: Option<f64>,
     ) -> Result<()> {
+        self.need_f32("losses", &[losses])?;
         let dt = self.dt(logits)?;
         Self::need("cross_entropy logits", logits.len, m * v)?;
         Self::need("cross_entropy losses", losses.len, m)?;
