@@ -456,6 +456,15 @@ impl Cuda {
         }
     }
 
+    /// The host copy of the first `m` row indices of `rows`, each checked to be below `n`.
+    fn rows_below(&self, rows: Ints, m: usize, n: usize) -> Result<Vec<i32>> {
+        let host = self.host_ints(rows.prefix(m))?;
+        if let Some(&bad) = host.iter().find(|&&r| r < 0 || r as usize >= n) {
+            bail!("row {bad} outside the {n} rows");
+        }
+        Ok(host)
+    }
+
     /// A device buffer of at least `n` floats for reduction partials.
     fn partials(&self, n: usize) -> Result<u64> {
         let mut s = self.partials.borrow_mut();
@@ -1192,11 +1201,7 @@ impl Backend for Cuda {
     fn gather_rows(&self, out: Buf, inp: Buf, rows: Ints, m: usize, c: usize) -> Result<()> {
         let dt = self.dt(out)?;
         Self::need("gather out", out.len, m * c)?;
-        let host = self.host_ints(rows.prefix(m))?;
-        let n = inp.len / c.max(1);
-        if let Some(&bad) = host.iter().find(|&&r| r < 0 || r as usize >= n) {
-            bail!("row {bad} outside the {n} rows");
-        }
+        self.rows_below(rows, m, inp.len / c.max(1))?;
         let ([po], [pi]) = self.ptrs_as(dt, [out], [inp])?;
         let pr = self.iptr(rows)?;
         let (mm, cc) = (m as i32, c as i32);
@@ -1212,13 +1217,7 @@ impl Backend for Cuda {
     fn scatter_add_rows(&self, dinp: Buf, dout: Buf, rows: Ints, m: usize, c: usize) -> Result<()> {
         let dt = self.dt(dinp)?;
         Self::need("scatter dout", dout.len, m * c)?;
-        {
-            let n = dinp.len / c.max(1);
-            if let Some(&bad) = self.host_ints(rows.prefix(m))?.iter().find(|&&r| r < 0 || r as usize >= n) {
-                bail!("row {bad} outside the {n} rows");
-            }
-        }
-        let mut host = self.host_ints(rows.prefix(m))?;
+        let mut host = self.rows_below(rows, m, dinp.len / c.max(1))?;
         host.sort_unstable();
         if host.windows(2).any(|w| w[0] == w[1]) {
             bail!("internal: scatter_add_rows needs distinct rows on the CUDA backend");
