@@ -8,7 +8,7 @@
 
 use bertcuda::backend::cpu::Cpu;
 use bertcuda::backend::cuda::Cuda;
-use bertcuda::backend::{AdamWStep, Backend, Buf, Dropout, DropoutKey, Ints, IGNORE_INDEX};
+use bertcuda::backend::{AdamWStep, Backend, Buf, Dropout, DropoutKey, Ints, Kind, IGNORE_INDEX};
 use bertcuda::data::rng::KeyedRng;
 use bertcuda::model::bert::{Bert, Inputs, Plan, StepOptions, Train};
 use bertcuda::model::config::{Activation, ModelConfig};
@@ -55,11 +55,18 @@ struct Case {
 type Op<'a> = &'a dyn Fn(&dyn Backend, &[Buf], &[Ints], &[Buf]) -> bertcuda::Result<()>;
 
 fn run(be: &dyn Backend, c: &Case, op: Op) -> Vec<Vec<f32>> {
+    run_kinds(be, c, &[], &[], op)
+}
+
+/// `run`, allocating each input and output as the kind given (fp32 statistics where none is).
+fn run_kinds(be: &dyn Backend, c: &Case, kinds: &[Kind], out_kinds: &[Kind], op: Op) -> Vec<Vec<f32>> {
+    let kind = |ks: &[Kind], k: usize| ks.get(k).copied().unwrap_or(Kind::Stat);
     let f: Vec<Buf> = c
         .floats
         .iter()
-        .map(|v| {
-            let b = be.alloc(v.len()).unwrap();
+        .enumerate()
+        .map(|(k, v)| {
+            let b = be.alloc_kind(v.len(), kind(kinds, k)).unwrap();
             be.upload(b, v).unwrap();
             b
         })
@@ -76,8 +83,9 @@ fn run(be: &dyn Backend, c: &Case, op: Op) -> Vec<Vec<f32>> {
     let o: Vec<Buf> = c
         .outs
         .iter()
-        .map(|(n, init)| {
-            let b = be.alloc(*n).unwrap();
+        .enumerate()
+        .map(|(k, (n, init))| {
+            let b = be.alloc_kind(*n, kind(out_kinds, k)).unwrap();
             match init {
                 Some(v) => be.upload(b, v).unwrap(),
                 None => be.fill(b, f32::NAN).unwrap(),
@@ -535,4 +543,111 @@ fn nccl_with_world_size_one_through_the_whole_training_path() {
     let s = train_distributed(cfg, Arc::new(AtomicBool::new(false)), info).unwrap();
     assert_eq!(s.steps, 5);
     assert!(s.losses.iter().all(|l| l.is_finite()));
+}
+
+/// The CPU in fp32 against the GPU with bf16 activations: each output within `tol` of its largest
+/// element (bf16 keeps 8 bits of mantissa; inputs are rounded to it on upload).
+fn same_bf16(what: &str, c: &Case, kinds: &[Kind], out_kinds: &[Kind], tol: f32, op: Op) {
+    let want = run_kinds(&Cpu::<f32>::new(), c, kinds, out_kinds, op);
+    let g = gpu();
+    assert_eq!(g.set_precision("bf16").unwrap(), "bf16");
+    let got = run_kinds(&g, c, kinds, out_kinds, op);
+    for (k, (w, x)) in want.iter().zip(&got).enumerate() {
+        let scale = w.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        let err = w.iter().zip(x).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+        assert!(err <= tol, "{what} (bf16): output {k}: relative error {err:e}");
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn bf16_ops_against_the_fp32_cpu() {
+    use Kind::{Activation as A, Grad as G, Param as P, Stat as S};
+    let rows = B * T;
+    // LayerNorm: activations in/out, weights from the bf16 copy, statistics and weight gradients fp32.
+    let c = Case {
+        floats: vec![
+            randn(11, rows * H, 2.0),
+            randn(12, H, 1.0),
+            randn(13, H, 1.0),
+            randn(14, rows * H, 1.0),
+        ],
+        ints: vec![],
+        outs: vec![
+            (rows * H, None),
+            (rows, None),
+            (rows, None),
+            (rows * H, None),
+            (H, Some(vec![0.0; H])),
+            (H, Some(vec![0.0; H])),
+        ],
+    };
+    same_bf16("layernorm", &c, &[A, P, P, A], &[A, S, S, A, G, G], 3e-2, &|be, f, _, o| {
+        be.layernorm_fwd(o[0], o[1], o[2], f[0], f[1], f[2], rows, H, 1e-12)?;
+        be.layernorm_bwd(o[3], o[4], o[5], f[3], f[0], o[1], o[2], f[1], rows, H)
+    });
+    // Attention with padding.
+    let hs = H / NH;
+    let c = Case {
+        floats: vec![randn(17, rows * 3 * H, 1.0), randn(18, rows * H, 1.0)],
+        ints: vec![mask()],
+        outs: vec![(rows * H, None), (rows * 3 * H, None)],
+    };
+    same_bf16("attention", &c, &[A, A], &[A, A], 3e-2, &|be, f, i, o| {
+        let state = be.alloc_kind(be.attention_state_len(B, T, NH), S)?;
+        be.attention_fwd(o[0], state, f[0], i[0], B, T, NH, hs, None)?;
+        be.attention_bwd(o[1], f[1], o[0], f[0], state, i[0], B, T, NH, hs, None)
+    });
+    // Matrix products: activation × parameter → activation, and activations → a parameter gradient.
+    let (m, n, k) = (37, 53, 29);
+    let c = Case {
+        floats: vec![randn(1, m * k, 1.0), randn(2, n * k, 1.0), randn(3, m * n, 1.0)],
+        ints: vec![],
+        outs: vec![(m * n, None), (n * k, Some(vec![0.0; n * k]))],
+    };
+    same_bf16("matmul", &c, &[A, P, A], &[A, G], 3e-2, &|be, f, _, o| {
+        be.matmul(o[0], f[0], f[1], m, n, k, false, true, false)?;
+        be.matmul(o[1], f[2], f[0], n, k, m, true, false, true)
+    });
+    // GELU, bias, cross-entropy with its in-place gradient, embeddings.
+    let cols = 211;
+    let mut labels: Vec<i32> = (0..17).map(|r| (r * 37) % cols as i32).collect();
+    labels[3] = IGNORE_INDEX;
+    let c = Case {
+        floats: vec![randn(4, 17 * cols, 1.5), randn(5, cols, 1.0)],
+        ints: vec![labels],
+        outs: vec![
+            (17 * cols, None),
+            (17, None),
+            (17 * cols, Some(randn(6, 17 * cols, 2.0))),
+            (cols, Some(vec![0.0; cols])),
+        ],
+    };
+    same_bf16("gelu, bias, cross-entropy", &c, &[A, P], &[A, S, A, G], 3e-2, &|be, f, i, o| {
+        be.gelu_fwd(o[0], f[0], Activation::GeluErf)?;
+        be.add_bias(o[0], f[1], 17, cols)?;
+        be.bias_grad(o[3], o[0], 17, cols)?;
+        be.cross_entropy(o[1], o[2], i[0], 17, cols, Some(1.0 / 16.0))
+    });
+    let ids: Vec<i32> = (0..rows as i32).map(|r| (r * 7) % V as i32).collect();
+    let types: Vec<i32> = (0..rows).map(|r| ((r % T) > T / 2) as i32).collect();
+    let c = Case {
+        floats: vec![
+            randn(19, V * H, 1.0),
+            randn(20, T * H, 1.0),
+            randn(21, 2 * H, 1.0),
+            randn(22, rows * H, 1.0),
+        ],
+        ints: vec![ids, types],
+        outs: vec![
+            (rows * H, None),
+            (V * H, Some(vec![0.0; V * H])),
+            (T * H, Some(vec![0.0; T * H])),
+            (2 * H, Some(vec![0.0; 2 * H])),
+        ],
+    };
+    same_bf16("embeddings", &c, &[P, P, P, A], &[A, G, G, G], 3e-2, &|be, f, i, o| {
+        be.embeddings_fwd(o[0], i[0], i[1], f[0], f[1], f[2], B, T, H)?;
+        be.embeddings_bwd(o[1], o[2], o[3], f[3], i[0], i[1], B, T, H)
+    });
 }
