@@ -763,7 +763,9 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
         "  steps    {total} (warmup {warmup}, {} schedule, peak lr {}), batch {} × accumulation {} × {world} ranks = {effective} sequences per step",
         cfg.lr_scheduler, cfg.learning_rate, cfg.per_device_batch_size, cfg.gradient_accumulation_steps
     ));
-    let mem = (table.total * 4 * 4 + model.activation_floats * 4) as f64 / 1e6;
+    // fp32 weights, gradients and two moments; activations in fp32, or bf16 (with a bf16 weight copy).
+    let (act_bytes, copy_bytes) = if precision == "bf16" { (2, 2) } else { (4, 0) };
+    let mem = (table.total * (16 + copy_bytes) + model.activation_floats * act_bytes) as f64 / 1e6;
     say(format!(
         "  device   {}, {precision}: about {mem:.0} MB for weights, gradients, AdamW state and activations",
         be.describe()
