@@ -5,5 +5,6 @@
 #include "cross_entropy.cu"
 #include "elementwise.cu"
 #include "embedding.cu"
+#include "fused.cu"
 #include "layernorm.cu"
 #include "rows.cu"

@@ -651,3 +651,64 @@ fn bf16_ops_against_the_fp32_cpu() {
         be.embeddings_bwd(o[1], o[2], o[3], f[3], i[0], i[1], B, T, H)
     });
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn fused_forward_kernels_equal_the_unfused_cpu_ops() {
+    let rows = B * T;
+    let d = Some(Dropout { p: 0.1, key: DropoutKey { seed: 3, step: 4, site: 5 } });
+    for dropout in [None, d] {
+        let c = Case {
+            floats: vec![
+                randn(40, rows * H, 1.0),
+                randn(41, rows * H, 1.0),
+                randn(42, H, 1.0),
+                randn(43, H, 1.0),
+            ],
+            ints: vec![],
+            outs: vec![(rows * H, None), (rows * H, None), (rows, None), (rows, None)],
+        };
+        same(
+            &format!("residual + layernorm, dropout={}", dropout.is_some()),
+            &c,
+            1e-5,
+            1e-4,
+            &|be, f, _, o| {
+                let branch = be.alloc(rows * H)?;
+                be.copy(branch, f[1])?;
+                be.residual_layernorm_fwd(
+                    o[0], o[1], o[2], o[3], f[0], branch, f[2], f[3], rows, H, 1e-12, dropout,
+                )
+            },
+        );
+    }
+    let (r, cols) = (rows, 80);
+    let c = Case {
+        floats: vec![randn(44, cols, 1.0)],
+        ints: vec![],
+        outs: vec![(r * cols, Some(randn(45, r * cols, 1.5))), (r * cols, None)],
+    };
+    for act in [Activation::GeluErf, Activation::GeluTanh] {
+        same(&format!("bias + {act:?}"), &c, 1e-5, 1e-5, &|be, f, _, o| {
+            be.bias_gelu_fwd(o[0], o[1], f[0], r, cols, act)
+        });
+    }
+    let ids: Vec<i32> = (0..rows as i32).map(|k| (k * 13) % V as i32).collect();
+    let types: Vec<i32> = (0..rows).map(|k| ((k % T) > 9) as i32).collect();
+    let c = Case {
+        floats: vec![
+            randn(46, V * H, 1.0),
+            randn(47, T * H, 1.0),
+            randn(48, 2 * H, 1.0),
+            randn(49, H, 1.0),
+            randn(50, H, 1.0),
+        ],
+        ints: vec![ids, types],
+        outs: vec![(rows * H, None), (rows * H, None), (rows, None), (rows, None)],
+    };
+    same("embeddings + layernorm", &c, 1e-5, 1e-4, &|be, f, i, o| {
+        be.embeddings_layernorm_fwd(
+            o[0], o[1], o[2], o[3], i[0], i[1], f[0], f[1], f[2], f[3], f[4], B, T, H, 1e-12,
+        )
+    });
+}

@@ -163,6 +163,9 @@ struct Kernels {
     sum_squares_final: CudaFunction,
     adamw: CudaFunction,
     attention_bwd_d: Typed,
+    residual_layernorm: Typed,
+    bias_gelu: Typed,
+    embeddings_layernorm: Typed,
     /// head size → (forward, dk/dv, dq)
     attention: Vec<(usize, Typed, Typed, Typed)>,
 }
@@ -214,6 +217,9 @@ impl Kernels {
             sum_squares_final: f("sum_squares_final_fwd_f32")?,
             adamw: f("adamw_fwd_f32")?,
             attention_bwd_d: t("attention_bwd_d")?,
+            residual_layernorm: t("residual_layernorm_fwd")?,
+            bias_gelu: t("bias_gelu_fwd")?,
+            embeddings_layernorm: t("embeddings_layernorm_fwd")?,
             attention,
         })
     }
@@ -977,6 +983,130 @@ impl Backend for Cuda {
         unsafe { cu(l.launch(Self::cfg((chunks as u32, 1, 1), THREADS)))? };
         self.sum_partials(pdw, part, chunks, c, 2 * c)?;
         self.sum_partials(pdb, part + 4 * c as u64, chunks, c, 2 * c)
+    }
+
+    fn residual_layernorm_fwd(
+        &self,
+        sum: Buf,
+        out: Buf,
+        mean: Buf,
+        rstd: Buf,
+        residual: Buf,
+        branch: Buf,
+        w: Buf,
+        b: Buf,
+        rows: usize,
+        c: usize,
+        eps: f32,
+        dropout: Option<Dropout>,
+    ) -> Result<()> {
+        let dt = self.dt(sum)?;
+        self.need_f32("layernorm statistics", &[mean, rstd])?;
+        Self::need("residual layernorm", sum.len.min(out.len).min(residual.len).min(branch.len), rows * c)?;
+        Self::need("layernorm stats", mean.len.min(rstd.len), rows)?;
+        Self::need("layernorm weights", w.len.min(b.len), c)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let ([ps, po, pm, pr], [pres, pb, pw, pbias]) =
+            self.ptrs_as(dt, [sum, out, mean, rstd], [residual, branch, w, b])?;
+        let (r, cc, d) = (rows as i32, c as i32, DropoutArgs::of(dropout));
+        let mut l = self.stream.launch_builder(self.k.residual_layernorm.of(dt));
+        l.arg(&ps)
+            .arg(&po)
+            .arg(&pm)
+            .arg(&pr)
+            .arg(&pres)
+            .arg(&pb)
+            .arg(&pw)
+            .arg(&pbias)
+            .arg(&r)
+            .arg(&cc)
+            .arg(&eps)
+            .arg(&d);
+        unsafe { cu(l.launch(Self::cfg((rows.div_ceil(8) as u32, 1, 1), THREADS)))? };
+        Ok(())
+    }
+
+    fn bias_gelu_fwd(
+        &self,
+        pre: Buf,
+        out: Buf,
+        bias: Buf,
+        rows: usize,
+        cols: usize,
+        act: Activation,
+    ) -> Result<()> {
+        let dt = self.dt(pre)?;
+        Self::need("bias gelu", pre.len.min(out.len), rows * cols)?;
+        Self::need("bias gelu bias", bias.len, cols)?;
+        if rows * cols == 0 {
+            return Ok(());
+        }
+        let ([pp, po], [pb]) = self.ptrs_as(dt, [pre, out], [bias])?;
+        let (r, c, approx) = (rows as i64, cols as i32, (act == Activation::GeluTanh) as i32);
+        let mut l = self.stream.launch_builder(self.k.bias_gelu.of(dt));
+        l.arg(&pp).arg(&po).arg(&pb).arg(&r).arg(&c).arg(&approx);
+        unsafe { cu(l.launch(Self::cfg((grid_for(rows * cols), 1, 1), THREADS)))? };
+        Ok(())
+    }
+
+    fn embeddings_layernorm_fwd(
+        &self,
+        emb: Buf,
+        out: Buf,
+        mean: Buf,
+        rstd: Buf,
+        ids: Ints,
+        types: Ints,
+        word: Buf,
+        position: Buf,
+        token_type: Buf,
+        w: Buf,
+        b: Buf,
+        batch: usize,
+        seq: usize,
+        h: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let dt = self.dt(emb)?;
+        let n = batch * seq;
+        self.need_f32("layernorm statistics", &[mean, rstd])?;
+        Self::need("embeddings out", emb.len.min(out.len), n * h)?;
+        Self::need("layernorm stats", mean.len.min(rstd.len), n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        if position.len / h < seq {
+            bail!("sequence length {seq} exceeds max_position_embeddings {}", position.len / h);
+        }
+        let nv = (word.len / h) as i32;
+        if let Some(bad) = self.host_ints(ids.prefix(n))?.iter().find(|&&i| i < 0 || i >= nv) {
+            bail!("token id {bad} is outside the vocabulary of {nv}");
+        }
+        let nt = (token_type.len / h) as i32;
+        if let Some(bad) = self.host_ints(types.prefix(n))?.iter().find(|&&i| i < 0 || i >= nt) {
+            bail!("token type {bad} is outside type_vocab_size {nt}");
+        }
+        let ([pe, po, pm, pr], [pw, pp, pt, plw, plb]) =
+            self.ptrs_as(dt, [emb, out, mean, rstd], [word, position, token_type, w, b])?;
+        let (pi, pty) = (self.iptr(ids)?, self.iptr(types)?);
+        let (rows, s, hh) = (n as i32, seq as i32, h as i32);
+        let mut l = self.stream.launch_builder(self.k.embeddings_layernorm.of(dt));
+        l.arg(&pe)
+            .arg(&po)
+            .arg(&pm)
+            .arg(&pr)
+            .arg(&pi)
+            .arg(&pty)
+            .arg(&pw)
+            .arg(&pp)
+            .arg(&pt)
+            .arg(&plw)
+            .arg(&plb);
+        l.arg(&rows).arg(&s).arg(&hh).arg(&eps);
+        unsafe { cu(l.launch(Self::cfg((n.div_ceil(8) as u32, 1, 1), THREADS)))? };
+        Ok(())
     }
 
     fn gelu_fwd(&self, out: Buf, inp: Buf, act: Activation) -> Result<()> {

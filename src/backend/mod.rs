@@ -226,6 +226,68 @@ pub trait Backend {
         rows: usize,
         c: usize,
     ) -> Result<()>;
+    /// sum (rows, c) = residual + dropout(branch); out = LayerNorm(sum), mean and rstd saved. `branch` is
+    /// scratch (a backend may overwrite it). The unfused composition is the default.
+    fn residual_layernorm_fwd(
+        &self,
+        sum: Buf,
+        out: Buf,
+        mean: Buf,
+        rstd: Buf,
+        residual: Buf,
+        branch: Buf,
+        w: Buf,
+        b: Buf,
+        rows: usize,
+        c: usize,
+        eps: f32,
+        dropout: Option<Dropout>,
+    ) -> Result<()> {
+        match dropout {
+            None => self.add(sum, residual, branch)?,
+            Some(d) => {
+                self.dropout_fwd(sum, branch, d)?;
+                self.copy(branch, sum)?;
+                self.add(sum, residual, branch)?;
+            }
+        }
+        self.layernorm_fwd(out, mean, rstd, sum, w, b, rows, c, eps)
+    }
+    /// pre (rows, cols) += bias, in place; out = gelu(pre).
+    fn bias_gelu_fwd(
+        &self,
+        pre: Buf,
+        out: Buf,
+        bias: Buf,
+        rows: usize,
+        cols: usize,
+        act: Activation,
+    ) -> Result<()> {
+        self.add_bias(pre, bias, rows, cols)?;
+        self.gelu_fwd(out, pre, act)
+    }
+    /// emb (B·T, H) = word[ids] + position[t] + token_type[types]; out = LayerNorm(emb), mean, rstd saved.
+    fn embeddings_layernorm_fwd(
+        &self,
+        emb: Buf,
+        out: Buf,
+        mean: Buf,
+        rstd: Buf,
+        ids: Ints,
+        types: Ints,
+        word: Buf,
+        position: Buf,
+        token_type: Buf,
+        w: Buf,
+        b: Buf,
+        batch: usize,
+        seq: usize,
+        h: usize,
+        eps: f32,
+    ) -> Result<()> {
+        self.embeddings_fwd(emb, ids, types, word, position, token_type, batch, seq, h)?;
+        self.layernorm_fwd(out, mean, rstd, emb, w, b, batch * seq, h, eps)
+    }
     /// out = gelu(inp), elementwise.
     fn gelu_fwd(&self, out: Buf, inp: Buf, act: Activation) -> Result<()>;
     /// dinp = dout · gelu'(inp).

@@ -467,27 +467,22 @@ impl<'a, B: Backend> Bert<'a, B> {
             (c.hidden_size, c.intermediate_size, c.vocab_size, c.num_attention_heads, c.head_size());
         let eps = c.layer_norm_eps as f32;
         let nhid = n * h;
-        be.embeddings_fwd(
+        let emb_drop = self.dropout(c.hidden_dropout_prob, train, SITE_EMBEDDINGS);
+        let ln_out = if emb_drop.is_some() { a.emb_ln } else { a.x[0] };
+        be.embeddings_layernorm_fwd(
             a.emb.prefix(nhid),
+            ln_out.prefix(nhid),
+            a.emb_mean,
+            a.emb_rstd,
             a.ids,
             a.types,
             self.p(top.word, v * h),
             self.p(top.position, c.max_position_embeddings * h),
             self.p(top.token_type, c.type_vocab_size * h),
-            b,
-            t,
-            h,
-        )?;
-        let emb_drop = self.dropout(c.hidden_dropout_prob, train, SITE_EMBEDDINGS);
-        let ln_out = if emb_drop.is_some() { a.emb_ln } else { a.x[0] };
-        be.layernorm_fwd(
-            ln_out.prefix(nhid),
-            a.emb_mean,
-            a.emb_rstd,
-            a.emb.prefix(nhid),
             self.p(top.emb_ln_w, h),
             self.p(top.emb_ln_b, h),
-            n,
+            b,
+            t,
             h,
             eps,
         )?;
@@ -510,57 +505,59 @@ impl<'a, B: Backend> Bert<'a, B> {
                 probs_drop,
             )?;
             self.linear_fwd(a.tmp, la.ctx, lo.attn_out_w, lo.attn_out_b, n, h, h)?;
-            self.residual_dropout(
+            // h1 = LN1(x + dropout(attention output)), fused
+            be.residual_layernorm_fwd(
                 la.sum1.prefix(nhid),
-                x,
-                a.tmp.prefix(nhid),
-                self.dropout(c.hidden_dropout_prob, train, site(l, SITE_ATTN_OUT)),
-            )?;
-            be.layernorm_fwd(
                 la.h1.prefix(nhid),
                 la.mean1,
                 la.rstd1,
-                la.sum1.prefix(nhid),
+                x,
+                a.tmp.prefix(nhid),
                 self.p(lo.ln1_w, h),
                 self.p(lo.ln1_b, h),
                 n,
                 h,
                 eps,
+                self.dropout(c.hidden_dropout_prob, train, site(l, SITE_ATTN_OUT)),
             )?;
-            self.linear_fwd(la.ff1, la.h1, lo.ff1_w, lo.ff1_b, n, h, i)?;
-            be.gelu_fwd(la.gelu.prefix(n * i), la.ff1.prefix(n * i), self.act)?;
-            self.linear_fwd(a.tmp, la.gelu, lo.ff2_w, lo.ff2_b, n, i, h)?;
-            self.residual_dropout(
-                la.sum2.prefix(nhid),
+            // gelu(h1 · W1ᵀ + b1): the product, then bias and GELU in one pass
+            be.matmul(
+                la.ff1.prefix(n * i),
                 la.h1.prefix(nhid),
-                a.tmp.prefix(nhid),
-                self.dropout(c.hidden_dropout_prob, train, site(l, SITE_FFN_OUT)),
+                self.p(lo.ff1_w, i * h),
+                n,
+                i,
+                h,
+                false,
+                true,
+                false,
             )?;
-            be.layernorm_fwd(
+            be.bias_gelu_fwd(
+                la.ff1.prefix(n * i),
+                la.gelu.prefix(n * i),
+                self.p(lo.ff1_b, i),
+                n,
+                i,
+                self.act,
+            )?;
+            self.linear_fwd(a.tmp, la.gelu, lo.ff2_w, lo.ff2_b, n, i, h)?;
+            // x[l+1] = LN2(h1 + dropout(FFN output)), fused
+            be.residual_layernorm_fwd(
+                la.sum2.prefix(nhid),
                 a.x[l + 1].prefix(nhid),
                 la.mean2,
                 la.rstd2,
-                la.sum2.prefix(nhid),
+                la.h1.prefix(nhid),
+                a.tmp.prefix(nhid),
                 self.p(lo.ln2_w, h),
                 self.p(lo.ln2_b, h),
                 n,
                 h,
                 eps,
+                self.dropout(c.hidden_dropout_prob, train, site(l, SITE_FFN_OUT)),
             )?;
         }
         Ok(())
-    }
-
-    /// sum = residual + dropout(branch); the branch buffer is reused as scratch.
-    fn residual_dropout(&self, sum: Buf, residual: Buf, branch: Buf, d: Option<Dropout>) -> Result<()> {
-        match d {
-            None => self.be.add(sum, residual, branch),
-            Some(d) => {
-                self.be.dropout_fwd(sum, branch, d)?;
-                self.be.copy(branch, sum)?;
-                self.be.add(sum, residual, branch)
-            }
-        }
     }
 
     fn pooler_fwd(&self, inp: &Inputs) -> Result<()> {
@@ -584,8 +581,25 @@ impl<'a, B: Backend> Bert<'a, B> {
         let h = c.hidden_size;
         let rh = rows * h;
         be.gather_rows(a.head_in.prefix(rh), a.x[c.num_hidden_layers], a.head_rows.prefix(rows), rows, h)?;
-        self.linear_fwd(a.head_t, a.head_in, top.mlm_dense_w, top.mlm_dense_b, rows, h, h)?;
-        be.gelu_fwd(a.head_g.prefix(rh), a.head_t.prefix(rh), self.act)?;
+        be.matmul(
+            a.head_t.prefix(rh),
+            a.head_in.prefix(rh),
+            self.p(top.mlm_dense_w, h * h),
+            rows,
+            h,
+            h,
+            false,
+            true,
+            false,
+        )?;
+        be.bias_gelu_fwd(
+            a.head_t.prefix(rh),
+            a.head_g.prefix(rh),
+            self.p(top.mlm_dense_b, h),
+            rows,
+            h,
+            self.act,
+        )?;
         be.layernorm_fwd(
             a.head_h.prefix(rh),
             a.head_mean,

@@ -1,0 +1,101 @@
+// Fused forward kernels: one pass over the rows where the unfused ops would make two or three.
+//   residual_layernorm_fwd: sum = residual + dropout(branch); out = LayerNorm(sum); mean, rstd saved   (=)
+//   bias_gelu_fwd:          pre += bias (per row, in place); out = gelu(pre)                            (=)
+//   embeddings_layernorm_fwd: emb = word[ids] + position[r mod T] + token_type[types];
+//                             out = LayerNorm(emb); mean, rstd saved                                   (=)
+// Statistics and GELU are computed from the values as stored (rounded to T), so the backward passes,
+// which read the stored tensors, see exactly what the forward used. One warp per row for the LayerNorms.
+#include "common.cuh"
+
+__device__ __forceinline__ float gelu_fused(float x, int approx) {
+    if (approx) {
+        const float c = 0.7978845608028654f;
+        return 0.5f * x * (1.f + tanhf(c * (x + 0.044715f * x * x * x)));
+    }
+    return 0.5f * x * (1.f + erff(x * 0.7071067811865476f));
+}
+
+// LayerNorm of the row already stored in `src` (fp32 statistics), written to `dst`.
+template <typename T>
+__device__ void layernorm_row(T* dst, float* mean, float* rstd, const T* src, const T* w, const T* b, int row, int c,
+                              float eps, float sum) {
+    const int lane = threadIdx.x & 31;
+    const float mu = warp_sum(sum) / c;
+    float v = 0.f;
+    for (int j = lane; j < c; j += 32) {
+        const float d = to_f32(src[j]) - mu;
+        v += d * d;
+    }
+    const float rs = rsqrtf(warp_sum(v) / c + eps);
+    for (int j = lane; j < c; j += 32) dst[j] = from_f32<T>((to_f32(src[j]) - mu) * rs * to_f32(w[j]) + to_f32(b[j]));
+    if (lane == 0) {
+        mean[row] = mu;
+        rstd[row] = rs;
+    }
+}
+
+template <typename T>
+__device__ void residual_layernorm_impl(T* sum, T* out, float* mean, float* rstd, const T* residual, const T* branch,
+                                        const T* w, const T* b, int rows, int c, float eps, DropoutArgs d) {
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const long base = (long)row * c;
+    float s = 0.f;
+    for (int j = lane; j < c; j += 32) {
+        const long e = base + j;
+        // As dropout_fwd then add: the dropped branch is rounded to T before the residual is added.
+        const float dropped = to_f32(from_f32<T>(to_f32(branch[e]) * dropout_factor(d, (unsigned long long)e)));
+        const T v = from_f32<T>(to_f32(residual[e]) + dropped);
+        sum[e] = v;
+        s += to_f32(v);
+    }
+    __syncwarp();
+    layernorm_row(out + base, mean, rstd, sum + base, w, b, row, c, eps, s);
+}
+
+template <typename T>
+__device__ void bias_gelu_impl(T* pre, T* out, const T* bias, long rows, int cols, int approx) {
+    const long n = rows * cols;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        const T p = from_f32<T>(to_f32(pre[i]) + to_f32(bias[i % cols]));
+        pre[i] = p;
+        out[i] = from_f32<T>(gelu_fused(to_f32(p), approx));
+    }
+}
+
+template <typename T>
+__device__ void embeddings_layernorm_impl(T* emb, T* out, float* mean, float* rstd, const int* ids, const int* types,
+                                          const T* word, const T* position, const T* token_type, const T* w,
+                                          const T* b, int rows, int seq, int h, float eps) {
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const T *we = word + (long)ids[row] * h, *pe = position + (long)(row % seq) * h, *te = token_type + (long)types[row] * h;
+    const long base = (long)row * h;
+    float s = 0.f;
+    for (int j = lane; j < h; j += 32) {
+        const T v = from_f32<T>(to_f32(we[j]) + to_f32(pe[j]) + to_f32(te[j]));
+        emb[base + j] = v;
+        s += to_f32(v);
+    }
+    __syncwarp();
+    layernorm_row(out + base, mean, rstd, emb + base, w, b, row, h, eps, s);
+}
+
+#define FUSED(T, N)                                                                                               \
+    extern "C" __global__ void residual_layernorm_fwd_##N(T* sum, T* out, float* mean, float* rstd,               \
+                                                          const T* residual, const T* branch, const T* w,         \
+                                                          const T* b, int rows, int c, float eps, DropoutArgs d) { \
+        residual_layernorm_impl(sum, out, mean, rstd, residual, branch, w, b, rows, c, eps, d);                  \
+    }                                                                                                             \
+    extern "C" __global__ void bias_gelu_fwd_##N(T* pre, T* out, const T* bias, long rows, int cols, int approx) { \
+        bias_gelu_impl(pre, out, bias, rows, cols, approx);                                                       \
+    }                                                                                                             \
+    extern "C" __global__ void embeddings_layernorm_fwd_##N(T* emb, T* out, float* mean, float* rstd,             \
+                                                            const int* ids, const int* types, const T* word,      \
+                                                            const T* position, const T* token_type, const T* w,   \
+                                                            const T* b, int rows, int seq, int h, float eps) {    \
+        embeddings_layernorm_impl(emb, out, mean, rstd, ids, types, word, position, token_type, w, b, rows, seq, h, \
+                                  eps);                                                                           \
+    }
+
+BERTCUDA_INSTANTIATE_FLOAT_TYPES(FUSED)
