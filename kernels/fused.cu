@@ -99,3 +99,39 @@ __device__ void embeddings_layernorm_impl(T* emb, T* out, float* mean, float* rs
     }
 
 BERTCUDA_INSTANTIATE_FLOAT_TYPES(FUSED)
+
+// Backward of out = LayerNorm(sum), sum = residual + dropout(branch), one warp per row:
+//   dsum = LN'(g) (=, the residual's gradient); g is then overwritten with dropout'(dsum), the branch's
+//   gradient. The LayerNorm weight gradients are reduced separately (layernorm_param_partial_bwd), before.
+template <typename T>
+__device__ void residual_layernorm_bwd_impl(T* dsum, T* g, const T* sum, const float* mean, const float* rstd,
+                                            const T* w, int rows, int c, DropoutArgs d) {
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const long base = (long)row * c;
+    const float mu = mean[row], rs = rstd[row];
+    float a = 0.f, bsum = 0.f;
+    for (int j = lane; j < c; j += 32) {
+        const float xhat = (to_f32(sum[base + j]) - mu) * rs, dxhat = to_f32(g[base + j]) * to_f32(w[j]);
+        a += dxhat;
+        bsum += dxhat * xhat;
+    }
+    const float mean_dxhat = warp_sum(a) / c, mean_dxhat_xhat = warp_sum(bsum) / c;
+    // Every lane reads its own elements of g before writing them: in place is safe.
+    for (int j = lane; j < c; j += 32) {
+        const long e = base + j;
+        const float xhat = (to_f32(sum[e]) - mu) * rs;
+        const T ds = from_f32<T>(rs * (to_f32(g[e]) * to_f32(w[j]) - mean_dxhat - xhat * mean_dxhat_xhat));
+        dsum[e] = ds;
+        g[e] = from_f32<T>(to_f32(ds) * dropout_factor(d, (unsigned long long)e));
+    }
+}
+
+#define FUSED_BWD(T, N)                                                                                         \
+    extern "C" __global__ void residual_layernorm_bwd_##N(T* dsum, T* g, const T* sum, const float* mean,     \
+                                                          const float* rstd, const T* w, int rows, int c,       \
+                                                          DropoutArgs d) {                                       \
+        residual_layernorm_bwd_impl(dsum, g, sum, mean, rstd, w, rows, c, d);                                   \
+    }
+
+BERTCUDA_INSTANTIATE_FLOAT_TYPES(FUSED_BWD)

@@ -682,6 +682,24 @@ fn fused_forward_kernels_equal_the_unfused_cpu_ops() {
             },
         );
     }
+    // Its backward: d(sum), the weight gradients, and the branch's gradient written over d(out).
+    let c = Case {
+        floats: vec![randn(51, rows * H, 2.0), randn(52, H, 1.0), randn(53, H, 1.0)],
+        ints: vec![],
+        outs: vec![
+            (rows * H, None),
+            (rows, None),
+            (rows, None),
+            (rows * H, None),
+            (H, Some(vec![0.0; H])),
+            (H, Some(vec![0.0; H])),
+            (rows * H, Some(randn(54, rows * H, 1.0))),
+        ],
+    };
+    same("residual + layernorm backward", &c, 1e-5, 1e-4, &|be, f, _, o| {
+        be.layernorm_fwd(o[0], o[1], o[2], f[0], f[1], f[2], rows, H, 1e-12)?;
+        be.residual_layernorm_bwd(o[3], o[4], o[5], o[6], f[0], o[1], o[2], f[1], rows, H, d.unwrap())
+    });
     let (r, cols) = (rows, 80);
     let c = Case {
         floats: vec![randn(44, cols, 1.0)],

@@ -164,6 +164,7 @@ struct Kernels {
     adamw: CudaFunction,
     attention_bwd_d: Typed,
     residual_layernorm: Typed,
+    residual_layernorm_bwd: Typed,
     bias_gelu: Typed,
     embeddings_layernorm: Typed,
     /// head size → (forward, dk/dv, dq)
@@ -218,6 +219,7 @@ impl Kernels {
             adamw: f("adamw_fwd_f32")?,
             attention_bwd_d: t("attention_bwd_d")?,
             residual_layernorm: t("residual_layernorm_fwd")?,
+            residual_layernorm_bwd: t("residual_layernorm_bwd")?,
             bias_gelu: t("bias_gelu_fwd")?,
             embeddings_layernorm: t("embeddings_layernorm_fwd")?,
             attention,
@@ -1024,6 +1026,47 @@ impl Backend for Cuda {
             .arg(&cc)
             .arg(&eps)
             .arg(&d);
+        unsafe { cu(l.launch(Self::cfg((rows.div_ceil(8) as u32, 1, 1), THREADS)))? };
+        Ok(())
+    }
+
+    fn residual_layernorm_bwd(
+        &self,
+        dsum: Buf,
+        dw: Buf,
+        db: Buf,
+        grad: Buf,
+        sum: Buf,
+        mean: Buf,
+        rstd: Buf,
+        w: Buf,
+        rows: usize,
+        c: usize,
+        dropout: Dropout,
+    ) -> Result<()> {
+        let dt = self.dt(dsum)?;
+        self.need_f32("layernorm statistics and gradients", &[mean, rstd, dw, db])?;
+        Self::need("residual layernorm backward", dsum.len.min(grad.len).min(sum.len), rows * c)?;
+        Self::need("layernorm stats", mean.len.min(rstd.len), rows)?;
+        Self::need("layernorm weights", w.len.min(dw.len).min(db.len), c)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        // `grad` is read by the weight-gradient reduction first, then read and overwritten in place by
+        // the fused kernel: it is both an input and an output, so it is not in the overlap check's outputs.
+        let ([pds, pdw, pdb], [pg, ps, pm, pr, pw]) =
+            self.ptrs_as(dt, [dsum, dw, db], [grad, sum, mean, rstd, w])?;
+        let (r, cc) = (rows as i32, c as i32);
+        let chunks = rows.div_ceil(64).max(1);
+        let part = self.partials(chunks * 2 * c)?;
+        let mut l = self.stream.launch_builder(self.k.layernorm_param_partial.of(dt));
+        l.arg(&part).arg(&pg).arg(&ps).arg(&pm).arg(&pr).arg(&r).arg(&cc);
+        unsafe { cu(l.launch(Self::cfg((chunks as u32, 1, 1), THREADS)))? };
+        self.sum_partials(pdw, part, chunks, c, 2 * c)?;
+        self.sum_partials(pdb, part + 4 * c as u64, chunks, c, 2 * c)?;
+        let d = DropoutArgs::of(Some(dropout));
+        let mut l = self.stream.launch_builder(self.k.residual_layernorm_bwd.of(dt));
+        l.arg(&pds).arg(&pg).arg(&ps).arg(&pm).arg(&pr).arg(&pw).arg(&r).arg(&cc).arg(&d);
         unsafe { cu(l.launch(Self::cfg((rows.div_ceil(8) as u32, 1, 1), THREADS)))? };
         Ok(())
     }

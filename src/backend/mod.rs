@@ -253,6 +253,26 @@ pub trait Backend {
         }
         self.layernorm_fwd(out, mean, rstd, sum, w, b, rows, c, eps)
     }
+    /// Backward of `out = LayerNorm(sum)`, `sum = residual + dropout(branch)`: reads `grad` = d(out); writes
+    /// dsum (rows, c) = d(sum) (the residual's gradient); dw, db +=; then overwrites `grad` with
+    /// dropout'(dsum), the branch's gradient.
+    fn residual_layernorm_bwd(
+        &self,
+        dsum: Buf,
+        dw: Buf,
+        db: Buf,
+        grad: Buf,
+        sum: Buf,
+        mean: Buf,
+        rstd: Buf,
+        w: Buf,
+        rows: usize,
+        c: usize,
+        dropout: Dropout,
+    ) -> Result<()> {
+        self.layernorm_bwd(dsum, dw, db, grad, sum, mean, rstd, w, rows, c)?;
+        self.dropout_bwd(grad, dsum, dropout)
+    }
     /// pre (rows, cols) += bias, in place; out = gelu(pre).
     fn bias_gelu_fwd(
         &self,

@@ -807,26 +807,40 @@ impl<'a, B: Backend> Bert<'a, B> {
         let (dx, dx2) = (a.dx.prefix(nhid), a.dx2.prefix(nhid));
         for l in (0..c.num_hidden_layers).rev() {
             let (lo, la): (&LayerOffsets, &LayerActs) = (&self.table.layers[l], &a.layers[l]);
-            // out = LN2(sum2): dsum2 into dx2; the residual carries it to h1
-            be.layernorm_bwd(
-                dx2,
-                self.g(lo.ln2_w, h),
-                self.g(lo.ln2_b, h),
-                dx,
-                la.sum2.prefix(nhid),
-                la.mean2,
-                la.rstd2,
-                self.p(lo.ln2_w, h),
-                n,
-                h,
-            )?;
-            // FFN branch: dff2 = dropout'(dsum2)
+            // out = LN2(sum2): dsum2 into dx2 (the residual carries it to h1); the FFN branch's gradient
+            // dropout'(dsum2) in dx (in place, fused with the LayerNorm backward when there is dropout)
             let dff2 = match self.dropout(c.hidden_dropout_prob, train, site(l, SITE_FFN_OUT)) {
                 Some(d) => {
-                    be.dropout_bwd(dx, dx2, d)?;
+                    be.residual_layernorm_bwd(
+                        dx2,
+                        self.g(lo.ln2_w, h),
+                        self.g(lo.ln2_b, h),
+                        dx,
+                        la.sum2.prefix(nhid),
+                        la.mean2,
+                        la.rstd2,
+                        self.p(lo.ln2_w, h),
+                        n,
+                        h,
+                        d,
+                    )?;
                     dx
                 }
-                None => dx2,
+                None => {
+                    be.layernorm_bwd(
+                        dx2,
+                        self.g(lo.ln2_w, h),
+                        self.g(lo.ln2_b, h),
+                        dx,
+                        la.sum2.prefix(nhid),
+                        la.mean2,
+                        la.rstd2,
+                        self.p(lo.ln2_w, h),
+                        n,
+                        h,
+                    )?;
+                    dx2
+                }
             };
             let dgelu = a.dwide2.prefix(n * i);
             self.linear_bwd(Some((dgelu, false)), dff2, la.gelu, lo.ff2_w, lo.ff2_b, n, i, h)?;
@@ -834,25 +848,39 @@ impl<'a, B: Backend> Bert<'a, B> {
             be.gelu_bwd(dff1, dgelu, la.ff1.prefix(n * i), self.act)?;
             // dh1 = dsum2 (still in dx2) + dff1 · W1
             self.linear_bwd(Some((dx2, true)), dff1, la.h1, lo.ff1_w, lo.ff1_b, n, h, i)?;
-            // h1 = LN1(sum1): dsum1 into dx
-            be.layernorm_bwd(
-                dx,
-                self.g(lo.ln1_w, h),
-                self.g(lo.ln1_b, h),
-                dx2,
-                la.sum1.prefix(nhid),
-                la.mean1,
-                la.rstd1,
-                self.p(lo.ln1_w, h),
-                n,
-                h,
-            )?;
+            // h1 = LN1(sum1): dsum1 into dx; the attention branch's gradient dropout'(dsum1) in dx2
             let dattn = match self.dropout(c.hidden_dropout_prob, train, site(l, SITE_ATTN_OUT)) {
                 Some(d) => {
-                    be.dropout_bwd(dx2, dx, d)?;
+                    be.residual_layernorm_bwd(
+                        dx,
+                        self.g(lo.ln1_w, h),
+                        self.g(lo.ln1_b, h),
+                        dx2,
+                        la.sum1.prefix(nhid),
+                        la.mean1,
+                        la.rstd1,
+                        self.p(lo.ln1_w, h),
+                        n,
+                        h,
+                        d,
+                    )?;
                     dx2
                 }
-                None => dx,
+                None => {
+                    be.layernorm_bwd(
+                        dx,
+                        self.g(lo.ln1_w, h),
+                        self.g(lo.ln1_b, h),
+                        dx2,
+                        la.sum1.prefix(nhid),
+                        la.mean1,
+                        la.rstd1,
+                        self.p(lo.ln1_w, h),
+                        n,
+                        h,
+                    )?;
+                    dx
+                }
             };
             let dctx = a.tmp.prefix(nhid);
             self.linear_bwd(Some((dctx, false)), dattn, la.ctx, lo.attn_out_w, lo.attn_out_b, n, h, h)?;
