@@ -656,8 +656,8 @@ fn bf16_ops_against_the_fp32_cpu() {
 #[ignore = "needs a CUDA GPU"]
 fn fused_forward_kernels_equal_the_unfused_cpu_ops() {
     let rows = B * T;
-    let d = Some(Dropout { p: 0.1, key: DropoutKey { seed: 3, step: 4, site: 5 } });
-    for dropout in [None, d] {
+    let drop = Dropout { p: 0.1, key: DropoutKey { seed: 3, step: 4, site: 5 } };
+    for dropout in [None, Some(drop)] {
         let c = Case {
             floats: vec![
                 randn(40, rows * H, 1.0),
@@ -698,7 +698,7 @@ fn fused_forward_kernels_equal_the_unfused_cpu_ops() {
     };
     same("residual + layernorm backward", &c, 1e-5, 1e-4, &|be, f, _, o| {
         be.layernorm_fwd(o[0], o[1], o[2], f[0], f[1], f[2], rows, H, 1e-12)?;
-        be.residual_layernorm_bwd(o[3], o[4], o[5], o[6], f[0], o[1], o[2], f[1], rows, H, d.unwrap())
+        be.residual_layernorm_bwd(o[3], o[4], o[5], o[6], f[0], o[1], o[2], f[1], rows, H, drop)
     });
     let (r, cols) = (rows, 80);
     let c = Case {
