@@ -458,6 +458,33 @@ impl<'a, B: Backend> Bert<'a, B> {
         be.bias_grad(self.g(b, out_f), dout, rows, out_f)
     }
 
+    /// Backward of `out = LayerNorm(sum)`, `sum = residual + dropout(branch)`, with `grad` = d(out) and
+    /// `ln` = (sum, mean, rstd, weight offset, bias offset). Writes d(sum), the residual's gradient, into
+    /// `dsum` and returns the buffer holding the branch's gradient: `grad` overwritten in place when there
+    /// is dropout (fused with the LayerNorm backward), else `dsum` itself.
+    fn residual_layernorm_bwd(
+        &self,
+        dsum: Buf,
+        grad: Buf,
+        ln: (Buf, Buf, Buf, usize, usize),
+        rows: usize,
+        dropout: Option<Dropout>,
+    ) -> Result<Buf> {
+        let h = self.config.hidden_size;
+        let (sum, mean, rstd, w, b) = ln;
+        let (dw, db, pw) = (self.g(w, h), self.g(b, h), self.p(w, h));
+        match dropout {
+            Some(d) => {
+                self.be.residual_layernorm_bwd(dsum, dw, db, grad, sum, mean, rstd, pw, rows, h, d)?;
+                Ok(grad)
+            }
+            None => {
+                self.be.layernorm_bwd(dsum, dw, db, grad, sum, mean, rstd, pw, rows, h)?;
+                Ok(dsum)
+            }
+        }
+    }
+
     /// The encoder: embeddings and every layer; leaves the last hidden state in x[L].
     fn encoder_fwd(&self, inp: &Inputs, train: Option<Train>) -> Result<()> {
         let (be, c, a, top) = (self.be, &self.config, &self.a, &self.table.top);
@@ -809,39 +836,9 @@ impl<'a, B: Backend> Bert<'a, B> {
             let (lo, la): (&LayerOffsets, &LayerActs) = (&self.table.layers[l], &a.layers[l]);
             // out = LN2(sum2): dsum2 into dx2 (the residual carries it to h1); the FFN branch's gradient
             // dropout'(dsum2) in dx (in place, fused with the LayerNorm backward when there is dropout)
-            let dff2 = match self.dropout(c.hidden_dropout_prob, train, site(l, SITE_FFN_OUT)) {
-                Some(d) => {
-                    be.residual_layernorm_bwd(
-                        dx2,
-                        self.g(lo.ln2_w, h),
-                        self.g(lo.ln2_b, h),
-                        dx,
-                        la.sum2.prefix(nhid),
-                        la.mean2,
-                        la.rstd2,
-                        self.p(lo.ln2_w, h),
-                        n,
-                        h,
-                        d,
-                    )?;
-                    dx
-                }
-                None => {
-                    be.layernorm_bwd(
-                        dx2,
-                        self.g(lo.ln2_w, h),
-                        self.g(lo.ln2_b, h),
-                        dx,
-                        la.sum2.prefix(nhid),
-                        la.mean2,
-                        la.rstd2,
-                        self.p(lo.ln2_w, h),
-                        n,
-                        h,
-                    )?;
-                    dx2
-                }
-            };
+            let ffn_drop = self.dropout(c.hidden_dropout_prob, train, site(l, SITE_FFN_OUT));
+            let ln2 = (la.sum2.prefix(nhid), la.mean2, la.rstd2, lo.ln2_w, lo.ln2_b);
+            let dff2 = self.residual_layernorm_bwd(dx2, dx, ln2, n, ffn_drop)?;
             let dgelu = a.dwide2.prefix(n * i);
             self.linear_bwd(Some((dgelu, false)), dff2, la.gelu, lo.ff2_w, lo.ff2_b, n, i, h)?;
             let dff1 = a.dwide.prefix(n * i);
@@ -849,39 +846,9 @@ impl<'a, B: Backend> Bert<'a, B> {
             // dh1 = dsum2 (still in dx2) + dff1 · W1
             self.linear_bwd(Some((dx2, true)), dff1, la.h1, lo.ff1_w, lo.ff1_b, n, h, i)?;
             // h1 = LN1(sum1): dsum1 into dx; the attention branch's gradient dropout'(dsum1) in dx2
-            let dattn = match self.dropout(c.hidden_dropout_prob, train, site(l, SITE_ATTN_OUT)) {
-                Some(d) => {
-                    be.residual_layernorm_bwd(
-                        dx,
-                        self.g(lo.ln1_w, h),
-                        self.g(lo.ln1_b, h),
-                        dx2,
-                        la.sum1.prefix(nhid),
-                        la.mean1,
-                        la.rstd1,
-                        self.p(lo.ln1_w, h),
-                        n,
-                        h,
-                        d,
-                    )?;
-                    dx2
-                }
-                None => {
-                    be.layernorm_bwd(
-                        dx,
-                        self.g(lo.ln1_w, h),
-                        self.g(lo.ln1_b, h),
-                        dx2,
-                        la.sum1.prefix(nhid),
-                        la.mean1,
-                        la.rstd1,
-                        self.p(lo.ln1_w, h),
-                        n,
-                        h,
-                    )?;
-                    dx
-                }
-            };
+            let attn_drop = self.dropout(c.hidden_dropout_prob, train, site(l, SITE_ATTN_OUT));
+            let ln1 = (la.sum1.prefix(nhid), la.mean1, la.rstd1, lo.ln1_w, lo.ln1_b);
+            let dattn = self.residual_layernorm_bwd(dx, dx2, ln1, n, attn_drop)?;
             let dctx = a.tmp.prefix(nhid);
             self.linear_bwd(Some((dctx, false)), dattn, la.ctx, lo.attn_out_w, lo.attn_out_b, n, h, h)?;
             let dqkv = a.dwide.prefix(n * 3 * h);
