@@ -45,7 +45,12 @@ impl LoadedModel {
 
     /// Whether the checkpoint lacked the pretraining heads (they run initialised).
     pub fn heads_initialised(&self) -> bool {
-        self.report.initialised.iter().any(|n| n.starts_with("cls.") || n.starts_with("bert.pooler."))
+        self.lacks("cls.") || self.lacks("bert.pooler.")
+    }
+
+    /// Whether the checkpoint lacked the parameters under `prefix` (they run initialised).
+    pub fn lacks(&self, prefix: &str) -> bool {
+        self.report.initialised.iter().any(|n| n.starts_with(prefix))
     }
 
     fn model<'a, B: Backend>(&self, be: &'a B, batch: usize, seq: usize) -> Result<Bert<'a, B>> {
@@ -404,6 +409,15 @@ pub fn fill_mask(
     text: &str,
     top_k: usize,
 ) -> Result<Vec<(usize, Vec<Prediction>)>> {
+    if top_k == 0 {
+        bail!("--top-k 0 asks for no predictions; give 1 or more");
+    }
+    if model.lacks("cls.predictions.") {
+        bail!(
+            "the checkpoint has no MLM head (cls.predictions.*): its predictions would come from random \
+             weights; fill-mask needs a BertForPreTraining or BertForMaskedLM checkpoint"
+        );
+    }
     on_device!(device, be => fill_mask_on(be, model, tok, text, top_k))
 }
 
@@ -415,6 +429,9 @@ pub fn embed(
     texts: &[String],
     pooling: Pooling,
 ) -> Result<Vec<Vec<f32>>> {
+    if pooling == Pooling::Pooler && model.lacks("bert.pooler.") {
+        bail!("the checkpoint has no pooler (bert.pooler.*): use --pooling cls or --pooling mean");
+    }
     on_device!(device, be => embed_on(be, model, tok, texts, pooling))
 }
 

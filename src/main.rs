@@ -323,14 +323,18 @@ struct TrainArgs {
     /// Probability of a shorter target length per document (0.1).
     #[arg(long)]
     short_seq_prob: Option<f64>,
+    /// MLM only: one segment of whole sentences, no next-sentence label or NSP loss.
     #[arg(long)]
     #[serde(skip_serializing_if = "is_false")]
     no_nsp: bool,
+    /// Select whole words (a word and its ## pieces) for masking.
     #[arg(long)]
     #[serde(skip_serializing_if = "is_false")]
     whole_word_mask: bool,
+    /// Cap on predicted tokens per sequence (no cap unless given).
     #[arg(long)]
     max_predictions_per_seq: Option<usize>,
+    /// Pad every batch to --max-seq-len instead of its longest sequence.
     #[arg(long)]
     #[serde(skip_serializing_if = "is_false")]
     pad_to_max: bool,
@@ -403,6 +407,7 @@ struct EvalArgs {
     device: String,
     #[command(flatten)]
     data: DataArgs,
+    /// Sequences per batch.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
     /// Batches evaluated at most (the first ones of epoch 0).
@@ -411,6 +416,7 @@ struct EvalArgs {
     /// Seed of the pairs and masks: the same seed gives two models the same predictions to make.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Print the results as one JSON object instead of a table.
     #[arg(long)]
     json: bool,
 }
@@ -436,13 +442,16 @@ struct ForwardArgs {
 
 #[derive(Args)]
 struct FillMaskArgs {
+    /// A model directory with an MLM head and its tokenizer (ours or a Hugging Face one).
     #[arg(long)]
     model: PathBuf,
     /// auto (a GPU when there is one), cpu or cuda.
     #[arg(long, default_value = "auto", value_parser = ["cpu", "cuda", "auto"])]
     device: String,
+    /// Predictions printed per [MASK].
     #[arg(long, default_value_t = 5)]
     top_k: usize,
+    /// The text, with one or more [MASK] tokens.
     text: String,
 }
 
@@ -1031,7 +1040,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     };
     cfg.validate()?;
     let mut r = bertcuda::infer::evaluate(&a.device, &model, &corpus, &cfg, a.max_batches)?;
-    let missing = |prefix: &str| model.report.initialised.iter().any(|n| n.starts_with(prefix));
+    let missing = |prefix: &str| model.lacks(prefix);
     if missing("cls.seq_relationship") {
         eprintln!("{}: no NSP head in the checkpoint; NSP results omitted", a.model.display());
         (r.nsp_loss, r.nsp_accuracy) = (None, None);

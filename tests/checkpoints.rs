@@ -172,6 +172,11 @@ fn loads_masked_lm_bare_model_and_legacy_checkpoints() {
         r.ignored.iter().any(|n| n.contains("decoder.weight"))
             && r.ignored.iter().any(|n| n.contains("position_ids"))
     );
+    // No pooler in the checkpoint: embedding with it is refused, naming the alternatives.
+    let model = LoadedModel::load(&mlm).unwrap();
+    let tok = bertcuda::infer::model_tokenizer(&minilm_dir()).unwrap();
+    let err = embed("cpu", &model, &tok, &["a".to_string()], Pooling::Pooler).unwrap_err().to_string();
+    assert!(err.contains("no pooler") && err.contains("--pooling cls"), "{err}");
 
     // Bare BertModel with legacy LayerNorm names and no "bert." prefix.
     let bare = tmp.path().join("bare");
@@ -333,15 +338,27 @@ fn forward_prints_losses_and_dumps_outputs_and_gradients() {
 fn fill_mask_and_embed_on_a_real_checkpoint() {
     let dir = minilm_dir();
     let d = dir.to_str().unwrap();
-    let (ok, out, err) = run(&["fill-mask", "--model", d, "--top-k", "3", "Paris is the [MASK] of France."]);
+    // A bare BertModel has no MLM head: fill-mask refuses rather than predict from random weights.
+    let (ok, _, err) = run(&["fill-mask", "--model", d, "Paris is the [MASK] of France."]);
+    assert!(!ok && err.contains("no MLM head") && !err.contains("panicked"), "{err}");
+    // The same encoder saved as BertForPreTraining (heads initialised, then written) with its tokenizer.
+    let tmp = tempfile::tempdir().unwrap();
+    let (config, params, _) = load_pretrained(&dir, 0).unwrap();
+    save_pretrained(tmp.path(), &config, &params).unwrap();
+    for f in ["vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
+        fs::copy(dir.join(f), tmp.path().join(f)).unwrap();
+    }
+    let m = tmp.path().to_str().unwrap();
+    let (ok, _, err) = run(&["fill-mask", "--model", m, "--top-k", "0", "a [MASK]"]);
+    assert!(!ok && err.contains("--top-k 0"), "{err}");
+    let (ok, out, err) = run(&["fill-mask", "--model", m, "--top-k", "3", "Paris is the [MASK] of France."]);
     assert!(ok, "{err}");
-    assert!(err.contains("initialised"), "a bare BertModel's heads are reported: {err}");
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["position"], 4);
     let preds = v["predictions"].as_array().unwrap();
     assert_eq!(preds.len(), 3);
     assert!(preds[0]["score"].as_f64().unwrap() >= preds[1]["score"].as_f64().unwrap());
-    let (ok, _, err) = run(&["fill-mask", "--model", d, "no mask here"]);
+    let (ok, _, err) = run(&["fill-mask", "--model", m, "no mask here"]);
     assert!(!ok && err.contains("[MASK]"), "{err}");
 
     let (ok, out, err) = run(&["embed", "--model", d, "--pooling", "mean", "one", "two three"]);
