@@ -271,9 +271,18 @@ fn configs_read_hf_fields_and_refuse_impossible_ones() {
         assert!(e.contains(want), "{e}");
     }
     for p in bertcuda::model::config::PRESETS {
-        ModelConfig::preset(p, 30522).unwrap().validate().unwrap();
+        let c = ModelConfig::preset(p, 30522).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.parameter_count(), ParamTable::new(&c).total as u128, "{p}");
     }
+    assert_eq!(ModelConfig::preset("base", 30522).unwrap().parameter_count(), 110_106_428);
     assert!(ModelConfig::preset("huge", 10).is_err());
+    // A size no machine holds is refused before anything is allocated (u128 arithmetic: no overflow).
+    let mut c = small_config();
+    c.hidden_size = 1 << 40;
+    c.num_attention_heads = 1;
+    let e = c.validate().unwrap_err().to_string();
+    assert!(e.contains("parameters") && e.contains("choose smaller sizes"), "{e}");
 }
 
 fn run(args: &[&str]) -> (bool, String, String) {

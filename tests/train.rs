@@ -423,6 +423,9 @@ fn bad_settings_and_inputs_get_clear_messages() {
     assert!(e.contains("--max-seq-len 100") && e.contains("max_position_embeddings 64"), "{e}");
     let e = err(TrainConfig { per_device_batch_size: 100_000, ..base_config(&out) });
     assert!(e.contains("fewer than one step"), "{e}");
+    // Activations past the machine's memory: an error naming the settings, not an abort.
+    let e = err(TrainConfig { per_device_batch_size: 1 << 32, ..base_config(&out) });
+    assert!(e.contains("out of memory") && e.contains("--per-device-batch-size 4294967296"), "{e}");
     let e = err(TrainConfig { lr_scheduler: "wavy".into(), ..base_config(&out) });
     assert!(e.contains("wavy"), "{e}");
     let e = err(TrainConfig { model_config: "huge".into(), ..base_config(&out) });

@@ -4,7 +4,7 @@
 //! rows (bias and LayerNorm gradients) sum fixed blocks of rows and then the blocks in order, so results do
 //! not depend on the thread count.
 
-use std::cell::UnsafeCell;
+use std::cell::{Cell, UnsafeCell};
 use std::fmt::Debug;
 use std::iter::Sum;
 use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub, SubAssign};
@@ -107,6 +107,10 @@ unsafe impl<T> Sync for SyncPtr<T> {}
 pub struct Cpu<T: Real> {
     floats: UnsafeCell<Vec<Box<[T]>>>,
     ints: UnsafeCell<Vec<Box<[i32]>>>,
+    /// Bytes allocated so far, and the memory available when the backend was made (Linux): an
+    /// allocation past it is an error, not an abort or a kill by the OOM killer later.
+    allocated: Cell<u64>,
+    available: Option<u64>,
 }
 
 impl<T: Real> Default for Cpu<T> {
@@ -117,7 +121,27 @@ impl<T: Real> Default for Cpu<T> {
 
 impl<T: Real> Cpu<T> {
     pub fn new() -> Self {
-        Cpu { floats: UnsafeCell::new(Vec::new()), ints: UnsafeCell::new(Vec::new()) }
+        Cpu {
+            floats: UnsafeCell::new(Vec::new()),
+            ints: UnsafeCell::new(Vec::new()),
+            allocated: Cell::new(0),
+            available: crate::fsutil::mem_available(),
+        }
+    }
+
+    /// Count `bytes` against the available memory.
+    fn reserve(&self, bytes: u64) -> Result<()> {
+        let total = self.allocated.get() + bytes;
+        if let Some(avail) = self.available.filter(|&a| total > a) {
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            bail!(
+                "out of memory: {:.1} GiB allocated would exceed the {:.1} GiB of memory available",
+                gib(total),
+                gib(avail)
+            );
+        }
+        self.allocated.set(total);
+        Ok(())
     }
 
     fn check(&self, outs: &[Buf], ins: &[Buf]) -> Result<()> {
@@ -227,6 +251,7 @@ impl<T: Real> Backend for Cpu<T> {
     }
 
     fn alloc(&self, len: usize) -> Result<Buf> {
+        self.reserve((len * std::mem::size_of::<T>()) as u64)?;
         // SAFETY: no view is alive across calls; pushing moves only the Box pointers, not the data.
         let floats = unsafe { &mut *self.floats.get() };
         floats.push(vec![T::default(); len].into_boxed_slice());
@@ -234,6 +259,7 @@ impl<T: Real> Backend for Cpu<T> {
     }
 
     fn alloc_ints(&self, len: usize) -> Result<Ints> {
+        self.reserve((len * 4) as u64)?;
         let ints = unsafe { &mut *self.ints.get() };
         ints.push(vec![0; len].into_boxed_slice());
         Ok(Ints { id: ints.len() as u32 - 1, off: 0, len })

@@ -173,7 +173,39 @@ impl ModelConfig {
             );
         }
         self.activation()?;
+        // The parameters live in host memory (fp32) whatever the device: a size no machine here can hold
+        // is refused before anything is allocated.
+        let params = self.parameter_count();
+        let avail = crate::fsutil::mem_available().map_or(1u128 << 50, u128::from);
+        if params * 4 > avail {
+            let gib = |b: u128| b as f64 / (1u64 << 30) as f64;
+            bail!(
+                "the model has {params} parameters ({:.1} GiB in fp32) and this machine has {:.1} GiB of \
+                 memory available: choose smaller sizes",
+                gib(params * 4),
+                gib(avail)
+            );
+        }
         Ok(())
+    }
+
+    /// The parameters of `BertForPreTraining` with this config (u128: no size a config file can give
+    /// overflows it).
+    pub fn parameter_count(&self) -> u128 {
+        let [v, h, l, i, p, t] = [
+            self.vocab_size,
+            self.hidden_size,
+            self.num_hidden_layers,
+            self.intermediate_size,
+            self.max_position_embeddings,
+            self.type_vocab_size,
+        ]
+        .map(|x| x as u128);
+        let embeddings = (v + p + t) * h + 2 * h;
+        let layer = 4 * (h * h + h) + 2 * (h * i) + i + h + 4 * h;
+        let pooler = h * h + h;
+        let heads = (h * h + h + 2 * h + v) + (2 * h + 2);
+        embeddings + l * layer + pooler + heads
     }
 
     pub fn activation(&self) -> Result<Activation> {
