@@ -1026,6 +1026,14 @@ fn train(a: TrainArgs) -> Result<()> {
 
 fn eval(a: EvalArgs) -> Result<()> {
     let model = LoadedModel::load(&a.model)?;
+    let missing = |prefix: &str| model.lacks(prefix);
+    if missing("cls.seq_relationship") && missing("cls.predictions") {
+        bail!(
+            "{}: the checkpoint has neither an MLM nor an NSP head (a bare BertModel), so there is nothing to \
+             evaluate; continue pretraining it first: bertcuda train --init-from {0} ...",
+            a.model.display()
+        );
+    }
     let corpus = open_corpus(&a.data.data)?;
     if let Ok(t) = BertTokenizer::load(&a.model, LoadOptions::default()) {
         corpus.sets[0].check_tokenizer(&t)?;
@@ -1040,7 +1048,6 @@ fn eval(a: EvalArgs) -> Result<()> {
     };
     cfg.validate()?;
     let mut r = bertcuda::infer::evaluate(&a.device, &model, &corpus, &cfg, a.max_batches)?;
-    let missing = |prefix: &str| model.lacks(prefix);
     if missing("cls.seq_relationship") {
         eprintln!("{}: no NSP head in the checkpoint; NSP results omitted", a.model.display());
         (r.nsp_loss, r.nsp_accuracy) = (None, None);

@@ -637,6 +637,14 @@ fn eval_reports_losses_accuracy_and_perplexity() {
     let v: serde_json::Value = serde_json::from_str(run(&["--json", "--no-nsp"]).trim()).unwrap();
     assert!(v["nsp_loss"].is_null() && v["nsp_accuracy"].is_null() && v["mlm_loss"].is_f64());
     assert!(run(&[]).contains("perplexity"));
+    // A bare BertModel (no heads at all): refused, with what to do.
+    let minilm = root().join(".cache/models/all-MiniLM-L6-v2");
+    let o = bin().args(["eval", "--model", minilm.to_str().unwrap(), "--data", shards]).output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("neither an MLM nor an NSP head") && e.contains("--init-from"),
+        "{e}"
+    );
 }
 
 #[test]
