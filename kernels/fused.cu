@@ -1,8 +1,10 @@
-// Fused forward kernels: one pass over the rows where the unfused ops would make two or three.
+// Fused kernels: one pass over the rows where the unfused ops would make two or three.
 //   residual_layernorm_fwd: sum = residual + dropout(branch); out = LayerNorm(sum); mean, rstd saved   (=)
 //   bias_gelu_fwd:          pre += bias (per row, in place); out = gelu(pre)                            (=)
 //   embeddings_layernorm_fwd: emb = word[ids] + position[r mod T] + token_type[types];
 //                             out = LayerNorm(emb); mean, rstd saved                                   (=)
+//   residual_layernorm_bwd: dsum = LayerNorm'(grad) (the residual's gradient);
+//                           grad = dropout'(dsum) in place (the branch's gradient)                     (=)
 // Statistics and GELU are computed from the values as stored (rounded to T), so the backward passes,
 // which read the stored tensors, see exactly what the forward used. One warp per row for the LayerNorms.
 #include "common.cuh"

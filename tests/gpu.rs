@@ -696,10 +696,16 @@ fn fused_forward_kernels_equal_the_unfused_cpu_ops() {
             (rows * H, Some(randn(54, rows * H, 1.0))),
         ],
     };
-    same("residual + layernorm backward", &c, 1e-5, 1e-4, &|be, f, _, o| {
+    let op: Op = &|be, f, _, o| {
         be.layernorm_fwd(o[0], o[1], o[2], f[0], f[1], f[2], rows, H, 1e-12)?;
         be.residual_layernorm_bwd(o[3], o[4], o[5], o[6], f[0], o[1], o[2], f[1], rows, H, drop)
-    });
+    };
+    same("residual + layernorm backward", &c, 1e-5, 1e-4, op);
+    // The bf16 instantiation: activations and gradients in bf16, statistics and weight gradients fp32.
+    {
+        use Kind::{Activation as A, Grad as G, Param as P, Stat as S};
+        same_bf16("residual + layernorm backward", &c, &[A, P, P], &[A, S, S, A, G, G, A], 3e-2, op);
+    }
     let (r, cols) = (rows, 80);
     let c = Case {
         floats: vec![randn(44, cols, 1.0)],

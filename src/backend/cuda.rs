@@ -440,6 +440,17 @@ impl Cuda {
         Ok(())
     }
 
+    /// The storage type that all of `bufs` share (a kernel is instantiated for one).
+    fn dt_all(&self, what: &str, bufs: &[Buf]) -> Result<Dt> {
+        let dt = self.dt(bufs[0])?;
+        for b in &bufs[1..] {
+            if self.dt(*b)? != dt {
+                bail!("internal: {what}: the activation buffers are stored in different types");
+            }
+        }
+        Ok(dt)
+    }
+
     /// The storage type of a buffer.
     fn dt(&self, b: Buf) -> Result<Dt> {
         match self.floats.borrow().get(b.id as usize) {
@@ -936,7 +947,7 @@ impl Backend for Cuda {
         eps: f32,
     ) -> Result<()> {
         self.need_f32("layernorm statistics", &[mean, rstd])?;
-        let dt = self.dt(out)?;
+        let dt = self.dt_all("layernorm", &[out, inp])?;
         Self::need("layernorm out", out.len.min(inp.len), rows * c)?;
         Self::need("layernorm stats", mean.len.min(rstd.len), rows)?;
         Self::need("layernorm weights", w.len.min(b.len), c)?;
@@ -965,7 +976,7 @@ impl Backend for Cuda {
         c: usize,
     ) -> Result<()> {
         self.need_f32("layernorm statistics and gradients", &[mean, rstd, dw, db])?;
-        let dt = self.dt(dinp)?;
+        let dt = self.dt_all("layernorm backward", &[dinp, dout, inp])?;
         Self::need("layernorm dinp", dinp.len.min(dout.len).min(inp.len), rows * c)?;
         Self::need("layernorm stats", mean.len.min(rstd.len), rows)?;
         Self::need("layernorm weights", w.len.min(dw.len).min(db.len), c)?;
@@ -1002,7 +1013,7 @@ impl Backend for Cuda {
         eps: f32,
         dropout: Option<Dropout>,
     ) -> Result<()> {
-        let dt = self.dt(sum)?;
+        let dt = self.dt_all("residual layernorm", &[sum, out, residual, branch])?;
         self.need_f32("layernorm statistics", &[mean, rstd])?;
         Self::need("residual layernorm", sum.len.min(out.len).min(residual.len).min(branch.len), rows * c)?;
         Self::need("layernorm stats", mean.len.min(rstd.len), rows)?;
@@ -1044,7 +1055,7 @@ impl Backend for Cuda {
         c: usize,
         dropout: Dropout,
     ) -> Result<()> {
-        let dt = self.dt(dsum)?;
+        let dt = self.dt_all("residual layernorm backward", &[dsum, grad, sum])?;
         self.need_f32("layernorm statistics and gradients", &[mean, rstd, dw, db])?;
         Self::need("residual layernorm backward", dsum.len.min(grad.len).min(sum.len), rows * c)?;
         Self::need("layernorm stats", mean.len.min(rstd.len), rows)?;
@@ -1080,7 +1091,7 @@ impl Backend for Cuda {
         cols: usize,
         act: Activation,
     ) -> Result<()> {
-        let dt = self.dt(pre)?;
+        let dt = self.dt_all("bias gelu", &[pre, out])?;
         Self::need("bias gelu", pre.len.min(out.len), rows * cols)?;
         Self::need("bias gelu bias", bias.len, cols)?;
         if rows * cols == 0 {
@@ -1112,7 +1123,7 @@ impl Backend for Cuda {
         h: usize,
         eps: f32,
     ) -> Result<()> {
-        let dt = self.dt(emb)?;
+        let dt = self.dt_all("embeddings layernorm", &[emb, out])?;
         let n = batch * seq;
         self.need_f32("layernorm statistics", &[mean, rstd])?;
         Self::need("embeddings out", emb.len.min(out.len), n * h)?;
@@ -1153,7 +1164,7 @@ impl Backend for Cuda {
     }
 
     fn gelu_fwd(&self, out: Buf, inp: Buf, act: Activation) -> Result<()> {
-        let dt = self.dt(out)?;
+        let dt = self.dt_all("gelu", &[out, inp])?;
         Self::need("elementwise input", inp.len, out.len)?;
         let ([po], [pi]) = self.ptrs_as(dt, [out], [inp])?;
         let approx = (act == Activation::GeluTanh) as i32;
@@ -1161,7 +1172,7 @@ impl Backend for Cuda {
     }
 
     fn gelu_bwd(&self, dinp: Buf, dout: Buf, inp: Buf, act: Activation) -> Result<()> {
-        let dt = self.dt(dinp)?;
+        let dt = self.dt_all("gelu backward", &[dinp, dout, inp])?;
         Self::need("elementwise input", dout.len.min(inp.len), dinp.len)?;
         let ([pd], [pg, pi]) = self.ptrs_as(dt, [dinp], [dout, inp])?;
         let approx = (act == Activation::GeluTanh) as i32;
@@ -1169,21 +1180,21 @@ impl Backend for Cuda {
     }
 
     fn tanh_fwd(&self, out: Buf, inp: Buf) -> Result<()> {
-        let dt = self.dt(out)?;
+        let dt = self.dt_all("tanh", &[out, inp])?;
         Self::need("elementwise input", inp.len, out.len)?;
         let ([po], [pi]) = self.ptrs_as(dt, [out], [inp])?;
         self.elementwise(self.k.tanh_fwd.of(dt), &[po, pi], out.len, None::<&i32>)
     }
 
     fn tanh_bwd(&self, dinp: Buf, dout: Buf, out: Buf) -> Result<()> {
-        let dt = self.dt(dinp)?;
+        let dt = self.dt_all("tanh backward", &[dinp, dout, out])?;
         Self::need("elementwise input", dout.len.min(out.len), dinp.len)?;
         let ([pd], [pg, po]) = self.ptrs_as(dt, [dinp], [dout, out])?;
         self.elementwise(self.k.tanh_bwd.of(dt), &[pd, pg, po], dinp.len, None::<&i32>)
     }
 
     fn dropout_fwd(&self, out: Buf, inp: Buf, d: Dropout) -> Result<()> {
-        let dt = self.dt(out)?;
+        let dt = self.dt_all("dropout", &[out, inp])?;
         let ([po], [pi]) = self.ptrs_as(dt, [out], [inp])?;
         let args = DropoutArgs::of(Some(d));
         self.elementwise(self.k.dropout.of(dt), &[po, pi], out.len.min(inp.len), Some(&args))
