@@ -90,6 +90,26 @@ __device__ __forceinline__ float dropout_factor(const DropoutArgs& d, unsigned l
     return philox_draw(make_uint2(d.key0, d.key1), e) >= d.threshold ? d.inv_keep : 0.f;
 }
 
+// GELU, the erf form (BERT's "gelu", approx = 0) or the tanh form (approx = 1), and its derivative.
+__device__ __forceinline__ float gelu_f(float x, int approx) {
+    if (approx) {
+        const float c = 0.7978845608028654f;  // sqrt(2/pi)
+        return 0.5f * x * (1.f + tanhf(c * (x + 0.044715f * x * x * x)));
+    }
+    return 0.5f * x * (1.f + erff(x * 0.7071067811865476f));
+}
+
+__device__ __forceinline__ float gelu_grad_f(float x, int approx) {
+    if (approx) {
+        const float c = 0.7978845608028654f, a = 0.044715f;
+        const float t = tanhf(c * (x + a * x * x * x));
+        return 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * c * (1.f + 3.f * a * x * x);
+    }
+    const float cdf = 0.5f * (1.f + erff(x * 0.7071067811865476f));
+    const float pdf = expf(-0.5f * x * x) * 0.3989422804014327f;
+    return cdf + x * pdf;
+}
+
 #define BERTCUDA_INSTANTIATE_FLOAT_TYPES(MACRO) \
     MACRO(float, f32)                           \
     MACRO(__nv_bfloat16, bf16)                  \

@@ -56,25 +56,6 @@ __device__ void fill_impl(T* x, float value, long n) {
         x[i] = from_f32<T>(value);
 }
 
-__device__ __forceinline__ float gelu_f(float x, int approx) {
-    if (approx) {
-        const float c = 0.7978845608028654f;  // sqrt(2/pi)
-        return 0.5f * x * (1.f + tanhf(c * (x + 0.044715f * x * x * x)));
-    }
-    return 0.5f * x * (1.f + erff(x * 0.7071067811865476f));
-}
-
-__device__ __forceinline__ float gelu_grad_f(float x, int approx) {
-    if (approx) {
-        const float c = 0.7978845608028654f, a = 0.044715f;
-        const float t = tanhf(c * (x + a * x * x * x));
-        return 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * c * (1.f + 3.f * a * x * x);
-    }
-    const float cdf = 0.5f * (1.f + erff(x * 0.7071067811865476f));
-    const float pdf = expf(-0.5f * x * x) * 0.3989422804014327f;
-    return cdf + x * pdf;
-}
-
 template <typename T>
 __device__ void gelu_fwd_impl(T* out, const T* inp, long n, int approx) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)

@@ -5,17 +5,10 @@
 //                             out = LayerNorm(emb); mean, rstd saved                                   (=)
 //   residual_layernorm_bwd: dsum = LayerNorm'(grad) (the residual's gradient);
 //                           grad = dropout'(dsum) in place (the branch's gradient)                     (=)
+//   gelu_bias_bwd:          dpre = dout · gelu'(pre) (=); stage 1 of dbias += Σ_r dpre (partials)
 // Statistics and GELU are computed from the values as stored (rounded to T), so the backward passes,
 // which read the stored tensors, see exactly what the forward used. One warp per row for the LayerNorms.
 #include "common.cuh"
-
-__device__ __forceinline__ float gelu_fused(float x, int approx) {
-    if (approx) {
-        const float c = 0.7978845608028654f;
-        return 0.5f * x * (1.f + tanhf(c * (x + 0.044715f * x * x * x)));
-    }
-    return 0.5f * x * (1.f + erff(x * 0.7071067811865476f));
-}
 
 // LayerNorm of the row already stored in `src` (fp32 statistics), written to `dst`.
 template <typename T>
@@ -61,7 +54,7 @@ __device__ void bias_gelu_impl(T* pre, T* out, const T* bias, long rows, int col
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         const T p = from_f32<T>(to_f32(pre[i]) + to_f32(bias[i % cols]));
         pre[i] = p;
-        out[i] = from_f32<T>(gelu_fused(to_f32(p), approx));
+        out[i] = from_f32<T>(gelu_f(to_f32(p), approx));
     }
 }
 
@@ -137,3 +130,30 @@ __device__ void residual_layernorm_bwd_impl(T* dsum, T* g, const T* sum, const f
     }
 
 BERTCUDA_INSTANTIATE_FLOAT_TYPES(FUSED_BWD)
+
+// Backward of out = gelu(pre), pre = x·Wᵀ + bias: block k handles rows [k·64, (k+1)·64), columns strided
+// over its threads (coalesced); it writes dpre and the column sums of its rows to partial[k, c], summed in
+// order by sum_partials (deterministic). The sums read dpre as stored, as the unfused bias_grad would.
+template <typename T>
+__device__ void gelu_bias_bwd_impl(T* dpre, float* partial, const T* dout, const T* pre, long rows, int cols,
+                                   int approx) {
+    const long r0 = (long)blockIdx.x * 64, r1 = min(rows, r0 + 64);
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        float s = 0.f;
+        for (long r = r0; r < r1; r++) {
+            const long e = r * cols + c;
+            const T d = from_f32<T>(to_f32(dout[e]) * gelu_grad_f(to_f32(pre[e]), approx));
+            dpre[e] = d;
+            s += to_f32(d);
+        }
+        partial[(long)blockIdx.x * cols + c] = s;
+    }
+}
+
+#define FUSED_GELU_BWD(T, N)                                                                                    \
+    extern "C" __global__ void gelu_bias_bwd_##N(T* dpre, float* partial, const T* dout, const T* pre, long rows, \
+                                                 int cols, int approx) {                                        \
+        gelu_bias_bwd_impl(dpre, partial, dout, pre, rows, cols, approx);                                       \
+    }
+
+BERTCUDA_INSTANTIATE_FLOAT_TYPES(FUSED_GELU_BWD)

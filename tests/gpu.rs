@@ -717,6 +717,18 @@ fn fused_forward_kernels_equal_the_unfused_cpu_ops() {
             be.bias_gelu_fwd(o[0], o[1], f[0], r, cols, act)
         });
     }
+    // Its backward: d(pre), and the bias gradient added to what is there (two 64-row chunks, one partial).
+    let c = Case {
+        floats: vec![randn(60, r * cols, 1.0), randn(61, r * cols, 1.5)],
+        ints: vec![],
+        outs: vec![(r * cols, None), (cols, Some(randn(62, cols, 1.0)))],
+    };
+    for act in [Activation::GeluErf, Activation::GeluTanh] {
+        let op: Op = &|be, f, _, o| be.gelu_bias_bwd(o[0], o[1], f[0], f[1], r, cols, act);
+        same(&format!("{act:?} + bias backward"), &c, 1e-4, 1e-5, op);
+        use Kind::{Activation as A, Grad as G};
+        same_bf16(&format!("{act:?} + bias backward"), &c, &[A, A], &[A, G], 3e-2, op);
+    }
     let ids: Vec<i32> = (0..rows as i32).map(|k| (k * 13) % V as i32).collect();
     let types: Vec<i32> = (0..rows).map(|k| ((k % T) > 9) as i32).collect();
     let c = Case {

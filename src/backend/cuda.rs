@@ -166,6 +166,7 @@ struct Kernels {
     residual_layernorm: Typed,
     residual_layernorm_bwd: Typed,
     bias_gelu: Typed,
+    gelu_bias_bwd: Typed,
     embeddings_layernorm: Typed,
     /// head size → (forward, dk/dv, dq)
     attention: Vec<(usize, Typed, Typed, Typed)>,
@@ -221,6 +222,7 @@ impl Kernels {
             residual_layernorm: t("residual_layernorm_fwd")?,
             residual_layernorm_bwd: t("residual_layernorm_bwd")?,
             bias_gelu: t("bias_gelu_fwd")?,
+            gelu_bias_bwd: t("gelu_bias_bwd")?,
             embeddings_layernorm: t("embeddings_layernorm_fwd")?,
             attention,
         })
@@ -1103,6 +1105,35 @@ impl Backend for Cuda {
         l.arg(&pp).arg(&po).arg(&pb).arg(&r).arg(&c).arg(&approx);
         unsafe { cu(l.launch(Self::cfg((grid_for(rows * cols), 1, 1), THREADS)))? };
         Ok(())
+    }
+
+    fn gelu_bias_bwd(
+        &self,
+        dpre: Buf,
+        dbias: Buf,
+        dout: Buf,
+        pre: Buf,
+        rows: usize,
+        cols: usize,
+        act: Activation,
+    ) -> Result<()> {
+        self.need_f32("bias gradient", &[dbias])?;
+        let dt = self.dt_all("gelu bias backward", &[dpre, dout, pre])?;
+        Self::need("gelu bias backward", dpre.len.min(dout.len).min(pre.len), rows * cols)?;
+        Self::need("gelu bias backward dbias", dbias.len, cols)?;
+        if rows * cols == 0 {
+            return Ok(());
+        }
+        let n = rows * cols;
+        let ([pd, pb], [pg, pp]) =
+            self.ptrs_as(dt, [dpre.prefix(n), dbias], [dout.prefix(n), pre.prefix(n)])?;
+        let chunks = rows.div_ceil(64);
+        let part = self.partials(chunks * cols)?;
+        let (r, c, approx) = (rows as i64, cols as i32, (act == Activation::GeluTanh) as i32);
+        let mut l = self.stream.launch_builder(self.k.gelu_bias_bwd.of(dt));
+        l.arg(&pd).arg(&part).arg(&pg).arg(&pp).arg(&r).arg(&c).arg(&approx);
+        unsafe { cu(l.launch(Self::cfg((chunks as u32, 1, 1), THREADS)))? };
+        self.sum_partials(pb, part, chunks, cols, cols)
     }
 
     fn embeddings_layernorm_fwd(

@@ -273,6 +273,21 @@ pub trait Backend {
         self.layernorm_bwd(dsum, dw, db, grad, sum, mean, rstd, w, rows, c)?;
         self.dropout_bwd(grad, dsum, dropout)
     }
+    /// Backward of `out = gelu(pre)`, `pre = … + bias`: dpre (rows, cols) = dout · gelu'(pre); dbias (cols)
+    /// += Σ_r dpre. The unfused composition is the default.
+    fn gelu_bias_bwd(
+        &self,
+        dpre: Buf,
+        dbias: Buf,
+        dout: Buf,
+        pre: Buf,
+        rows: usize,
+        cols: usize,
+        act: Activation,
+    ) -> Result<()> {
+        self.gelu_bwd(dpre, dout, pre, act)?;
+        self.bias_grad(dbias, dpre, rows, cols)
+    }
     /// pre (rows, cols) += bias, in place; out = gelu(pre).
     fn bias_gelu_fwd(
         &self,

@@ -417,14 +417,15 @@ impl<'a, B: Backend> Bert<'a, B> {
         be.add_bias(out, self.p(b, out_f), rows, out_f)
     }
 
-    /// dinp (rows, in) = or += dout · W; dW += doutᵀ · inp; db += Σ dout.
+    /// dinp (rows, in) = or += dout · W; dW += doutᵀ · inp; db += Σ dout (unless `b` is None: the bias
+    /// gradient was reduced already, fused with the op that made `dout`).
     fn linear_bwd(
         &self,
         dinp: Option<(Buf, bool)>,
         dout: Buf,
         inp: Buf,
         w: usize,
-        b: usize,
+        b: Option<usize>,
         rows: usize,
         in_f: usize,
         out_f: usize,
@@ -455,7 +456,10 @@ impl<'a, B: Backend> Bert<'a, B> {
             false,
             true,
         )?;
-        be.bias_grad(self.g(b, out_f), dout, rows, out_f)
+        match b {
+            Some(b) => be.bias_grad(self.g(b, out_f), dout, rows, out_f),
+            None => Ok(()),
+        }
     }
 
     /// Backward of `out = LayerNorm(sum)`, `sum = residual + dropout(branch)`, with `grad` = d(out) and
@@ -705,7 +709,7 @@ impl<'a, B: Backend> Bert<'a, B> {
                     a.nsp_logits,
                     a.pooled,
                     top.nsp_w,
-                    top.nsp_b,
+                    Some(top.nsp_b),
                     b,
                     h,
                     2,
@@ -716,7 +720,7 @@ impl<'a, B: Backend> Bert<'a, B> {
                     a.dhead2,
                     a.cls_in,
                     top.pooler_w,
-                    top.pooler_b,
+                    Some(top.pooler_b),
                     b,
                     h,
                     h,
@@ -791,13 +795,14 @@ impl<'a, B: Backend> Bert<'a, B> {
                     rows,
                     h,
                 )?;
-                be.gelu_bwd(a.dhead.prefix(rh), a.dhead2.prefix(rh), a.head_t.prefix(rh), self.act)?;
+                let (dpre, dbias) = (a.dhead.prefix(rh), self.g(top.mlm_dense_b, h));
+                be.gelu_bias_bwd(dpre, dbias, a.dhead2.prefix(rh), a.head_t.prefix(rh), rows, h, self.act)?;
                 self.linear_bwd(
                     Some((a.dhead2, false)),
                     a.dhead,
                     a.head_in,
                     top.mlm_dense_w,
-                    top.mlm_dense_b,
+                    None,
                     rows,
                     h,
                     h,
@@ -840,17 +845,17 @@ impl<'a, B: Backend> Bert<'a, B> {
             let ln2 = (la.sum2.prefix(nhid), la.mean2, la.rstd2, lo.ln2_w, lo.ln2_b);
             let dff2 = self.residual_layernorm_bwd(dx2, dx, ln2, n, ffn_drop)?;
             let dgelu = a.dwide2.prefix(n * i);
-            self.linear_bwd(Some((dgelu, false)), dff2, la.gelu, lo.ff2_w, lo.ff2_b, n, i, h)?;
+            self.linear_bwd(Some((dgelu, false)), dff2, la.gelu, lo.ff2_w, Some(lo.ff2_b), n, i, h)?;
             let dff1 = a.dwide.prefix(n * i);
-            be.gelu_bwd(dff1, dgelu, la.ff1.prefix(n * i), self.act)?;
+            be.gelu_bias_bwd(dff1, self.g(lo.ff1_b, i), dgelu, la.ff1.prefix(n * i), n, i, self.act)?;
             // dh1 = dsum2 (still in dx2) + dff1 · W1
-            self.linear_bwd(Some((dx2, true)), dff1, la.h1, lo.ff1_w, lo.ff1_b, n, h, i)?;
+            self.linear_bwd(Some((dx2, true)), dff1, la.h1, lo.ff1_w, None, n, h, i)?;
             // h1 = LN1(sum1): dsum1 into dx; the attention branch's gradient dropout'(dsum1) in dx2
             let attn_drop = self.dropout(c.hidden_dropout_prob, train, site(l, SITE_ATTN_OUT));
             let ln1 = (la.sum1.prefix(nhid), la.mean1, la.rstd1, lo.ln1_w, lo.ln1_b);
             let dattn = self.residual_layernorm_bwd(dx, dx2, ln1, n, attn_drop)?;
             let dctx = a.tmp.prefix(nhid);
-            self.linear_bwd(Some((dctx, false)), dattn, la.ctx, lo.attn_out_w, lo.attn_out_b, n, h, h)?;
+            self.linear_bwd(Some((dctx, false)), dattn, la.ctx, lo.attn_out_w, Some(lo.attn_out_b), n, h, h)?;
             let dqkv = a.dwide.prefix(n * 3 * h);
             let probs_drop = self.dropout(c.attention_probs_dropout_prob, train, site(l, SITE_ATTN_PROBS));
             be.attention_bwd(
@@ -867,7 +872,7 @@ impl<'a, B: Backend> Bert<'a, B> {
                 probs_drop,
             )?;
             // dx (the layer input) = dsum1 + dqkv · Wqkv
-            self.linear_bwd(Some((dx, true)), dqkv, a.x[l], lo.qkv_w, lo.qkv_b, n, h, 3 * h)?;
+            self.linear_bwd(Some((dx, true)), dqkv, a.x[l], lo.qkv_w, Some(lo.qkv_b), n, h, 3 * h)?;
             if let Some(f) = grads_done.as_deref_mut() {
                 f(Some(l))?;
             }
