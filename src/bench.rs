@@ -489,6 +489,24 @@ pub fn bench_kernels() -> Result<(String, Vec<KernelBench>)> {
         unit: "GB/s",
         fraction: r / copy_gbs,
     });
+    // The fused backwards, rated by the bytes they move.
+    let mut mem16 = |name: &str, bytes: f64, ms: f64| {
+        let r = bytes / ms / 1e6;
+        out.push(KernelBench { name: name.into(), ms, rate: r, unit: "GB/s", fraction: r / copy_gbs });
+    };
+    let (ya3, dbias) = (b16.alloc_kind(n * i, Kind::Activation)?, b16.alloc_kind(i, Kind::Grad)?);
+    let ms = time16(50, &mut || b16.gelu_bias_bwd(ya3, dbias, ya, ya2, n, i, Activation::GeluErf))?;
+    // dout and pre read, dpre written (the partial sums are i floats per 64 rows).
+    mem16("gelu_bias_bwd bf16 (4096×3072)", 3.0 * 2.0 * (n * i) as f64, ms);
+    let (dsum, dw, db) = (
+        b16.alloc_kind(n * h, Kind::Activation)?,
+        b16.alloc_kind(h, Kind::Grad)?,
+        b16.alloc_kind(h, Kind::Grad)?,
+    );
+    let (g, sum) = (ya.prefix(n * h), ya2.prefix(n * h));
+    let ms = time16(50, &mut || b16.residual_layernorm_bwd(dsum, dw, db, g, sum, m16, r16, ln_w, n, h, d))?;
+    // The weight-gradient pass reads g and sum; the fused pass reads them again and writes dsum and g.
+    mem16("residual_layernorm_bwd bf16 (4096×768)", 6.0 * 2.0 * (n * h) as f64, ms);
     Ok((be.describe(), out))
 }
 
