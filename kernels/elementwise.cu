@@ -24,15 +24,17 @@ __device__ void bias_add_impl(T* out, const T* bias, long rows, int cols) {
         out[i] = from_f32<T>(to_f32(out[i]) + to_f32(bias[i % cols]));
 }
 
-// Stage 1: block k sums rows [k·64, (k+1)·64) into partial[k, c], columns strided over its threads.
+// Stage 1: block (k, y) sums rows [k·64, (k+1)·64) of the columns [y·blockDim, (y+1)·blockDim) into
+// partial[k, c], one column per thread.
 template <typename T>
-__device__ void bias_grad_partial_impl(float* partial, const T* dout, long rows, int cols) {
+__device__ void bias_grad_partial_impl(float* __restrict__ partial, const T* __restrict__ dout, long rows, int cols) {
+    const int c = blockIdx.y * blockDim.x + threadIdx.x;
+    if (c >= cols) return;
     const long r0 = (long)blockIdx.x * 64, r1 = min(rows, r0 + 64);
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        float s = 0.f;
-        for (long r = r0; r < r1; r++) s += to_f32(dout[r * cols + c]);
-        partial[(long)blockIdx.x * cols + c] = s;
-    }
+    float s = 0.f;
+#pragma unroll 4
+    for (long r = r0; r < r1; r++) s += to_f32(dout[r * cols + c]);
+    partial[(long)blockIdx.x * cols + c] = s;
 }
 
 // Stage 2: acc[c] += Σ_k partial[k·stride + c], k in order.

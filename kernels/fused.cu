@@ -131,23 +131,25 @@ __device__ void residual_layernorm_bwd_impl(T* dsum, T* g, const T* sum, const f
 
 BERTCUDA_INSTANTIATE_FLOAT_TYPES(FUSED_BWD)
 
-// Backward of out = gelu(pre), pre = x·Wᵀ + bias: block k handles rows [k·64, (k+1)·64), columns strided
-// over its threads (coalesced); it writes dpre and the column sums of its rows to partial[k, c], summed in
-// order by sum_partials (deterministic). The sums read dpre as stored, as the unfused bias_grad would.
+// Backward of out = gelu(pre), pre = x·Wᵀ + bias: block (k, y) handles rows [k·64, (k+1)·64) of the
+// columns [y·blockDim, (y+1)·blockDim), one column per thread (coalesced across the warp); it writes dpre
+// and the column sums of its rows to partial[k, c], summed in order by sum_partials (deterministic). The
+// sums read dpre as stored, as the unfused bias_grad would.
 template <typename T>
-__device__ void gelu_bias_bwd_impl(T* dpre, float* partial, const T* dout, const T* pre, long rows, int cols,
-                                   int approx) {
+__device__ void gelu_bias_bwd_impl(T* __restrict__ dpre, float* __restrict__ partial, const T* __restrict__ dout,
+                                   const T* __restrict__ pre, long rows, int cols, int approx) {
+    const int c = blockIdx.y * blockDim.x + threadIdx.x;
+    if (c >= cols) return;
     const long r0 = (long)blockIdx.x * 64, r1 = min(rows, r0 + 64);
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        float s = 0.f;
-        for (long r = r0; r < r1; r++) {
-            const long e = r * cols + c;
-            const T d = from_f32<T>(to_f32(dout[e]) * gelu_grad_f(to_f32(pre[e]), approx));
-            dpre[e] = d;
-            s += to_f32(d);
-        }
-        partial[(long)blockIdx.x * cols + c] = s;
+    float s = 0.f;
+#pragma unroll 4
+    for (long r = r0; r < r1; r++) {
+        const long e = r * cols + c;
+        const T d = from_f32<T>(to_f32(dout[e]) * gelu_grad_f(to_f32(pre[e]), approx));
+        dpre[e] = d;
+        s += to_f32(d);
     }
+    partial[(long)blockIdx.x * cols + c] = s;
 }
 
 #define FUSED_GELU_BWD(T, N)                                                                                    \

@@ -496,8 +496,14 @@ pub fn bench_kernels() -> Result<(String, Vec<KernelBench>)> {
     };
     let (ya3, dbias) = (b16.alloc_kind(n * i, Kind::Activation)?, b16.alloc_kind(i, Kind::Grad)?);
     let ms = time16(50, &mut || b16.gelu_bias_bwd(ya3, dbias, ya, ya2, n, i, Activation::GeluErf))?;
-    // dout and pre read, dpre written (the partial sums are i floats per 64 rows).
+    // dout and pre read, dpre written (the partial sums are i floats per 64 rows). The unfused pair beside
+    // it is rated by the same bytes, so the two rates compare as times do.
     mem16("gelu_bias_bwd bf16 (4096×3072)", 3.0 * 2.0 * (n * i) as f64, ms);
+    let ms = time16(50, &mut || {
+        b16.gelu_bwd(ya3, ya, ya2, Activation::GeluErf)?;
+        b16.bias_grad(dbias, ya3, n, i)
+    })?;
+    mem16("gelu_bwd + bias_grad bf16, unfused (4096×3072)", 3.0 * 2.0 * (n * i) as f64, ms);
     let (dsum, dw, db) = (
         b16.alloc_kind(n * h, Kind::Activation)?,
         b16.alloc_kind(h, Kind::Grad)?,
@@ -507,6 +513,11 @@ pub fn bench_kernels() -> Result<(String, Vec<KernelBench>)> {
     let ms = time16(50, &mut || b16.residual_layernorm_bwd(dsum, dw, db, g, sum, m16, r16, ln_w, n, h, d))?;
     // The weight-gradient pass reads g and sum; the fused pass reads them again and writes dsum and g.
     mem16("residual_layernorm_bwd bf16 (4096×768)", 6.0 * 2.0 * (n * h) as f64, ms);
+    let ms = time16(50, &mut || {
+        b16.layernorm_bwd(dsum, dw, db, g, sum, m16, r16, ln_w, n, h)?;
+        b16.dropout_bwd(g, dsum, d)
+    })?;
+    mem16("layernorm_bwd + dropout_bwd bf16, unfused (4096×768)", 6.0 * 2.0 * (n * h) as f64, ms);
     Ok((be.describe(), out))
 }
 

@@ -849,7 +849,9 @@ impl Backend for Cuda {
         let (r, c) = (rows as i64, cols as i32);
         let mut l = self.stream.launch_builder(self.k.bias_grad_partial.of(dt));
         l.arg(&part).arg(&pg).arg(&r).arg(&c);
-        unsafe { cu(l.launch(Self::cfg((chunks as u32, 1, 1), THREADS)))? };
+        unsafe {
+            cu(l.launch(Self::cfg((chunks as u32, cols.div_ceil(THREADS as usize) as u32, 1), THREADS)))?
+        };
         self.sum_partials(pd, part, chunks, cols, cols)
     }
 
@@ -1132,7 +1134,9 @@ impl Backend for Cuda {
         let (r, c, approx) = (rows as i64, cols as i32, (act == Activation::GeluTanh) as i32);
         let mut l = self.stream.launch_builder(self.k.gelu_bias_bwd.of(dt));
         l.arg(&pd).arg(&part).arg(&pg).arg(&pp).arg(&r).arg(&c).arg(&approx);
-        unsafe { cu(l.launch(Self::cfg((chunks as u32, 1, 1), THREADS)))? };
+        unsafe {
+            cu(l.launch(Self::cfg((chunks as u32, cols.div_ceil(THREADS as usize) as u32, 1), THREADS)))?
+        };
         self.sum_partials(pb, part, chunks, cols, cols)
     }
 

@@ -285,8 +285,12 @@ pub trait Backend {
         cols: usize,
         act: Activation,
     ) -> Result<()> {
-        self.gelu_bwd(dpre, dout, pre, act)?;
-        self.bias_grad(dbias, dpre, rows, cols)
+        let n = rows * cols;
+        if dpre.len.min(dout.len).min(pre.len) < n {
+            crate::bail!("internal: gelu bias backward: a buffer is shorter than {rows}×{cols}");
+        }
+        self.gelu_bwd(dpre.prefix(n), dout.prefix(n), pre.prefix(n), act)?;
+        self.bias_grad(dbias, dpre.prefix(n), rows, cols)
     }
     /// pre (rows, cols) += bias, in place; out = gelu(pre).
     fn bias_gelu_fwd(
