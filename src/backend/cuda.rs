@@ -442,6 +442,17 @@ impl Cuda {
         Ok(())
     }
 
+    /// Float outputs written next to activations (gradients, statistics): fp32 and not a parameter, whose
+    /// bf16 copy `ptrs_as` would hand out under bf16.
+    fn need_f32_out(&self, what: &str, bufs: &[Buf]) -> Result<()> {
+        self.need_f32(what, bufs)?;
+        let floats = self.floats.borrow();
+        if bufs.iter().any(|b| floats.get(b.id as usize).is_some_and(|f| f.shadow.is_some())) {
+            bail!("internal: {what} must not be a parameter buffer");
+        }
+        Ok(())
+    }
+
     /// The storage type that all of `bufs` share (a kernel is instantiated for one).
     fn dt_all(&self, what: &str, bufs: &[Buf]) -> Result<Dt> {
         let dt = self.dt(bufs[0])?;
@@ -836,7 +847,7 @@ impl Backend for Cuda {
     }
 
     fn bias_grad(&self, dbias: Buf, dout: Buf, rows: usize, cols: usize) -> Result<()> {
-        self.need_f32("bias gradient", &[dbias])?;
+        self.need_f32_out("bias gradient", &[dbias])?;
         let dt = self.dt(dout)?;
         Self::need("bias_grad dout", dout.len, rows * cols)?;
         Self::need("bias_grad dbias", dbias.len, cols)?;
@@ -928,7 +939,7 @@ impl Backend for Cuda {
         seq: usize,
         h: usize,
     ) -> Result<()> {
-        self.need_f32("embedding gradients", &[dword, dposition, dtoken_type])?;
+        self.need_f32_out("embedding gradients", &[dword, dposition, dtoken_type])?;
         let dt = self.dt(dout)?;
         let n = batch * seq;
         let ([pw, pp, pt], [pg]) = self.ptrs_as(dt, [dword, dposition, dtoken_type], [dout])?;
@@ -950,7 +961,7 @@ impl Backend for Cuda {
         c: usize,
         eps: f32,
     ) -> Result<()> {
-        self.need_f32("layernorm statistics", &[mean, rstd])?;
+        self.need_f32_out("layernorm statistics", &[mean, rstd])?;
         let dt = self.dt_all("layernorm", &[out, inp])?;
         Self::need("layernorm out", out.len.min(inp.len), rows * c)?;
         Self::need("layernorm stats", mean.len.min(rstd.len), rows)?;
@@ -979,7 +990,7 @@ impl Backend for Cuda {
         rows: usize,
         c: usize,
     ) -> Result<()> {
-        self.need_f32("layernorm statistics and gradients", &[mean, rstd, dw, db])?;
+        self.need_f32_out("layernorm statistics and gradients", &[mean, rstd, dw, db])?;
         let dt = self.dt_all("layernorm backward", &[dinp, dout, inp])?;
         Self::need("layernorm dinp", dinp.len.min(dout.len).min(inp.len), rows * c)?;
         Self::need("layernorm stats", mean.len.min(rstd.len), rows)?;
@@ -1018,7 +1029,7 @@ impl Backend for Cuda {
         dropout: Option<Dropout>,
     ) -> Result<()> {
         let dt = self.dt_all("residual layernorm", &[sum, out, residual, branch])?;
-        self.need_f32("layernorm statistics", &[mean, rstd])?;
+        self.need_f32_out("layernorm statistics", &[mean, rstd])?;
         Self::need("residual layernorm", sum.len.min(out.len).min(residual.len).min(branch.len), rows * c)?;
         Self::need("layernorm stats", mean.len.min(rstd.len), rows)?;
         Self::need("layernorm weights", w.len.min(b.len), c)?;
@@ -1060,7 +1071,7 @@ impl Backend for Cuda {
         dropout: Dropout,
     ) -> Result<()> {
         let dt = self.dt_all("residual layernorm backward", &[dsum, grad, sum])?;
-        self.need_f32("layernorm statistics and gradients", &[mean, rstd, dw, db])?;
+        self.need_f32_out("layernorm statistics and gradients", &[mean, rstd, dw, db])?;
         Self::need("residual layernorm backward", dsum.len.min(grad.len).min(sum.len), rows * c)?;
         Self::need("layernorm stats", mean.len.min(rstd.len), rows)?;
         Self::need("layernorm weights", w.len.min(dw.len).min(db.len), c)?;
@@ -1119,7 +1130,7 @@ impl Backend for Cuda {
         cols: usize,
         act: Activation,
     ) -> Result<()> {
-        self.need_f32("bias gradient", &[dbias])?;
+        self.need_f32_out("bias gradient", &[dbias])?;
         let dt = self.dt_all("gelu bias backward", &[dpre, dout, pre])?;
         Self::need("gelu bias backward", dpre.len.min(dout.len).min(pre.len), rows * cols)?;
         Self::need("gelu bias backward dbias", dbias.len, cols)?;
@@ -1160,7 +1171,7 @@ impl Backend for Cuda {
     ) -> Result<()> {
         let dt = self.dt_all("embeddings layernorm", &[emb, out])?;
         let n = batch * seq;
-        self.need_f32("layernorm statistics", &[mean, rstd])?;
+        self.need_f32_out("layernorm statistics", &[mean, rstd])?;
         Self::need("embeddings out", emb.len.min(out.len), n * h)?;
         Self::need("layernorm stats", mean.len.min(rstd.len), n)?;
         if n == 0 {
