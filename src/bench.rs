@@ -320,6 +320,31 @@ pub struct KernelBench {
     pub fraction: f64,
 }
 
+impl KernelBench {
+    /// A memory-bound kernel that moved `bytes` in `ms`, against the copy bandwidth `ceiling` (GB/s).
+    fn bandwidth(name: impl Into<String>, ms: f64, bytes: f64, ceiling: f64) -> Self {
+        let rate = bytes / ms / 1e6;
+        KernelBench { name: name.into(), ms, rate, unit: "GB/s", fraction: rate / ceiling }
+    }
+    /// A compute-bound kernel that did `flops` in `ms` (no measured ceiling).
+    fn compute(name: impl Into<String>, ms: f64, flops: f64) -> Self {
+        KernelBench { name: name.into(), ms, rate: flops / ms / 1e9, unit: "TFLOP/s", fraction: f64::NAN }
+    }
+}
+
+/// Milliseconds per call of `f` on `be`'s stream: one warm-up call, then `reps` timed ones.
+fn time_cuda(be: &crate::backend::cuda::Cuda, reps: usize, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+    use crate::backend::Backend;
+    f()?;
+    be.synchronize()?;
+    let start = Instant::now();
+    for _ in 0..reps {
+        f()?;
+    }
+    be.synchronize()?;
+    Ok(start.elapsed().as_secs_f64() * 1e3 / reps as f64)
+}
+
 /// Each CUDA kernel on BERT-base shapes (batch 32, seq 128, hidden 768, 12 heads), timed over repeats,
 /// against the device's own measured copy bandwidth (and cuBLAS SGEMM for the matrix product).
 pub fn bench_kernels() -> Result<(String, Vec<KernelBench>)> {
@@ -329,33 +354,21 @@ pub fn bench_kernels() -> Result<(String, Vec<KernelBench>)> {
     let be = Cuda::new(0)?;
     let (b, t, h, nh, i, v) = (32usize, 128usize, 768usize, 12usize, 3072usize, 30522usize);
     let n = b * t;
-    let time = |reps: usize, f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
-        f()?;
-        be.synchronize()?;
-        let start = Instant::now();
-        for _ in 0..reps {
-            f()?;
-        }
-        be.synchronize()?;
-        Ok(start.elapsed().as_secs_f64() * 1e3 / reps as f64)
-    };
+    let time = |reps: usize, f: &mut dyn FnMut() -> Result<()>| time_cuda(&be, reps, f);
     let mut out = Vec::new();
     // The ceiling: a device-to-device copy of 256 MiB, bytes read + written.
     let big = 64 << 20;
     let (x, y) = (be.alloc(big)?, be.alloc(big)?);
     let copy_ms = time(20, &mut || be.copy(y, x))?;
     let copy_gbs = 2.0 * 4.0 * big as f64 / copy_ms / 1e6;
-    out.push(KernelBench {
-        name: "copy (device to device, the ceiling)".into(),
-        ms: copy_ms,
-        rate: copy_gbs,
-        unit: "GB/s",
-        fraction: 1.0,
-    });
-    let mut mem = |name: &str, bytes: f64, ms: f64| {
-        let r = bytes / ms / 1e6;
-        out.push(KernelBench { name: name.into(), ms, rate: r, unit: "GB/s", fraction: r / copy_gbs });
-    };
+    out.push(KernelBench::bandwidth(
+        "copy (device to device, the ceiling)",
+        copy_ms,
+        2.0 * 4.0 * big as f64,
+        copy_gbs,
+    ));
+    let mut mem =
+        |name: &str, bytes: f64, ms: f64| out.push(KernelBench::bandwidth(name, ms, bytes, copy_gbs));
     let act = be.alloc(n * i)?;
     let act2 = be.alloc(n * i)?;
     let act3 = be.alloc(n * i)?;
@@ -415,31 +428,13 @@ pub fn bench_kernels() -> Result<(String, Vec<KernelBench>)> {
         let f_ms = time(10, &mut || be.attention_fwd(o, st, qkv, mask, bb, seq, nh, 64, None))?;
         let b_ms = time(10, &mut || be.attention_bwd(dqkv, o, o, qkv, st, mask, bb, seq, nh, 64, None))?;
         let flops = 4.0 * (bb * nh * seq * seq * 64) as f64;
-        out.push(KernelBench {
-            name: format!("attention_fwd ({bb}×{seq}, 12×64)"),
-            ms: f_ms,
-            rate: flops / f_ms / 1e9,
-            unit: "TFLOP/s",
-            fraction: f64::NAN,
-        });
-        out.push(KernelBench {
-            name: format!("attention_bwd ({bb}×{seq}, 12×64)"),
-            ms: b_ms,
-            rate: 2.5 * flops / b_ms / 1e9,
-            unit: "TFLOP/s",
-            fraction: f64::NAN,
-        });
+        out.push(KernelBench::compute(format!("attention_fwd ({bb}×{seq}, 12×64)"), f_ms, flops));
+        out.push(KernelBench::compute(format!("attention_bwd ({bb}×{seq}, 12×64)"), b_ms, 2.5 * flops));
     }
     // cuBLAS SGEMM (fp32, no TF32) on the FFN shape.
     let (a, bm, c) = (be.alloc(n * h)?, be.alloc(i * h)?, be.alloc(n * i)?);
     let ms = time(20, &mut || be.matmul(c, a, bm, n, i, h, false, true, false))?;
-    out.push(KernelBench {
-        name: "sgemm (4096×3072×768, fp32)".into(),
-        ms,
-        rate: 2.0 * (n * i * h) as f64 / ms / 1e9,
-        unit: "TFLOP/s",
-        fraction: f64::NAN,
-    });
+    out.push(KernelBench::compute("sgemm (4096×3072×768, fp32)", ms, 2.0 * (n * i * h) as f64));
     // The bf16 path: a second backend whose activations are stored in bf16 (the matrix product on bf16
     // tensor cores, and the memory-bound kernels moving half the bytes).
     let b16 = Cuda::new(0)?;
@@ -449,51 +444,20 @@ pub fn bench_kernels() -> Result<(String, Vec<KernelBench>)> {
         b16.alloc_kind(i * h, Kind::Param)?,
         b16.alloc_kind(n * i, Kind::Activation)?,
     );
-    let time16 = |reps: usize, f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
-        f()?;
-        b16.synchronize()?;
-        let start = Instant::now();
-        for _ in 0..reps {
-            f()?;
-        }
-        b16.synchronize()?;
-        Ok(start.elapsed().as_secs_f64() * 1e3 / reps as f64)
-    };
+    let time16 = |reps: usize, f: &mut dyn FnMut() -> Result<()>| time_cuda(&b16, reps, f);
     let ms = time16(20, &mut || b16.matmul(ya, xa, wa, n, i, h, false, true, false))?;
-    out.push(KernelBench {
-        name: "gemm bf16 (4096×3072×768)".into(),
-        ms,
-        rate: 2.0 * (n * i * h) as f64 / ms / 1e9,
-        unit: "TFLOP/s",
-        fraction: f64::NAN,
-    });
+    out.push(KernelBench::compute("gemm bf16 (4096×3072×768)", ms, 2.0 * (n * i * h) as f64));
     let (ya2, ln_w) = (b16.alloc_kind(n * i, Kind::Activation)?, b16.alloc_kind(h, Kind::Param)?);
     let (m16, r16) = (b16.alloc_kind(n, Kind::Stat)?, b16.alloc_kind(n, Kind::Stat)?);
     let ms = time16(50, &mut || b16.gelu_fwd(ya2, ya, Activation::GeluErf))?;
-    let r = 2.0 * 2.0 * (n * i) as f64 / ms / 1e6;
-    out.push(KernelBench {
-        name: "gelu_fwd bf16 (4096×3072)".into(),
-        ms,
-        rate: r,
-        unit: "GB/s",
-        fraction: r / copy_gbs,
-    });
+    let mut mem16 =
+        |name: &str, bytes: f64, ms: f64| out.push(KernelBench::bandwidth(name, ms, bytes, copy_gbs));
+    mem16("gelu_fwd bf16 (4096×3072)", 2.0 * 2.0 * (n * i) as f64, ms);
     let ms = time16(50, &mut || {
         b16.layernorm_fwd(ya2.prefix(n * h), m16, r16, ya.prefix(n * h), ln_w, ln_w, n, h, 1e-12)
     })?;
-    let r = 2.0 * 2.0 * (n * h) as f64 / ms / 1e6;
-    out.push(KernelBench {
-        name: "layernorm_fwd bf16 (4096×768)".into(),
-        ms,
-        rate: r,
-        unit: "GB/s",
-        fraction: r / copy_gbs,
-    });
+    mem16("layernorm_fwd bf16 (4096×768)", 2.0 * 2.0 * (n * h) as f64, ms);
     // The fused backwards, rated by the bytes they move.
-    let mut mem16 = |name: &str, bytes: f64, ms: f64| {
-        let r = bytes / ms / 1e6;
-        out.push(KernelBench { name: name.into(), ms, rate: r, unit: "GB/s", fraction: r / copy_gbs });
-    };
     let (ya3, dbias) = (b16.alloc_kind(n * i, Kind::Activation)?, b16.alloc_kind(i, Kind::Grad)?);
     let ms = time16(50, &mut || b16.gelu_bias_bwd(ya3, dbias, ya, ya2, n, i, Activation::GeluErf))?;
     // dout and pre read, dpre written (the partial sums are i floats per 64 rows). The unfused pair beside

@@ -15,6 +15,9 @@ pub enum Error {
     /// A request that cannot be carried out as given (an impossible setting, a missing input, ...).
     #[error("{0}")]
     Invalid(String),
+    /// An allocation the host or the GPU cannot hold: the caller knows which settings to lower.
+    #[error("{0}")]
+    OutOfMemory(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

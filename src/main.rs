@@ -1026,8 +1026,7 @@ fn train(a: TrainArgs) -> Result<()> {
 
 fn eval(a: EvalArgs) -> Result<()> {
     let model = LoadedModel::load(&a.model)?;
-    let missing = |prefix: &str| model.lacks(prefix);
-    if missing("cls.seq_relationship") && missing("cls.predictions") {
+    if model.lacks("cls.seq_relationship") && model.lacks("cls.predictions") {
         bail!(
             "{}: the checkpoint has neither an MLM nor an NSP head (a bare BertModel), so there is nothing to \
              evaluate; continue pretraining it first: bertcuda train --init-from {0} ...",
@@ -1048,11 +1047,11 @@ fn eval(a: EvalArgs) -> Result<()> {
     };
     cfg.validate()?;
     let mut r = bertcuda::infer::evaluate(&a.device, &model, &corpus, &cfg, a.max_batches)?;
-    if missing("cls.seq_relationship") {
+    if model.lacks("cls.seq_relationship") {
         eprintln!("{}: no NSP head in the checkpoint; NSP results omitted", a.model.display());
         (r.nsp_loss, r.nsp_accuracy) = (None, None);
     }
-    if missing("cls.predictions") {
+    if model.lacks("cls.predictions") {
         eprintln!("{}: no MLM head in the checkpoint; MLM results omitted", a.model.display());
         (r.mlm_loss, r.mlm_accuracy, r.perplexity) = (None, None, None);
     }

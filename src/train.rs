@@ -638,13 +638,11 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
     let tokenizer = &corpus.tokenizer;
     let plan = Plan::new(cfg.per_device_batch_size, cfg.max_seq_len);
     let model = Bert::new(be, config.clone(), plan).map_err(|e| match e {
-        Error::Invalid(m) if m.contains("out of memory") || m.contains("OUT_OF_MEMORY") => {
-            Error::Invalid(format!(
-                "{m}: lower --per-device-batch-size {} (and raise --gradient-accumulation-steps to keep the \
+        Error::OutOfMemory(m) => Error::OutOfMemory(format!(
+            "{m}: lower --per-device-batch-size {} (and raise --gradient-accumulation-steps to keep the \
              batch) or --max-seq-len {}, or choose a smaller --model-config",
-                cfg.per_device_batch_size, cfg.max_seq_len
-            ))
-        }
+            cfg.per_device_batch_size, cfg.max_seq_len
+        )),
         e => e,
     })?;
     model.set_params(&params)?;

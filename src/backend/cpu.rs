@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use crate::backend::{philox, AdamWStep, Backend, Buf, Dropout, Ints, IGNORE_INDEX};
 use crate::bail;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::config::Activation;
 
 /// The float types the CPU backend computes in.
@@ -134,11 +134,11 @@ impl<T: Real> Cpu<T> {
         let total = self.allocated.get() + bytes;
         if let Some(avail) = self.available.filter(|&a| total > a) {
             let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-            bail!(
+            return Err(Error::OutOfMemory(format!(
                 "out of memory: {:.1} GiB allocated would exceed the {:.1} GiB of memory available",
                 gib(total),
                 gib(avail)
-            );
+            )));
         }
         self.allocated.set(total);
         Ok(())

@@ -32,7 +32,14 @@ pub fn kernels_built() -> bool {
 }
 
 fn cu<T, E: std::fmt::Debug>(r: std::result::Result<T, E>) -> Result<T> {
-    r.map_err(|e| Error::Invalid(format!("CUDA: {e:?}")))
+    r.map_err(|e| {
+        let m = format!("CUDA: {e:?}");
+        if m.contains("OUT_OF_MEMORY") {
+            Error::OutOfMemory(m)
+        } else {
+            Error::Invalid(m)
+        }
+    })
 }
 
 /// Why the GPU cannot be used, or Ok when `Cuda::new(0)` should succeed.
