@@ -460,6 +460,27 @@ impl Cuda {
         Ok(())
     }
 
+    /// dw, db (c) += the LayerNorm weight gradients of d(out) = `g` at input `x` with statistics `m`, `r`:
+    /// per 64-row block partial sums, then the blocks in order (deterministic).
+    fn layernorm_param_grads(
+        &self,
+        dt: Dt,
+        dw: u64,
+        db: u64,
+        [g, x, m, r]: [u64; 4],
+        rows: usize,
+        c: usize,
+    ) -> Result<()> {
+        let chunks = rows.div_ceil(64).max(1);
+        let part = self.partials(chunks * 2 * c)?;
+        let (rr, cc) = (rows as i32, c as i32);
+        let mut l = self.stream.launch_builder(self.k.layernorm_param_partial.of(dt));
+        l.arg(&part).arg(&g).arg(&x).arg(&m).arg(&r).arg(&rr).arg(&cc);
+        unsafe { cu(l.launch(Self::cfg((chunks as u32, 1, 1), THREADS)))? };
+        self.sum_partials(dw, part, chunks, c, 2 * c)?;
+        self.sum_partials(db, part + 4 * c as u64, chunks, c, 2 * c)
+    }
+
     /// The storage type that all of `bufs` share (a kernel is instantiated for one).
     fn dt_all(&self, what: &str, bufs: &[Buf]) -> Result<Dt> {
         let dt = self.dt(bufs[0])?;
@@ -1011,13 +1032,7 @@ impl Backend for Cuda {
         let mut l = self.stream.launch_builder(self.k.layernorm_bwd.of(dt));
         l.arg(&pdi).arg(&pg).arg(&pi).arg(&pm).arg(&pr).arg(&pw).arg(&r).arg(&cc);
         unsafe { cu(l.launch(Self::cfg((rows.div_ceil(8) as u32, 1, 1), THREADS)))? };
-        let chunks = rows.div_ceil(64).max(1);
-        let part = self.partials(chunks * 2 * c)?;
-        let mut l = self.stream.launch_builder(self.k.layernorm_param_partial.of(dt));
-        l.arg(&part).arg(&pg).arg(&pi).arg(&pm).arg(&pr).arg(&r).arg(&cc);
-        unsafe { cu(l.launch(Self::cfg((chunks as u32, 1, 1), THREADS)))? };
-        self.sum_partials(pdw, part, chunks, c, 2 * c)?;
-        self.sum_partials(pdb, part + 4 * c as u64, chunks, c, 2 * c)
+        self.layernorm_param_grads(dt, pdw, pdb, [pg, pi, pm, pr], rows, c)
     }
 
     fn residual_layernorm_fwd(
@@ -1089,14 +1104,8 @@ impl Backend for Cuda {
         // the fused kernel: it is both an input and an output, so it is not in the overlap check's outputs.
         let ([pds, pdw, pdb], [pg, ps, pm, pr, pw]) =
             self.ptrs_as(dt, [dsum, dw, db], [grad, sum, mean, rstd, w])?;
+        self.layernorm_param_grads(dt, pdw, pdb, [pg, ps, pm, pr], rows, c)?;
         let (r, cc) = (rows as i32, c as i32);
-        let chunks = rows.div_ceil(64).max(1);
-        let part = self.partials(chunks * 2 * c)?;
-        let mut l = self.stream.launch_builder(self.k.layernorm_param_partial.of(dt));
-        l.arg(&part).arg(&pg).arg(&ps).arg(&pm).arg(&pr).arg(&r).arg(&cc);
-        unsafe { cu(l.launch(Self::cfg((chunks as u32, 1, 1), THREADS)))? };
-        self.sum_partials(pdw, part, chunks, c, 2 * c)?;
-        self.sum_partials(pdb, part + 4 * c as u64, chunks, c, 2 * c)?;
         let d = DropoutArgs::of(Some(dropout));
         let mut l = self.stream.launch_builder(self.k.residual_layernorm_bwd.of(dt));
         l.arg(&pds).arg(&pg).arg(&ps).arg(&pm).arg(&pr).arg(&pw).arg(&r).arg(&cc).arg(&d);
