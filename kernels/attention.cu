@@ -20,6 +20,26 @@ __device__ __forceinline__ int any_key(const int* mask, int b, int t) {
     return a;
 }
 
+// Stage keys and values [k0, k0 + TILE) of sequence b, head h in shared memory as fp32, with whether each
+// is attended (in range, and unmasked unless the sequence has no unmasked key). The caller synchronises.
+template <typename T, int HS>
+__device__ __forceinline__ void stage_kv_tile(float (*ks)[HS], float (*vs)[HS], int* ms, const T* qkv,
+                                              const int* mask, int b, int t, int h, int hid, int k0, int anyk) {
+    const long c3 = 3L * hid;
+    for (int idx = threadIdx.x; idx < TILE * HS; idx += blockDim.x) {
+        const int jj = idx / HS, x = idx % HS, j = k0 + jj;
+        if (j < t) {
+            const T* base = qkv + (long)(b * t + j) * c3 + h * HS;
+            ks[jj][x] = to_f32(base[hid + x]);
+            vs[jj][x] = to_f32(base[2 * hid + x]);
+        }
+    }
+    for (int jj = threadIdx.x; jj < TILE; jj += blockDim.x) {
+        const int j = k0 + jj;
+        ms[jj] = j < t && (!anyk || mask[b * t + j] != 0);
+    }
+}
+
 template <typename T, int HS>
 __device__ void attention_fwd_impl(T* out, float* lse, const T* qkv, const int* mask, int t, int nh, float scale,
                                    DropoutArgs d) {
@@ -38,18 +58,7 @@ __device__ void attention_fwd_impl(T* out, float* lse, const T* qkv, const int* 
     for (int x = 0; x < HS; x++) q[x] = to_f32(qrow[x]), acc[x] = 0.f;
     float mrun = -INFINITY, l = 0.f;
     for (int k0 = 0; k0 < t; k0 += TILE) {
-        for (int idx = threadIdx.x; idx < TILE * HS; idx += blockDim.x) {
-            const int jj = idx / HS, x = idx % HS, j = k0 + jj;
-            if (j < t) {
-                const T* base = qkv + (long)(b * t + j) * c3 + h * HS;
-                ks[jj][x] = to_f32(base[hid + x]);
-                vs[jj][x] = to_f32(base[2 * hid + x]);
-            }
-        }
-        for (int jj = threadIdx.x; jj < TILE; jj += blockDim.x) {
-            const int j = k0 + jj;
-            ms[jj] = j < t && (!anyk || mask[b * t + j] != 0);
-        }
+        stage_kv_tile<T, HS>(ks, vs, ms, qkv, mask, b, t, h, hid, k0, anyk);
         __syncthreads();
         if (active) {
             const int kn = min(TILE, t - k0);
@@ -176,18 +185,7 @@ __device__ void attention_bwd_dq_impl(T* dqkv, const T* dout, const T* qkv, cons
     }
     const float li = active ? lse[(long)bh * t + i] : 0.f, di = active ? dd[(long)(b * t + i) * nh + h] : 0.f;
     for (int k0 = 0; k0 < t; k0 += TILE) {
-        for (int idx = threadIdx.x; idx < TILE * HS; idx += blockDim.x) {
-            const int jj = idx / HS, x = idx % HS, j = k0 + jj;
-            if (j < t) {
-                const T* base = qkv + (long)(b * t + j) * c3 + h * HS;
-                ks[jj][x] = to_f32(base[hid + x]);
-                vs[jj][x] = to_f32(base[2 * hid + x]);
-            }
-        }
-        for (int jj = threadIdx.x; jj < TILE; jj += blockDim.x) {
-            const int j = k0 + jj;
-            ms[jj] = j < t && (!anyk || mask[b * t + j] != 0);
-        }
+        stage_kv_tile<T, HS>(ks, vs, ms, qkv, mask, b, t, h, hid, k0, anyk);
         __syncthreads();
         if (active) {
             const int kn = min(TILE, t - k0);
