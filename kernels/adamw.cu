@@ -20,7 +20,7 @@ __device__ void sum_squares_partial_impl(float* partial, const T* x, long n, lon
     if (threadIdx.x == 0) partial[blockIdx.x] = s;
 }
 
-extern "C" __global__ void sum_squares_final_fwd_f32(float* out, const float* partial, int k) {
+BERTCUDA_KERNEL(sum_squares_final_fwd_f32, float* out, const float* partial, int k) {
     if (threadIdx.x == 0 && blockIdx.x == 0) {
         float s = 0.f;
         for (int i = 0; i < k; i++) s += partial[i];
@@ -37,7 +37,7 @@ struct AdamWArgs {
     float eps;
 };
 
-extern "C" __global__ void adamw_fwd_f32(float* params, const float* grads, float* m, float* v, const int* decay,
+BERTCUDA_KERNEL(adamw_fwd_f32, float* params, const float* grads, float* m, float* v, const int* decay,
                                          long n, AdamWArgs a) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         float p = params[i];
@@ -53,7 +53,7 @@ extern "C" __global__ void adamw_fwd_f32(float* params, const float* grads, floa
 }
 
 #define SUM_SQUARES(T, N)                                                                                   \
-    extern "C" __global__ void sum_squares_partial_fwd_##N(float* partial, const T* x, long n, long chunk) { \
+    BERTCUDA_KERNEL(sum_squares_partial_fwd_##N, float* partial, const T* x, long n, long chunk) { \
         sum_squares_partial_impl(partial, x, n, chunk);                                                     \
     }
 

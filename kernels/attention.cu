@@ -212,17 +212,17 @@ __device__ void attention_bwd_dq_impl(T* dqkv, const T* dout, const T* qkv, cons
 }
 
 #define ATTENTION_HS(T, N, HS)                                                                                  \
-    extern "C" __global__ void attention_fwd_##N##_hs##HS(T* out, float* lse, const T* qkv, const int* mask,     \
+    BERTCUDA_KERNEL(attention_fwd_##N##_hs##HS, T* out, float* lse, const T* qkv, const int* mask,     \
                                                            int t, int nh, float scale, DropoutArgs d) {          \
         attention_fwd_impl<T, HS>(out, lse, qkv, mask, t, nh, scale, d);                                        \
     }                                                                                                           \
-    extern "C" __global__ void attention_bwd_dkdv_##N##_hs##HS(T* dqkv, const T* dout, const T* qkv,             \
+    BERTCUDA_KERNEL(attention_bwd_dkdv_##N##_hs##HS, T* dqkv, const T* dout, const T* qkv,             \
                                                                 const float* lse, const float* dd,               \
                                                                 const int* mask, int t, int nh, float scale,     \
                                                                 DropoutArgs d) {                                 \
         attention_bwd_dkdv_impl<T, HS>(dqkv, dout, qkv, lse, dd, mask, t, nh, scale, d);                        \
     }                                                                                                           \
-    extern "C" __global__ void attention_bwd_dq_##N##_hs##HS(T* dqkv, const T* dout, const T* qkv,               \
+    BERTCUDA_KERNEL(attention_bwd_dq_##N##_hs##HS, T* dqkv, const T* dout, const T* qkv,               \
                                                               const float* lse, const float* dd, const int* mask, \
                                                               int t, int nh, float scale, DropoutArgs d) {       \
         attention_bwd_dq_impl<T, HS>(dqkv, dout, qkv, lse, dd, mask, t, nh, scale, d);                          \
@@ -233,7 +233,7 @@ __device__ void attention_bwd_dq_impl(T* dqkv, const T* dout, const T* qkv, cons
     ATTENTION_HS(T, N, 32)                                                                                     \
     ATTENTION_HS(T, N, 64)                                                                                     \
     ATTENTION_HS(T, N, 128)                                                                                    \
-    extern "C" __global__ void attention_bwd_d_##N(float* dd, const T* dout, const T* out, int rows, int nh,    \
+    BERTCUDA_KERNEL(attention_bwd_d_##N, float* dd, const T* dout, const T* out, int rows, int nh,    \
                                                    int hs) {                                                   \
         attention_bwd_d_impl(dd, dout, out, rows, nh, hs);                                                     \
     }

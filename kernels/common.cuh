@@ -5,9 +5,22 @@
 // <op>_<fwd|bwd>_<dtype>.
 #pragma once
 
+#ifndef BERTCUDA_EMU
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#endif
 #include <stdint.h>
+
+// A kernel: extern "C", named <op>_<fwd|bwd>_<dtype>. On the emulated device (emu/cuda_emu.h) it is also
+// registered by name with its parameter list, which each launch is checked against.
+#ifdef BERTCUDA_EMU
+#define BERTCUDA_KERNEL(name, ...)                          \
+    extern "C" void name(__VA_ARGS__);                      \
+    static bcemu::Kernel bcemu_kernel_##name(#name, &name); \
+    extern "C" void name(__VA_ARGS__)
+#else
+#define BERTCUDA_KERNEL(name, ...) extern "C" __global__ void name(__VA_ARGS__)
+#endif
 
 // ---- storage <-> fp32 ---------------------------------------------------------------------------------
 __device__ __forceinline__ float to_f32(float x) { return x; }

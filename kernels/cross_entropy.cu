@@ -65,11 +65,11 @@ __device__ void argmax_impl(int* out, const T* logits, int m, int v) {
 }
 
 #define CROSS_ENTROPY(T, N)                                                                                  \
-    extern "C" __global__ void cross_entropy_fwd_##N(float* losses, T* logits, const int* labels, int m,     \
+    BERTCUDA_KERNEL(cross_entropy_fwd_##N, float* losses, T* logits, const int* labels, int m,     \
                                                      int v, int grad, float scale) {                         \
         cross_entropy_impl(losses, logits, labels, m, v, grad, scale);                                      \
     }                                                                                                        \
-    extern "C" __global__ void argmax_fwd_##N(int* out, const T* logits, int m, int v) {                     \
+    BERTCUDA_KERNEL(argmax_fwd_##N, int* out, const T* logits, int m, int v) {                     \
         argmax_impl(out, logits, m, v);                                                                     \
     }
 

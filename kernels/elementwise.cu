@@ -91,37 +91,37 @@ __device__ void dropout_impl(T* out, const T* inp, long n, DropoutArgs d) {
 }
 
 #define ELEMENTWISE(T, N)                                                                                    \
-    extern "C" __global__ void add_fwd_##N(T* out, const T* a, const T* b, long n) { add_impl(out, a, b, n); } \
-    extern "C" __global__ void bias_add_fwd_##N(T* out, const T* bias, long rows, int cols) {                \
+    BERTCUDA_KERNEL(add_fwd_##N, T* out, const T* a, const T* b, long n) { add_impl(out, a, b, n); } \
+    BERTCUDA_KERNEL(bias_add_fwd_##N, T* out, const T* bias, long rows, int cols) {                \
         bias_add_impl(out, bias, rows, cols);                                                              \
     }                                                                                                      \
-    extern "C" __global__ void bias_grad_partial_bwd_##N(float* partial, const T* dout, long rows, int cols) { \
+    BERTCUDA_KERNEL(bias_grad_partial_bwd_##N, float* partial, const T* dout, long rows, int cols) { \
         bias_grad_partial_impl(partial, dout, rows, cols);                                                 \
     }                                                                                                      \
-    extern "C" __global__ void scale_fwd_##N(T* x, long n, float factor) { scale_impl(x, factor, n); }      \
-    extern "C" __global__ void fill_fwd_##N(T* x, long n, float value) { fill_impl(x, value, n); }          \
-    extern "C" __global__ void gelu_fwd_##N(T* out, const T* inp, long n, int approx) {                    \
+    BERTCUDA_KERNEL(scale_fwd_##N, T* x, long n, float factor) { scale_impl(x, factor, n); }      \
+    BERTCUDA_KERNEL(fill_fwd_##N, T* x, long n, float value) { fill_impl(x, value, n); }          \
+    BERTCUDA_KERNEL(gelu_fwd_##N, T* out, const T* inp, long n, int approx) {                    \
         gelu_fwd_impl(out, inp, n, approx);                                                                \
     }                                                                                                      \
-    extern "C" __global__ void gelu_bwd_##N(T* dinp, const T* dout, const T* inp, long n, int approx) {    \
+    BERTCUDA_KERNEL(gelu_bwd_##N, T* dinp, const T* dout, const T* inp, long n, int approx) {    \
         gelu_bwd_impl(dinp, dout, inp, n, approx);                                                         \
     }                                                                                                      \
-    extern "C" __global__ void tanh_fwd_##N(T* out, const T* inp, long n) { tanh_fwd_impl(out, inp, n); }  \
-    extern "C" __global__ void tanh_bwd_##N(T* dinp, const T* dout, const T* out, long n) {                \
+    BERTCUDA_KERNEL(tanh_fwd_##N, T* out, const T* inp, long n) { tanh_fwd_impl(out, inp, n); }  \
+    BERTCUDA_KERNEL(tanh_bwd_##N, T* dinp, const T* dout, const T* out, long n) {                \
         tanh_bwd_impl(dinp, dout, out, n);                                                                 \
     }                                                                                                      \
-    extern "C" __global__ void dropout_fwd_##N(T* out, const T* inp, long n, DropoutArgs d) {              \
+    BERTCUDA_KERNEL(dropout_fwd_##N, T* out, const T* inp, long n, DropoutArgs d) {              \
         dropout_impl(out, inp, n, d);                                                                      \
     }
 
 BERTCUDA_INSTANTIATE_FLOAT_TYPES(ELEMENTWISE)
 
 // The low-precision copy of the parameters the matrix products read: out[i] = bf16(in[i]).
-extern "C" __global__ void cast_fwd_bf16(__nv_bfloat16* out, const float* in, long n) {
+BERTCUDA_KERNEL(cast_fwd_bf16, __nv_bfloat16* out, const float* in, long n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
         out[i] = __float2bfloat16(in[i]);
 }
 
-extern "C" __global__ void sum_partials_bwd_f32(float* acc, const float* partial, int chunks, int cols, int stride) {
+BERTCUDA_KERNEL(sum_partials_bwd_f32, float* acc, const float* partial, int chunks, int cols, int stride) {
     sum_partials_impl(acc, partial, chunks, cols, stride);
 }

@@ -30,12 +30,12 @@ __device__ void embedding_scatter_impl(float* table, const T* dout, const int* k
 }
 
 #define EMBEDDING(T, N)                                                                                       \
-    extern "C" __global__ void embeddings_fwd_##N(T* out, const int* ids, const int* types, const T* word,    \
+    BERTCUDA_KERNEL(embeddings_fwd_##N, T* out, const int* ids, const int* types, const T* word,    \
                                                   const T* position, const T* token_type, int rows, int seq,  \
                                                   int h) {                                                    \
         embeddings_fwd_impl(out, ids, types, word, position, token_type, rows, seq, h);                      \
     }                                                                                                         \
-    extern "C" __global__ void embeddings_bwd_##N(float* table, const T* dout, const int* keys, const int* offsets, \
+    BERTCUDA_KERNEL(embeddings_bwd_##N, float* table, const T* dout, const int* keys, const int* offsets, \
                                                   const int* rows, int groups, int h) {                       \
         embedding_scatter_impl(table, dout, keys, offsets, rows, groups, h);                                 \
     }

@@ -77,15 +77,15 @@ __device__ void embeddings_layernorm_impl(T* emb, T* out, float* mean, float* rs
 }
 
 #define FUSED(T, N)                                                                                               \
-    extern "C" __global__ void residual_layernorm_fwd_##N(T* sum, T* out, float* mean, float* rstd,               \
+    BERTCUDA_KERNEL(residual_layernorm_fwd_##N, T* sum, T* out, float* mean, float* rstd,               \
                                                           const T* residual, const T* branch, const T* w,         \
                                                           const T* b, int rows, int c, float eps, DropoutArgs d) { \
         residual_layernorm_impl(sum, out, mean, rstd, residual, branch, w, b, rows, c, eps, d);                  \
     }                                                                                                             \
-    extern "C" __global__ void bias_gelu_fwd_##N(T* pre, T* out, const T* bias, long rows, int cols, int approx) { \
+    BERTCUDA_KERNEL(bias_gelu_fwd_##N, T* pre, T* out, const T* bias, long rows, int cols, int approx) { \
         bias_gelu_impl(pre, out, bias, rows, cols, approx);                                                       \
     }                                                                                                             \
-    extern "C" __global__ void embeddings_layernorm_fwd_##N(T* emb, T* out, float* mean, float* rstd,             \
+    BERTCUDA_KERNEL(embeddings_layernorm_fwd_##N, T* emb, T* out, float* mean, float* rstd,             \
                                                             const int* ids, const int* types, const T* word,      \
                                                             const T* position, const T* token_type, const T* w,   \
                                                             const T* b, int rows, int seq, int h, float eps) {    \
@@ -123,7 +123,7 @@ __device__ void residual_layernorm_bwd_impl(T* dsum, T* g, const T* sum, const f
 }
 
 #define FUSED_BWD(T, N)                                                                                         \
-    extern "C" __global__ void residual_layernorm_bwd_##N(T* dsum, T* g, const T* sum, const float* mean,     \
+    BERTCUDA_KERNEL(residual_layernorm_bwd_##N, T* dsum, T* g, const T* sum, const float* mean,     \
                                                           const float* rstd, const T* w, int rows, int c,       \
                                                           DropoutArgs d) {                                       \
         residual_layernorm_bwd_impl(dsum, g, sum, mean, rstd, w, rows, c, d);                                   \
@@ -153,7 +153,7 @@ __device__ void gelu_bias_bwd_impl(T* __restrict__ dpre, float* __restrict__ par
 }
 
 #define FUSED_GELU_BWD(T, N)                                                                                    \
-    extern "C" __global__ void gelu_bias_bwd_##N(T* dpre, float* partial, const T* dout, const T* pre, long rows, \
+    BERTCUDA_KERNEL(gelu_bias_bwd_##N, T* dpre, float* partial, const T* dout, const T* pre, long rows, \
                                                  int cols, int approx) {                                        \
         gelu_bias_bwd_impl(dpre, partial, dout, pre, rows, cols, approx);                                       \
     }

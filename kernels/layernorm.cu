@@ -67,15 +67,15 @@ __device__ void layernorm_param_partial_impl(float* partial, const T* dout, cons
 }
 
 #define LAYERNORM(T, N)                                                                                          \
-    extern "C" __global__ void layernorm_fwd_##N(T* out, float* mean, float* rstd, const T* inp, const T* w,     \
+    BERTCUDA_KERNEL(layernorm_fwd_##N, T* out, float* mean, float* rstd, const T* inp, const T* w,     \
                                                  const T* b, int rows, int c, float eps) {                      \
         layernorm_fwd_impl(out, mean, rstd, inp, w, b, rows, c, eps);                                          \
     }                                                                                                          \
-    extern "C" __global__ void layernorm_bwd_##N(T* dinp, const T* dout, const T* inp, const float* mean,        \
+    BERTCUDA_KERNEL(layernorm_bwd_##N, T* dinp, const T* dout, const T* inp, const float* mean,        \
                                                  const float* rstd, const T* w, int rows, int c) {              \
         layernorm_bwd_impl(dinp, dout, inp, mean, rstd, w, rows, c);                                           \
     }                                                                                                          \
-    extern "C" __global__ void layernorm_param_partial_bwd_##N(float* partial, const T* dout, const T* inp,     \
+    BERTCUDA_KERNEL(layernorm_param_partial_bwd_##N, float* partial, const T* dout, const T* inp,     \
                                                                const float* mean, const float* rstd, int rows, \
                                                                int c) {                                        \
         layernorm_param_partial_impl(partial, dout, inp, mean, rstd, rows, c);                                 \

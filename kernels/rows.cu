@@ -20,10 +20,10 @@ __device__ void scatter_impl(T* dinp, const T* dout, const int* rows, int m, int
 }
 
 #define ROWS(T, N)                                                                                            \
-    extern "C" __global__ void gather_rows_fwd_##N(T* out, const T* inp, const int* rows, int m, int c) {     \
+    BERTCUDA_KERNEL(gather_rows_fwd_##N, T* out, const T* inp, const int* rows, int m, int c) {     \
         gather_impl(out, inp, rows, m, c);                                                                    \
     }                                                                                                         \
-    extern "C" __global__ void scatter_rows_bwd_##N(T* dinp, const T* dout, const int* rows, int m, int c) {  \
+    BERTCUDA_KERNEL(scatter_rows_bwd_##N, T* dinp, const T* dout, const int* rows, int m, int c) {  \
         scatter_impl(dinp, dout, rows, m, c);                                                                 \
     }
 

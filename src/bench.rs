@@ -496,7 +496,9 @@ pub fn bench_allreduce(info: &crate::dist::RankInfo) -> Result<Vec<(usize, f64, 
     let timeout = std::time::Duration::from_secs(120);
     let id = if info.rank == 0 { Some(NcclComm::unique_id()?) } else { None };
     let id = crate::dist::rendezvous(info, id, timeout)?;
-    let comm = NcclComm::new(&be, info.rank, info.world, id, timeout)?;
+    let driver = be.driver().ok_or_else(|| crate::error::Error::Invalid("NCCL needs a real GPU".into()))?;
+    let comm = NcclComm::new(driver, info.rank, info.world, id, timeout)?;
+    be.set_sync_timeout(Some(timeout));
     let n = info.world as f64;
     let mut out = Vec::new();
     let mut bytes = 1usize << 20;

@@ -586,7 +586,9 @@ pub fn train_distributed(
     let timeout = Duration::from_secs(cfg.dist_timeout_s.max(1));
     let id = if info.rank == 0 { Some(NcclComm::unique_id()?) } else { None };
     let id = crate::dist::rendezvous(&info, id, timeout)?;
-    let comm = NcclComm::new(&be, info.rank, info.world, id, timeout)?;
+    let driver = be.driver().ok_or_else(|| Error::Invalid(format!("{who}: NCCL needs a real GPU")))?;
+    let comm = NcclComm::new(driver, info.rank, info.world, id, timeout)?;
+    be.set_sync_timeout(Some(timeout));
     let prepared = prepare_run(cfg, info.rank == 0)?;
     run(&be, prepared, stop, &comm).map_err(|e| Error::Invalid(format!("{who}: {e}")))
 }

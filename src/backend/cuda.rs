@@ -1,74 +1,28 @@
-//! The CUDA backend: the hand-written kernels of `kernels/` (one fatbin built by build.rs, loaded once)
-//! and cuBLAS for the matrix products, through cudarc with dynamic loading — a machine without a driver
-//! or a GPU gets a clear error from `Cuda::new`, never a panic.
+//! The CUDA backend: the hand-written kernels of `kernels/` and cuBLAS's matrix products, on a device
+//! (`device::Device`): a real GPU through the driver, or the emulated device that runs the same kernel
+//! sources on the CPU (`--device emu`, checked in CI). Everything this file does to a device goes through
+//! that trait, so every launch here — argument lists, grids, offsets — is the same code on both.
 //!
 //! Memory: each `alloc` is one device allocation; ops take raw device pointers (base + offset), like
-//! llm.c, and the same output/input overlap checks as the CPU backend. All work is queued on one stream;
-//! the host waits only when it reads something back. This backend computes in fp32 (cuBLAS SGEMM without
-//! TF32): it is held to the CPU reference. The kernels are also built for bf16 and fp16 storage.
+//! llm.c, and the same output/input overlap checks as the CPU backend. All work is queued in order; the
+//! host waits only when it reads something back. `--precision fp32` computes in fp32 (cuBLAS without
+//! TF32): it is held to the CPU reference. `bf16` stores activations in bf16 (see `set_precision`).
 
-use std::cell::RefCell;
-use std::sync::Arc;
+use std::cell::{Cell, RefCell};
 
-use cudarc::cublas::{result as blas, sys as blas_sys};
-use cudarc::driver::{
-    result as drv, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
-    LaunchConfig, PushKernelArg,
-};
-
-use cudarc::nccl::{result as nccl_res, sys as nccl_sys};
+use super::device::driver::Driver;
+use super::device::emu::{Emu, EmuOptions};
+use super::device::{Compute, Device, Elem, Gemm, Kernel, KernelArg, Launch, Mem};
+pub use super::device::driver::{kernels_built, probe, NcclComm};
 
 use crate::backend::{philox, AdamWStep, Backend, Buf, Dropout, Ints, Kind, IGNORE_INDEX};
 use crate::bail;
 use crate::error::{Error, Result};
 use crate::model::config::Activation;
 
-/// The kernels, compiled by build.rs; empty when nvcc was not found at build time.
-static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin"));
-
-/// Whether this build carries the CUDA kernels.
-pub fn kernels_built() -> bool {
-    !FATBIN.is_empty()
-}
-
-fn cu<T, E: std::fmt::Debug>(r: std::result::Result<T, E>) -> Result<T> {
-    r.map_err(|e| {
-        let m = format!("CUDA: {e:?}");
-        if m.contains("OUT_OF_MEMORY") {
-            Error::OutOfMemory(m)
-        } else {
-            Error::Invalid(m)
-        }
-    })
-}
-
-/// Why the GPU cannot be used, or Ok when `Cuda::new(0)` should succeed.
-pub fn probe() -> std::result::Result<(), String> {
-    if !kernels_built() {
-        return Err("this binary was built without CUDA kernels (nvcc was not found at build time): run \
-                    scripts/install-cuda-compiler.sh and rebuild"
-            .into());
-    }
-    // SAFETY: only checks whether the library can be opened.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return Err("no NVIDIA driver (libcuda.so.1 cannot be opened)".into());
-    }
-    match CudaContext::device_count() {
-        Ok(n) if n > 0 => {}
-        Ok(_) => return Err("the NVIDIA driver sees no GPU".into()),
-        Err(e) => return Err(format!("the NVIDIA driver reports {e:?}")),
-    }
-    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
-        return Err(
-            "cuBLAS (libcublas.so) cannot be opened; put the CUDA libraries on LD_LIBRARY_PATH".into()
-        );
-    }
-    Ok(())
-}
-
 /// Dropout arguments of the kernels (common.cuh's DropoutArgs).
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
 struct DropoutArgs {
     key0: u32,
     key1: u32,
@@ -76,8 +30,11 @@ struct DropoutArgs {
     inv_keep: f32,
     enabled: i32,
 }
-// SAFETY: plain-old-data matching the C struct.
-unsafe impl DeviceRepr for DropoutArgs {}
+impl KernelArg for DropoutArgs {
+    fn bytes(&self) -> &[u8] {
+        bytemuck::bytes_of(self)
+    }
+}
 
 impl DropoutArgs {
     fn of(d: Option<Dropout>) -> Self {
@@ -99,7 +56,7 @@ impl DropoutArgs {
 
 /// adamw.cu's AdamWArgs.
 #[repr(C)]
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct AdamWArgs {
     decay_factor: f32,
     step_size: f32,
@@ -109,8 +66,11 @@ struct AdamWArgs {
     bias_correction2_sqrt: f32,
     eps: f32,
 }
-// SAFETY: plain-old-data matching the C struct.
-unsafe impl DeviceRepr for AdamWArgs {}
+impl KernelArg for AdamWArgs {
+    fn bytes(&self) -> &[u8] {
+        bytemuck::bytes_of(self)
+    }
+}
 
 /// Storage types of float buffers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,15 +90,15 @@ impl Dt {
 
 /// A kernel in each activation storage type.
 struct Typed {
-    f32: CudaFunction,
-    bf16: CudaFunction,
+    f32: Kernel,
+    bf16: Kernel,
 }
 
 impl Typed {
-    fn of(&self, dt: Dt) -> &CudaFunction {
+    fn of(&self, dt: Dt) -> Kernel {
         match dt {
-            Dt::F32 => &self.f32,
-            Dt::Bf16 => &self.bf16,
+            Dt::F32 => self.f32,
+            Dt::Bf16 => self.bf16,
         }
     }
 }
@@ -148,10 +108,10 @@ struct Kernels {
     add: Typed,
     bias_add: Typed,
     bias_grad_partial: Typed,
-    sum_partials: CudaFunction,
+    sum_partials: Kernel,
     scale: Typed,
     fill: Typed,
-    cast_bf16: CudaFunction,
+    cast_bf16: Kernel,
     gelu_fwd: Typed,
     gelu_bwd: Typed,
     tanh_fwd: Typed,
@@ -167,8 +127,8 @@ struct Kernels {
     cross_entropy: Typed,
     argmax: Typed,
     sum_squares_partial: Typed,
-    sum_squares_final: CudaFunction,
-    adamw: CudaFunction,
+    sum_squares_final: Kernel,
+    adamw: Kernel,
     attention_bwd_d: Typed,
     residual_layernorm: Typed,
     residual_layernorm_bwd: Typed,
@@ -180,11 +140,8 @@ struct Kernels {
 }
 
 impl Kernels {
-    fn load(m: &Arc<CudaModule>) -> Result<Self> {
-        let f = |name: &str| {
-            m.load_function(name)
-                .map_err(|e| Error::Invalid(format!("CUDA kernel {name} is missing from the module: {e:?}")))
-        };
+    fn load(dev: &dyn Device) -> Result<Self> {
+        let f = |name: &str| dev.kernel(name);
         let t = |base: &str| -> Result<Typed> {
             Ok(Typed { f32: f(&format!("{base}_f32"))?, bf16: f(&format!("{base}_bf16"))? })
         };
@@ -239,15 +196,15 @@ impl Kernels {
 /// One float allocation: its bytes, storage type, and for parameters under bf16 a bf16 copy the matrix
 /// products and kernels read (refreshed on upload and after every AdamW step).
 struct Floats {
-    _mem: CudaSlice<u8>,
+    _mem: Mem,
     ptr: u64,
     len: usize,
     dt: Dt,
-    shadow: Option<(CudaSlice<u8>, u64)>,
+    shadow: Option<(Mem, u64)>,
 }
 
 struct IntsBuf {
-    _mem: CudaSlice<i32>,
+    _mem: Mem,
     ptr: u64,
     len: usize,
     /// What was last uploaded: the host builds the embedding-gradient groups and checks row lists from it.
@@ -257,44 +214,26 @@ struct IntsBuf {
 /// A grow-only device buffer for reduction partials and embedding-gradient groups: allocated on first
 /// use, then reused, so steady-state steps allocate nothing.
 #[derive(Default)]
-struct Scratch<T> {
-    mem: Option<CudaSlice<T>>,
+struct Scratch {
+    mem: Option<Mem>,
     ptr: u64,
     len: usize,
 }
 
-struct BlasHandle(blas_sys::cublasHandle_t);
-
-impl Drop for BlasHandle {
-    fn drop(&mut self) {
-        // SAFETY: created by create_handle and destroyed once, here.
-        unsafe {
-            let _ = blas::destroy_handle(self.0);
-        }
-    }
-}
-
 pub struct Cuda {
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
-    /// NCCL's gradient reductions run here, each after the compute work that completed its bucket, so they
-    /// overlap the rest of the backward pass.
-    comm_stream: Arc<CudaStream>,
-    comm_pending: std::cell::Cell<bool>,
-    blas: BlasHandle,
-    _module: Arc<CudaModule>,
+    dev: Box<dyn Device>,
     k: Kernels,
     floats: RefCell<Vec<Floats>>,
     ints: RefCell<Vec<IntsBuf>>,
-    partials: RefCell<Scratch<f32>>,
-    groups: RefCell<Scratch<i32>>,
+    partials: RefCell<Scratch>,
+    groups: RefCell<Scratch>,
     name: String,
-    sync_timeout: std::cell::Cell<Option<std::time::Duration>>,
+    sync_timeout: Cell<Option<std::time::Duration>>,
     /// cuBLAS compute type of every matrix product: fp32 storage, and fp32 (CUBLAS_COMPUTE_32F), bf16 or
     /// fp16 tensor-core operands (..._FAST_16BF / _16F) with fp32 accumulation.
-    gemm: std::cell::Cell<(blas_sys::cublasComputeType_t, &'static str)>,
+    gemm: Cell<(Compute, &'static str)>,
     /// Storage of activations: bf16 under --precision bf16, else fp32.
-    act_dt: std::cell::Cell<Dt>,
+    act_dt: Cell<Dt>,
 }
 
 const THREADS: u32 = 256;
@@ -317,25 +256,6 @@ pub fn row_groups(keys_of_rows: &[i32]) -> (Vec<i32>, Vec<i32>, Vec<i32>) {
     (keys, offsets, order)
 }
 
-/// Wait for a stream; with a timeout, an operation that never finishes (a collective whose peer died)
-/// becomes an error instead of a hang.
-fn wait_stream(stream: &CudaStream, timeout: Option<std::time::Duration>) -> Result<()> {
-    let Some(timeout) = timeout else { return cu(stream.synchronize()) };
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        // SAFETY: a query of a live stream.
-        match unsafe { cudarc::driver::sys::cuStreamQuery(stream.cu_stream()) } {
-            cudarc::driver::sys::CUresult::CUDA_SUCCESS => return Ok(()),
-            cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_READY => {}
-            e => bail!("CUDA: {e:?}"),
-        }
-        if std::time::Instant::now() >= deadline {
-            bail!("a GPU operation did not finish within {timeout:?}: another rank of the job died or hangs");
-        }
-        std::thread::sleep(std::time::Duration::from_micros(200));
-    }
-}
-
 fn grid_for(n: usize) -> u32 {
     (n.div_ceil(THREADS as usize)).clamp(1, 65_535) as u32
 }
@@ -343,46 +263,29 @@ fn grid_for(n: usize) -> u32 {
 impl Cuda {
     /// Open GPU `ordinal`, load the kernels and create the cuBLAS handle.
     pub fn new(ordinal: usize) -> Result<Self> {
-        probe().map_err(|why| Error::Invalid(format!("--device cuda: {why}")))?;
-        let n = cu(CudaContext::device_count())? as usize;
-        if ordinal >= n {
-            bail!("GPU {ordinal} requested, the driver sees {n}");
-        }
-        let ctx = cu(CudaContext::new(ordinal))?;
-        // One stream: the allocation events cudarc records for multi-stream safety are not needed.
-        unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
-        let comm_stream = cu(ctx.new_stream())?;
-        let module = cu(ctx.load_module(cudarc::nvrtc::Ptx::from_binary(FATBIN.to_vec()))).map_err(|e| {
-            Error::Invalid(format!(
-                "{e}: the kernels do not load on this GPU (built for sm_80, sm_90 and PTX 9.0)"
-            ))
-        })?;
-        let k = Kernels::load(&module)?;
-        let handle = cu(blas::create_handle())?;
-        // SAFETY: the handle is new and the stream lives as long as self.
-        unsafe {
-            cu(blas::set_stream(handle, stream.cu_stream() as blas_sys::cudaStream_t))?;
-            // fp32 SGEMM, no TF32: held to the CPU reference whatever the library's default.
-            cu(blas_sys::cublasSetMathMode(handle, blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH).result())?;
-        }
-        let name = cu(ctx.name())?;
+        Self::on(Box::new(Driver::new(ordinal)?))
+    }
+
+    /// The emulated device (`--device emu`): the kernels run on the CPU, checked as `opts` says.
+    pub fn emulated(opts: EmuOptions) -> Result<Self> {
+        Self::on(Box::new(Emu::new(opts)?))
+    }
+
+    /// The backend on a device: its kernels looked up once (a missing one is an error naming it).
+    pub fn on(dev: Box<dyn Device>) -> Result<Self> {
+        let k = Kernels::load(dev.as_ref())?;
+        let name = dev.name();
         Ok(Cuda {
-            ctx,
-            stream,
-            comm_stream,
-            comm_pending: std::cell::Cell::new(false),
-            blas: BlasHandle(handle),
-            _module: module,
+            dev,
             k,
             floats: RefCell::new(Vec::new()),
             ints: RefCell::new(Vec::new()),
             partials: RefCell::new(Scratch::default()),
             groups: RefCell::new(Scratch::default()),
             name,
-            sync_timeout: std::cell::Cell::new(None),
-            gemm: std::cell::Cell::new((blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, "fp32")),
-            act_dt: std::cell::Cell::new(Dt::F32),
+            sync_timeout: Cell::new(None),
+            gemm: Cell::new((Compute::F32, "fp32")),
+            act_dt: Cell::new(Dt::F32),
         })
     }
 
@@ -391,11 +294,26 @@ impl Cuda {
         self.sync_timeout.set(t);
     }
 
-    pub fn context(&self) -> &Arc<CudaContext> {
-        &self.ctx
+    /// The device under this backend.
+    pub fn device(&self) -> &dyn Device {
+        self.dev.as_ref()
     }
 
-    /// Bounds and overlap checks, then the device pointers of the outputs and inputs.
+    /// The real GPU under this backend, when it is one.
+    pub fn driver(&self) -> Option<&Driver> {
+        self.dev.as_any().downcast_ref::<Driver>()
+    }
+
+    /// Whether this backend runs on the emulated device.
+    pub fn is_emulated(&self) -> bool {
+        self.dev.as_any().is::<Emu>()
+    }
+
+    /// Launch `k` over `grid` with 1-D blocks of `threads`.
+    fn launch(&self, k: Kernel, grid: (u32, u32, u32), threads: u32, args: &[&dyn KernelArg]) -> Result<()> {
+        self.dev.launch(k, Launch::new(grid, threads), args)
+    }
+
     /// Bounds and overlap checks, then the device pointers: each buffer's own storage.
     fn ptrs<const O: usize, const I: usize>(
         &self,
@@ -474,9 +392,7 @@ impl Cuda {
         let chunks = rows.div_ceil(64).max(1);
         let part = self.partials(chunks * 2 * c)?;
         let (rr, cc) = (rows as i32, c as i32);
-        let mut l = self.stream.launch_builder(self.k.layernorm_param_partial.of(dt));
-        l.arg(&part).arg(&g).arg(&x).arg(&m).arg(&r).arg(&rr).arg(&cc);
-        unsafe { cu(l.launch(Self::cfg((chunks as u32, 1, 1), THREADS)))? };
+        self.launch(self.k.layernorm_param_partial.of(dt), (chunks as u32, 1, 1), THREADS, &[&part, &g, &x, &m, &r, &rr, &cc])?;
         self.sum_partials(dw, part, chunks, c, 2 * c)?;
         self.sum_partials(db, part + 4 * c as u64, chunks, c, 2 * c)
     }
@@ -529,8 +445,8 @@ impl Cuda {
     fn partials(&self, n: usize) -> Result<u64> {
         let mut s = self.partials.borrow_mut();
         if s.len < n {
-            let mem = cu(self.stream.alloc_zeros::<f32>(n))?;
-            s.ptr = mem.device_ptr(&self.stream).0;
+            let mem = self.dev.alloc(4 * n, false)?;
+            s.ptr = mem.ptr;
             s.mem = Some(mem);
             s.len = n;
         }
@@ -541,14 +457,12 @@ impl Cuda {
     fn upload_groups(&self, data: &[i32]) -> Result<u64> {
         let mut s = self.groups.borrow_mut();
         if s.len < data.len() {
-            let mem = cu(self.stream.alloc_zeros::<i32>(data.len().max(1024)))?;
-            s.ptr = mem.device_ptr(&self.stream).0;
+            let mem = self.dev.alloc(4 * data.len().max(1024), false)?;
+            s.ptr = mem.ptr;
             s.len = data.len().max(1024);
             s.mem = Some(mem);
         }
-        // SAFETY: the buffer holds at least data.len() elements; the host slice outlives the call (pageable
-        // memory is staged before the call returns).
-        unsafe { cu(drv::memcpy_htod_async(s.ptr, data, self.stream.cu_stream()))? };
+        self.dev.htod(s.ptr, bytemuck::cast_slice(data))?;
         Ok(s.ptr)
     }
 
@@ -559,16 +473,10 @@ impl Cuda {
         Ok(())
     }
 
-    fn cfg(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
-        LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: 0 }
-    }
-
     /// acc[c] += Σ_k partial[k·stride + c] for c < cols.
     fn sum_partials(&self, acc: u64, partial: u64, chunks: usize, cols: usize, stride: usize) -> Result<()> {
         let (chunks, cols, stride) = (chunks as i32, cols as i32, stride as i32);
-        let mut l = self.stream.launch_builder(&self.k.sum_partials);
-        l.arg(&acc).arg(&partial).arg(&chunks).arg(&cols).arg(&stride);
-        unsafe { cu(l.launch(Self::cfg((grid_for(cols as usize), 1, 1), THREADS)))? };
+        self.launch(self.k.sum_partials, (grid_for(cols as usize), 1, 1), THREADS, &[&acc, &partial, &chunks, &cols, &stride])?;
         Ok(())
     }
 
@@ -585,31 +493,19 @@ impl Cuda {
         let base = self.upload_groups(&data)?;
         let (kp, op, rp) = (base, base + 4 * g as u64, base + 4 * (2 * g + 1) as u64);
         let (gi, hi) = (g as i32, h as i32);
-        let mut l = self.stream.launch_builder(self.k.embeddings_bwd.of(dt));
-        l.arg(&table).arg(&dout).arg(&kp).arg(&op).arg(&rp).arg(&gi).arg(&hi);
-        unsafe { cu(l.launch(Self::cfg((g as u32, 1, 1), THREADS)))? };
+        self.launch(self.k.embeddings_bwd.of(dt), (g as u32, 1, 1), THREADS, &[&table, &dout, &kp, &op, &rp, &gi, &hi])?;
         Ok(())
     }
 
     /// An elementwise kernel: its pointers, then n, then an optional scalar.
-    fn elementwise<S: DeviceRepr>(
-        &self,
-        f: &CudaFunction,
-        ptrs: &[u64],
-        n: usize,
-        extra: Option<&S>,
-    ) -> Result<()> {
+    fn elementwise<S: KernelArg>(&self, f: Kernel, ptrs: &[u64], n: usize, extra: Option<&S>) -> Result<()> {
         let n = n as i64;
-        let mut l = self.stream.launch_builder(f);
-        for p in ptrs {
-            l.arg(p);
-        }
-        l.arg(&n);
+        let mut args: Vec<&dyn KernelArg> = ptrs.iter().map(|p| p as &dyn KernelArg).collect();
+        args.push(&n);
         if let Some(e) = extra {
-            l.arg(e);
+            args.push(e);
         }
-        unsafe { cu(l.launch(Self::cfg((grid_for(n as usize), 1, 1), THREADS)))? };
-        Ok(())
+        self.launch(f, (grid_for(n as usize), 1, 1), THREADS, &args)
     }
 
     fn attention_kernels(&self, hs: usize) -> Result<&(usize, Typed, Typed, Typed)> {
@@ -628,10 +524,7 @@ impl Backend for Cuda {
     }
 
     fn set_precision(&self, requested: &str) -> Result<&'static str> {
-        use blas_sys::cublasComputeType_t::*;
-        let major = cu(self.ctx.attribute(
-            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
-        ))?;
+        let (major, _) = self.dev.compute_capability()?;
         let chosen = match requested {
             "auto" if major >= 8 => "bf16",
             "auto" | "fp32" => "fp32",
@@ -643,9 +536,9 @@ impl Backend for Cuda {
             other => bail!("--precision {other}: choose fp32, bf16 or fp16"),
         };
         let compute = match chosen {
-            "bf16" => CUBLAS_COMPUTE_32F_FAST_16BF,
-            "fp16" => CUBLAS_COMPUTE_32F_FAST_16F,
-            _ => CUBLAS_COMPUTE_32F,
+            "bf16" => Compute::Fast16Bf,
+            "fp16" => Compute::Fast16F,
+            _ => Compute::F32,
         };
         let act = if chosen == "bf16" { Dt::Bf16 } else { Dt::F32 };
         if act != self.act_dt.get() && !self.floats.borrow().is_empty() {
@@ -661,11 +554,11 @@ impl Backend for Cuda {
 
     /// Wait for all queued work (within the sync timeout, when one is set).
     fn synchronize(&self) -> Result<()> {
-        wait_stream(&self.stream, self.sync_timeout.get())
+        self.dev.synchronize(self.sync_timeout.get())
     }
 
     fn memory_used(&self) -> Option<u64> {
-        self.ctx.mem_get_info().ok().map(|(free, total)| (total - free) as u64)
+        self.dev.memory_used()
     }
 
     fn alloc(&self, len: usize) -> Result<Buf> {
@@ -675,11 +568,11 @@ impl Backend for Cuda {
     fn alloc_kind(&self, len: usize, kind: Kind) -> Result<Buf> {
         let act = self.act_dt.get();
         let dt = if kind == Kind::Activation { act } else { Dt::F32 };
-        let mem = cu(self.stream.alloc_zeros::<u8>(dt.size() * len.max(1)))?;
-        let ptr = mem.device_ptr(&self.stream).0;
+        let mem = self.dev.alloc(dt.size() * len, true)?;
+        let ptr = mem.ptr;
         let shadow = if kind == Kind::Param && act == Dt::Bf16 {
-            let m = cu(self.stream.alloc_zeros::<u8>(2 * len.max(1)))?;
-            let p = m.device_ptr(&self.stream).0;
+            let m = self.dev.alloc(2 * len, true)?;
+            let p = m.ptr;
             Some((m, p))
         } else {
             None
@@ -690,8 +583,8 @@ impl Backend for Cuda {
     }
 
     fn alloc_ints(&self, len: usize) -> Result<Ints> {
-        let mem = cu(self.stream.alloc_zeros::<i32>(len.max(1)))?;
-        let ptr = mem.device_ptr(&self.stream).0;
+        let mem = self.dev.alloc(4 * len, true)?;
+        let ptr = mem.ptr;
         let mut ints = self.ints.borrow_mut();
         ints.push(IntsBuf { _mem: mem, ptr, len, host: vec![0; len] });
         Ok(Ints { id: ints.len() as u32 - 1, off: 0, len })
@@ -709,15 +602,12 @@ impl Backend for Cuda {
         };
         let ([p], []) = self.ptrs([dst], [])?;
         let bf16 = |v: &[f32]| v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect::<Vec<u16>>();
-        // SAFETY: in bounds; pageable host memory is staged before each call returns.
-        unsafe {
-            match dt {
-                Dt::F32 => cu(drv::memcpy_htod_async(p, src, self.stream.cu_stream()))?,
-                Dt::Bf16 => cu(drv::memcpy_htod_async(p, &bf16(src), self.stream.cu_stream()))?,
-            }
-            if let Some(sp) = shadow {
-                cu(drv::memcpy_htod_async(sp, &bf16(src), self.stream.cu_stream()))?;
-            }
+        match dt {
+            Dt::F32 => self.dev.htod(p, bytemuck::cast_slice(src))?,
+            Dt::Bf16 => self.dev.htod(p, bytemuck::cast_slice(&bf16(src)))?,
+        }
+        if let Some(sp) = shadow {
+            self.dev.htod(sp, bytemuck::cast_slice(&bf16(src)))?;
         }
         Ok(())
     }
@@ -729,18 +619,15 @@ impl Backend for Cuda {
     fn download(&self, src: Buf) -> Result<Vec<f32>> {
         let dt = self.dt(src)?;
         let ([], [p]) = self.ptrs([], [src])?;
-        // SAFETY: in bounds; the stream is synchronised before the host buffer is read.
         match dt {
             Dt::F32 => {
                 let mut out = vec![0f32; src.len];
-                unsafe { cu(drv::memcpy_dtoh_async(&mut out, p, self.stream.cu_stream()))? };
-                self.synchronize()?;
+                self.dev.dtoh(bytemuck::cast_slice_mut(&mut out), p)?;
                 Ok(out)
             }
             Dt::Bf16 => {
                 let mut raw = vec![0u16; src.len];
-                unsafe { cu(drv::memcpy_dtoh_async(&mut raw, p, self.stream.cu_stream()))? };
-                self.synchronize()?;
+                self.dev.dtoh(bytemuck::cast_slice_mut(&mut raw), p)?;
                 Ok(raw.into_iter().map(|b| half::bf16::from_bits(b).to_f32()).collect())
             }
         }
@@ -755,7 +642,7 @@ impl Backend for Cuda {
             bail!("internal: uploading {} ints into {}", src.len(), dst.len);
         }
         let p = self.iptr(dst)?;
-        unsafe { cu(drv::memcpy_htod_async(p, src, self.stream.cu_stream()))? };
+        self.dev.htod(p, bytemuck::cast_slice(src))?;
         let mut ints = self.ints.borrow_mut();
         ints[dst.id as usize].host[dst.off..dst.off + src.len()].copy_from_slice(src);
         Ok(())
@@ -764,8 +651,7 @@ impl Backend for Cuda {
     fn download_ints(&self, src: Ints) -> Result<Vec<i32>> {
         let p = self.iptr(src)?;
         let mut out = vec![0i32; src.len];
-        unsafe { cu(drv::memcpy_dtoh_async(&mut out, p, self.stream.cu_stream()))? };
-        self.synchronize()?;
+        self.dev.dtoh(bytemuck::cast_slice_mut(&mut out), p)?;
         Ok(out)
     }
 
@@ -773,7 +659,7 @@ impl Backend for Cuda {
         let dt = self.dt(dst)?;
         let ([p], []) = self.ptrs([dst], [])?;
         if value == 0.0 {
-            return unsafe { cu(drv::memset_d8_async(p, 0, dt.size() * dst.len, self.stream.cu_stream())) };
+            return self.dev.memset_zero(p, dt.size() * dst.len);
         }
         self.elementwise(self.k.fill.of(dt), &[p], dst.len, Some(&value))
     }
@@ -787,7 +673,7 @@ impl Backend for Cuda {
             bail!("internal: copy between buffers of different storage types");
         }
         let ([d], [s]) = self.ptrs([dst], [src])?;
-        unsafe { cu(drv::memcpy_dtod_async(d, s, dt.size() * src.len, self.stream.cu_stream())) }
+        self.dev.dtod(d, s, dt.size() * src.len)
     }
 
     fn matmul(
@@ -816,47 +702,33 @@ impl Backend for Cuda {
         }
         if k == 0 {
             if !accumulate {
-                unsafe { cu(drv::memset_d8_async(pc, 0, dc.size() * m * n, self.stream.cu_stream()))? };
+                self.dev.memset_zero(pc, dc.size() * m * n)?;
             }
             return Ok(());
         }
         // Row-major C (m, n) = op(A) op(B) is column-major Cᵀ (n, m) = op(B)ᵀ op(A)ᵀ: B first.
-        use blas_sys::cublasOperation_t::{CUBLAS_OP_N as N, CUBLAS_OP_T as T};
-        let (opb, ldb) = if b_t { (T, k) } else { (N, n) };
-        let (opa, lda) = if a_t { (T, m) } else { (N, k) };
-        let (alpha, beta) = (1f32, if accumulate { 1f32 } else { 0f32 });
-        use blas_sys::cudaDataType::{CUDA_R_16BF, CUDA_R_32F};
-        let ty = |d: Dt| if d == Dt::Bf16 { CUDA_R_16BF } else { CUDA_R_32F };
-        let (ta, tb, tc) = (ty(op_dt), ty(op_dt), ty(dc));
-        let compute = if op_dt == Dt::Bf16 {
-            blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
-        } else {
-            self.gemm.get().0
-        };
-        // SAFETY: the regions were bounds-checked for these shapes; cuBLAS runs on our stream.
-        unsafe {
-            cu(blas::gemm_ex(
-                self.blas.0,
-                opb,
-                opa,
-                n as i32,
-                m as i32,
-                k as i32,
-                &alpha as *const f32 as *const std::ffi::c_void,
-                pb as *const std::ffi::c_void,
-                tb,
-                ldb.max(1) as i32,
-                pa as *const std::ffi::c_void,
-                ta,
-                lda.max(1) as i32,
-                &beta as *const f32 as *const std::ffi::c_void,
-                pc as *mut std::ffi::c_void,
-                tc,
-                n as i32,
-                compute,
-                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            ))
-        }
+        let (ldb, lda) = (if b_t { k } else { n }, if a_t { m } else { k });
+        let elem = |d: Dt| if d == Dt::Bf16 { Elem::Bf16 } else { Elem::F32 };
+        let compute = if op_dt == Dt::Bf16 { Compute::F32 } else { self.gemm.get().0 };
+        self.dev.gemm(&Gemm {
+            trans_a: b_t,
+            trans_b: a_t,
+            m: n,
+            n: m,
+            k,
+            alpha: 1.0,
+            a: pb,
+            a_type: elem(op_dt),
+            lda: ldb.max(1),
+            b: pa,
+            b_type: elem(op_dt),
+            ldb: lda.max(1),
+            beta: if accumulate { 1.0 } else { 0.0 },
+            c: pc,
+            c_type: elem(dc),
+            ldc: n,
+            compute,
+        })
     }
 
     fn add_bias(&self, out: Buf, bias: Buf, rows: usize, cols: usize) -> Result<()> {
@@ -868,9 +740,7 @@ impl Backend for Cuda {
         }
         let ([po], [pb]) = self.ptrs_as(dt, [out], [bias])?;
         let (r, c) = (rows as i64, cols as i32);
-        let mut l = self.stream.launch_builder(self.k.bias_add.of(dt));
-        l.arg(&po).arg(&pb).arg(&r).arg(&c);
-        unsafe { cu(l.launch(Self::cfg((grid_for(rows * cols), 1, 1), THREADS)))? };
+        self.launch(self.k.bias_add.of(dt), (grid_for(rows * cols), 1, 1), THREADS, &[&po, &pb, &r, &c])?;
         Ok(())
     }
 
@@ -886,11 +756,7 @@ impl Backend for Cuda {
         let chunks = rows.div_ceil(64).max(1);
         let part = self.partials(chunks * cols)?;
         let (r, c) = (rows as i64, cols as i32);
-        let mut l = self.stream.launch_builder(self.k.bias_grad_partial.of(dt));
-        l.arg(&part).arg(&pg).arg(&r).arg(&c);
-        unsafe {
-            cu(l.launch(Self::cfg((chunks as u32, cols.div_ceil(THREADS as usize) as u32, 1), THREADS)))?
-        };
+        self.launch(self.k.bias_grad_partial.of(dt), (chunks as u32, cols.div_ceil(THREADS as usize) as u32, 1), THREADS, &[&part, &pg, &r, &c])?;
         self.sum_partials(pd, part, chunks, cols, cols)
     }
 
@@ -905,14 +771,12 @@ impl Backend for Cuda {
         self.need_f32("sum output", &[out])?;
         let dt = self.dt(inp)?;
         let ([po], [pi]) = self.ptrs_as(dt, [out], [inp])?;
-        unsafe { cu(drv::memset_d8_async(po, 0, 4, self.stream.cu_stream()))? };
+        self.dev.memset_zero(po, 4)?;
         // Σ as the bias gradient of a one-column matrix: blocks of 64 rows, then the blocks in order.
         let chunks = inp.len.div_ceil(64).max(1);
         let part = self.partials(chunks)?;
         let (r, c) = (inp.len as i64, 1i32);
-        let mut l = self.stream.launch_builder(self.k.bias_grad_partial.of(dt));
-        l.arg(&part).arg(&pi).arg(&r).arg(&c);
-        unsafe { cu(l.launch(Self::cfg((chunks as u32, 1, 1), THREADS)))? };
+        self.launch(self.k.bias_grad_partial.of(dt), (chunks as u32, 1, 1), THREADS, &[&part, &pi, &r, &c])?;
         self.sum_partials(po, part, chunks, 1, 1)
     }
 
@@ -949,9 +813,7 @@ impl Backend for Cuda {
         let ([po], [pw, pp, pt]) = self.ptrs_as(dt, [out], [word, position, token_type])?;
         let (pi, pty) = (self.iptr(ids)?, self.iptr(types)?);
         let (rows, s, hh) = (n as i32, seq as i32, h as i32);
-        let mut l = self.stream.launch_builder(self.k.embeddings_fwd.of(dt));
-        l.arg(&po).arg(&pi).arg(&pty).arg(&pw).arg(&pp).arg(&pt).arg(&rows).arg(&s).arg(&hh);
-        unsafe { cu(l.launch(Self::cfg((n as u32, 1, 1), THREADS)))? };
+        self.launch(self.k.embeddings_fwd.of(dt), (n as u32, 1, 1), THREADS, &[&po, &pi, &pty, &pw, &pp, &pt, &rows, &s, &hh])?;
         Ok(())
     }
 
@@ -999,9 +861,7 @@ impl Backend for Cuda {
         }
         let ([po, pm, pr], [pi, pw, pb]) = self.ptrs_as(dt, [out, mean, rstd], [inp, w, b])?;
         let (r, cc) = (rows as i32, c as i32);
-        let mut l = self.stream.launch_builder(self.k.layernorm_fwd.of(dt));
-        l.arg(&po).arg(&pm).arg(&pr).arg(&pi).arg(&pw).arg(&pb).arg(&r).arg(&cc).arg(&eps);
-        unsafe { cu(l.launch(Self::cfg((rows.div_ceil(8) as u32, 1, 1), THREADS)))? };
+        self.launch(self.k.layernorm_fwd.of(dt), (rows.div_ceil(8) as u32, 1, 1), THREADS, &[&po, &pm, &pr, &pi, &pw, &pb, &r, &cc, &eps])?;
         Ok(())
     }
 
@@ -1029,9 +889,7 @@ impl Backend for Cuda {
         let ([pdi, pdw, pdb], [pg, pi, pm, pr, pw]) =
             self.ptrs_as(dt, [dinp, dw, db], [dout, inp, mean, rstd, w])?;
         let (r, cc) = (rows as i32, c as i32);
-        let mut l = self.stream.launch_builder(self.k.layernorm_bwd.of(dt));
-        l.arg(&pdi).arg(&pg).arg(&pi).arg(&pm).arg(&pr).arg(&pw).arg(&r).arg(&cc);
-        unsafe { cu(l.launch(Self::cfg((rows.div_ceil(8) as u32, 1, 1), THREADS)))? };
+        self.launch(self.k.layernorm_bwd.of(dt), (rows.div_ceil(8) as u32, 1, 1), THREADS, &[&pdi, &pg, &pi, &pm, &pr, &pw, &r, &cc])?;
         self.layernorm_param_grads(dt, pdw, pdb, [pg, pi, pm, pr], rows, c)
     }
 
@@ -1061,20 +919,7 @@ impl Backend for Cuda {
         let ([ps, po, pm, pr], [pres, pb, pw, pbias]) =
             self.ptrs_as(dt, [sum, out, mean, rstd], [residual, branch, w, b])?;
         let (r, cc, d) = (rows as i32, c as i32, DropoutArgs::of(dropout));
-        let mut l = self.stream.launch_builder(self.k.residual_layernorm.of(dt));
-        l.arg(&ps)
-            .arg(&po)
-            .arg(&pm)
-            .arg(&pr)
-            .arg(&pres)
-            .arg(&pb)
-            .arg(&pw)
-            .arg(&pbias)
-            .arg(&r)
-            .arg(&cc)
-            .arg(&eps)
-            .arg(&d);
-        unsafe { cu(l.launch(Self::cfg((rows.div_ceil(8) as u32, 1, 1), THREADS)))? };
+        self.launch(self.k.residual_layernorm.of(dt), (rows.div_ceil(8) as u32, 1, 1), THREADS, &[&ps, &po, &pm, &pr, &pres, &pb, &pw, &pbias, &r, &cc, &eps, &d])?;
         Ok(())
     }
 
@@ -1107,9 +952,7 @@ impl Backend for Cuda {
         self.layernorm_param_grads(dt, pdw, pdb, [pg, ps, pm, pr], rows, c)?;
         let (r, cc) = (rows as i32, c as i32);
         let d = DropoutArgs::of(Some(dropout));
-        let mut l = self.stream.launch_builder(self.k.residual_layernorm_bwd.of(dt));
-        l.arg(&pds).arg(&pg).arg(&ps).arg(&pm).arg(&pr).arg(&pw).arg(&r).arg(&cc).arg(&d);
-        unsafe { cu(l.launch(Self::cfg((rows.div_ceil(8) as u32, 1, 1), THREADS)))? };
+        self.launch(self.k.residual_layernorm_bwd.of(dt), (rows.div_ceil(8) as u32, 1, 1), THREADS, &[&pds, &pg, &ps, &pm, &pr, &pw, &r, &cc, &d])?;
         Ok(())
     }
 
@@ -1130,9 +973,7 @@ impl Backend for Cuda {
         }
         let ([pp, po], [pb]) = self.ptrs_as(dt, [pre, out], [bias])?;
         let (r, c, approx) = (rows as i64, cols as i32, (act == Activation::GeluTanh) as i32);
-        let mut l = self.stream.launch_builder(self.k.bias_gelu.of(dt));
-        l.arg(&pp).arg(&po).arg(&pb).arg(&r).arg(&c).arg(&approx);
-        unsafe { cu(l.launch(Self::cfg((grid_for(rows * cols), 1, 1), THREADS)))? };
+        self.launch(self.k.bias_gelu.of(dt), (grid_for(rows * cols), 1, 1), THREADS, &[&pp, &po, &pb, &r, &c, &approx])?;
         Ok(())
     }
 
@@ -1159,11 +1000,7 @@ impl Backend for Cuda {
         let chunks = rows.div_ceil(64);
         let part = self.partials(chunks * cols)?;
         let (r, c, approx) = (rows as i64, cols as i32, (act == Activation::GeluTanh) as i32);
-        let mut l = self.stream.launch_builder(self.k.gelu_bias_bwd.of(dt));
-        l.arg(&pd).arg(&part).arg(&pg).arg(&pp).arg(&r).arg(&c).arg(&approx);
-        unsafe {
-            cu(l.launch(Self::cfg((chunks as u32, cols.div_ceil(THREADS as usize) as u32, 1), THREADS)))?
-        };
+        self.launch(self.k.gelu_bias_bwd.of(dt), (chunks as u32, cols.div_ceil(THREADS as usize) as u32, 1), THREADS, &[&pd, &part, &pg, &pp, &r, &c, &approx])?;
         self.sum_partials(pb, part, chunks, cols, cols)
     }
 
@@ -1208,20 +1045,7 @@ impl Backend for Cuda {
             self.ptrs_as(dt, [emb, out, mean, rstd], [word, position, token_type, w, b])?;
         let (pi, pty) = (self.iptr(ids)?, self.iptr(types)?);
         let (rows, s, hh) = (n as i32, seq as i32, h as i32);
-        let mut l = self.stream.launch_builder(self.k.embeddings_layernorm.of(dt));
-        l.arg(&pe)
-            .arg(&po)
-            .arg(&pm)
-            .arg(&pr)
-            .arg(&pi)
-            .arg(&pty)
-            .arg(&pw)
-            .arg(&pp)
-            .arg(&pt)
-            .arg(&plw)
-            .arg(&plb);
-        l.arg(&rows).arg(&s).arg(&hh).arg(&eps);
-        unsafe { cu(l.launch(Self::cfg((n.div_ceil(8) as u32, 1, 1), THREADS)))? };
+        self.launch(self.k.embeddings_layernorm.of(dt), (n.div_ceil(8) as u32, 1, 1), THREADS, &[&pe, &po, &pm, &pr, &pi, &pty, &pw, &pp, &pt, &plw, &plb, &rows, &s, &hh, &eps])?;
         Ok(())
     }
 
@@ -1298,9 +1122,7 @@ impl Backend for Cuda {
         let pm = self.iptr(mask)?;
         let (t, nh, scale, d) =
             (seq as i32, heads as i32, (1.0 / (hs as f64).sqrt()) as f32, DropoutArgs::of(dropout));
-        let mut l = self.stream.launch_builder(f);
-        l.arg(&po).arg(&pl).arg(&pq).arg(&pm).arg(&t).arg(&nh).arg(&scale).arg(&d);
-        unsafe { cu(l.launch(Self::cfg(((batch * heads) as u32, seq.div_ceil(64) as u32, 1), 64)))? };
+        self.launch(f, ((batch * heads) as u32, seq.div_ceil(64) as u32, 1), 64, &[&po, &pl, &pq, &pm, &t, &nh, &scale, &d])?;
         Ok(())
     }
 
@@ -1334,17 +1156,13 @@ impl Backend for Cuda {
         let (lse, dd) = (state.prefix(half), state.at(half, half));
         let ([pdd], [pg, po]) = self.ptrs_as(dt, [dd], [dout, out])?;
         let (rows, nh, hsi) = ((batch * seq) as i32, heads as i32, hs as i32);
-        let mut l = self.stream.launch_builder(self.k.attention_bwd_d.of(dt));
-        l.arg(&pdd).arg(&pg).arg(&po).arg(&rows).arg(&nh).arg(&hsi);
-        unsafe { cu(l.launch(Self::cfg((grid_for(half), 1, 1), THREADS)))? };
+        self.launch(self.k.attention_bwd_d.of(dt), (grid_for(half), 1, 1), THREADS, &[&pdd, &pg, &po, &rows, &nh, &hsi])?;
         let ([pdq], [pg, pq, pl, pd]) = self.ptrs_as(dt, [dqkv], [dout, qkv, lse, dd])?;
         let pm = self.iptr(mask)?;
         let (t, scale, d) = (seq as i32, (1.0 / (hs as f64).sqrt()) as f32, DropoutArgs::of(dropout));
         let grid = ((batch * heads) as u32, seq.div_ceil(64) as u32, 1);
         for f in [fkv, fq] {
-            let mut l = self.stream.launch_builder(f);
-            l.arg(&pdq).arg(&pg).arg(&pq).arg(&pl).arg(&pd).arg(&pm).arg(&t).arg(&nh).arg(&scale).arg(&d);
-            unsafe { cu(l.launch(Self::cfg(grid, 64)))? };
+            self.launch(f, grid, 64, &[&pdq, &pg, &pq, &pl, &pd, &pm, &t, &nh, &scale, &d])?;
         }
         Ok(())
     }
@@ -1353,39 +1171,15 @@ impl Backend for Cuda {
         if comm.world() == 1 {
             return Ok(());
         }
-        let Some(nccl) = comm.as_any().downcast_ref::<NcclComm>() else {
-            let mut h = self.download(buf)?;
-            comm.all_reduce_sum(&mut h)?;
-            return self.upload(buf, &h);
-        };
         if self.dt(buf)? != Dt::F32 {
             bail!("internal: gradients are summed in fp32");
         }
         let ([p], []) = self.ptrs([buf], [])?;
-        // The communication stream waits for the compute queued so far (the bucket is complete), then
-        // sums in place while the compute stream goes on with the backward pass.
-        cu(self.comm_stream.join(&self.stream))?;
-        // SAFETY: in bounds; no compute kernel touches this region until all_reduce_wait.
-        unsafe {
-            cu(nccl_res::all_reduce(
-                p as *const std::ffi::c_void,
-                p as *mut std::ffi::c_void,
-                buf.len,
-                nccl_sys::ncclDataType_t::ncclFloat32,
-                nccl_sys::ncclRedOp_t::ncclSum,
-                nccl.comm,
-                self.comm_stream.cu_stream() as nccl_sys::cudaStream_t,
-            ))?
-        };
-        self.comm_pending.set(true);
-        Ok(())
+        self.dev.all_reduce_sum(p, buf.len, comm)
     }
 
     fn all_reduce_wait(&self) -> Result<()> {
-        if self.comm_pending.replace(false) {
-            cu(self.stream.join(&self.comm_stream))?;
-        }
-        Ok(())
+        self.dev.all_reduce_wait()
     }
 
     fn sum_squares(&self, out: Buf, x: Buf) -> Result<()> {
@@ -1396,13 +1190,9 @@ impl Backend for Cuda {
         let chunk = x.len.div_ceil(blocks) as i64;
         let part = self.partials(blocks)?;
         let n = x.len as i64;
-        let mut l = self.stream.launch_builder(self.k.sum_squares_partial.of(dt));
-        l.arg(&part).arg(&px).arg(&n).arg(&chunk);
-        unsafe { cu(l.launch(Self::cfg((blocks as u32, 1, 1), THREADS)))? };
+        self.launch(self.k.sum_squares_partial.of(dt), (blocks as u32, 1, 1), THREADS, &[&part, &px, &n, &chunk])?;
         let k = blocks as i32;
-        let mut l = self.stream.launch_builder(&self.k.sum_squares_final);
-        l.arg(&po).arg(&part).arg(&k);
-        unsafe { cu(l.launch(Self::cfg((1, 1, 1), 32)))? };
+        self.launch(self.k.sum_squares_final, (1, 1, 1), 32, &[&po, &part, &k])?;
         Ok(())
     }
 
@@ -1431,15 +1221,11 @@ impl Backend for Cuda {
             eps: h.eps,
         };
         let nn = n as i64;
-        let mut l = self.stream.launch_builder(&self.k.adamw);
-        l.arg(&pp).arg(&pg).arg(&pm).arg(&pv).arg(&pd).arg(&nn).arg(&args);
-        unsafe { cu(l.launch(Self::cfg((grid_for(n), 1, 1), THREADS)))? };
+        self.launch(self.k.adamw, (grid_for(n), 1, 1), THREADS, &[&pp, &pg, &pm, &pv, &pd, &nn, &args])?;
         // The bf16 copy the kernels and matrix products read follows the new master weights.
         let ([shadow], []) = self.ptrs_as(Dt::Bf16, [params], [])?;
         if shadow != pp {
-            let mut l = self.stream.launch_builder(&self.k.cast_bf16);
-            l.arg(&shadow).arg(&pp).arg(&nn);
-            unsafe { cu(l.launch(Self::cfg((grid_for(n), 1, 1), THREADS)))? };
+            self.launch(self.k.cast_bf16, (grid_for(n), 1, 1), THREADS, &[&shadow, &pp, &nn])?;
         }
         Ok(())
     }
@@ -1454,9 +1240,7 @@ impl Backend for Cuda {
         if m == 0 {
             return Ok(());
         }
-        let mut l = self.stream.launch_builder(self.k.gather_rows.of(dt));
-        l.arg(&po).arg(&pi).arg(&pr).arg(&mm).arg(&cc);
-        unsafe { cu(l.launch(Self::cfg((m as u32, 1, 1), THREADS)))? };
+        self.launch(self.k.gather_rows.of(dt), (m as u32, 1, 1), THREADS, &[&po, &pi, &pr, &mm, &cc])?;
         Ok(())
     }
 
@@ -1474,9 +1258,7 @@ impl Backend for Cuda {
         if m == 0 {
             return Ok(());
         }
-        let mut l = self.stream.launch_builder(self.k.scatter_rows.of(dt));
-        l.arg(&pd).arg(&pg).arg(&pr).arg(&mm).arg(&cc);
-        unsafe { cu(l.launch(Self::cfg((m as u32, 1, 1), THREADS)))? };
+        self.launch(self.k.scatter_rows.of(dt), (m as u32, 1, 1), THREADS, &[&pd, &pg, &pr, &mm, &cc])?;
         Ok(())
     }
 
@@ -1504,9 +1286,7 @@ impl Backend for Cuda {
         let pb = self.iptr(labels)?;
         let (mm, vv, grad, scale) =
             (m as i32, v as i32, grad_scale.is_some() as i32, grad_scale.unwrap_or(0.0) as f32);
-        let mut l = self.stream.launch_builder(self.k.cross_entropy.of(dt));
-        l.arg(&pl).arg(&pz).arg(&pb).arg(&mm).arg(&vv).arg(&grad).arg(&scale);
-        unsafe { cu(l.launch(Self::cfg((m as u32, 1, 1), THREADS)))? };
+        self.launch(self.k.cross_entropy.of(dt), (m as u32, 1, 1), THREADS, &[&pl, &pz, &pb, &mm, &vv, &grad, &scale])?;
         Ok(())
     }
 
@@ -1522,134 +1302,8 @@ impl Backend for Cuda {
         if m == 0 {
             return Ok(());
         }
-        let mut l = self.stream.launch_builder(self.k.argmax.of(dt));
-        l.arg(&po).arg(&pz).arg(&mm).arg(&vv);
-        unsafe { cu(l.launch(Self::cfg((m as u32, 1, 1), THREADS)))? };
+        self.launch(self.k.argmax.of(dt), (m as u32, 1, 1), THREADS, &[&po, &pz, &mm, &vv])?;
         Ok(())
-    }
-}
-
-/// NCCL across the GPUs of a job, one process per GPU: gradients are summed on the device
-/// (`Backend::all_reduce_sum`), host numbers through a small device buffer. Dropping it aborts the
-/// communicator, so a failing rank never leaves the others waiting in a collective.
-pub struct NcclComm {
-    comm: nccl_sys::ncclComm_t,
-    rank: usize,
-    world: usize,
-    stream: Arc<CudaStream>,
-    scratch: RefCell<Option<(CudaSlice<f64>, u64, usize)>>,
-    timeout: std::time::Duration,
-}
-
-fn nccl_present() -> Result<()> {
-    // SAFETY: only checks whether the library can be opened.
-    if !unsafe { nccl_sys::is_culib_present() } {
-        bail!("NCCL (libnccl.so) cannot be opened; put it on LD_LIBRARY_PATH (a libnccl.so link to libnccl.so.2)");
-    }
-    Ok(())
-}
-
-impl NcclComm {
-    /// A new unique id (rank 0 makes it and hands it to the others through `dist::rendezvous`).
-    pub fn unique_id() -> Result<[u8; crate::dist::ID_BYTES]> {
-        nccl_present()?;
-        let id = cu(nccl_res::get_uniqueid())?;
-        let mut out = [0u8; crate::dist::ID_BYTES];
-        for (o, c) in out.iter_mut().zip(id.internal.iter()) {
-            *o = *c as u8;
-        }
-        Ok(out)
-    }
-
-    /// Join the communicator of `world` ranks as `rank`, on the backend's GPU and stream.
-    pub fn new(
-        be: &Cuda,
-        rank: usize,
-        world: usize,
-        id: [u8; crate::dist::ID_BYTES],
-        timeout: std::time::Duration,
-    ) -> Result<Self> {
-        nccl_present()?;
-        let mut internal = [0 as std::ffi::c_char; crate::dist::ID_BYTES];
-        for (i, b) in internal.iter_mut().zip(id) {
-            *i = b as std::ffi::c_char;
-        }
-        let mut comm = std::mem::MaybeUninit::uninit();
-        // SAFETY: comm is written by ncclCommInitRank before it is read.
-        let comm = unsafe {
-            cu(nccl_res::comm_init_rank(
-                comm.as_mut_ptr(),
-                world as i32,
-                nccl_sys::ncclUniqueId { internal },
-                rank as i32,
-            ))
-            .map_err(|e| Error::Invalid(format!("rank {rank}: NCCL init failed: {e}")))?;
-            comm.assume_init()
-        };
-        be.set_sync_timeout(Some(timeout));
-        Ok(NcclComm { comm, rank, world, stream: be.stream.clone(), scratch: RefCell::new(None), timeout })
-    }
-
-    fn sum_f64(&self, data: &mut [f64]) -> Result<()> {
-        let n = data.len().max(1);
-        let mut s = self.scratch.borrow_mut();
-        if s.as_ref().is_none_or(|x| x.2 < n) {
-            let mem = cu(self.stream.alloc_zeros::<f64>(n))?;
-            let p = mem.device_ptr(&self.stream).0;
-            *s = Some((mem, p, n));
-        }
-        let p = s.as_ref().expect("allocated").1;
-        // SAFETY: p holds at least data.len() f64s; the stream is synchronised before `data` is read.
-        unsafe {
-            cu(drv::memcpy_htod_async(p, data, self.stream.cu_stream()))?;
-            cu(nccl_res::all_reduce(
-                p as *const std::ffi::c_void,
-                p as *mut std::ffi::c_void,
-                data.len(),
-                nccl_sys::ncclDataType_t::ncclFloat64,
-                nccl_sys::ncclRedOp_t::ncclSum,
-                self.comm,
-                self.stream.cu_stream() as nccl_sys::cudaStream_t,
-            ))?;
-            cu(drv::memcpy_dtoh_async(data, p, self.stream.cu_stream()))?;
-        }
-        wait_stream(&self.stream, Some(self.timeout))
-            .map_err(|e| Error::Invalid(format!("rank {}: {e}", self.rank)))
-    }
-}
-
-impl Drop for NcclComm {
-    fn drop(&mut self) {
-        // SAFETY: the communicator was initialised and is released once, here.
-        unsafe {
-            let _ = nccl_res::comm_abort(self.comm);
-        }
-    }
-}
-
-impl crate::dist::Comm for NcclComm {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-    fn world(&self) -> usize {
-        self.world
-    }
-    fn all_reduce_sum(&self, data: &mut [f32]) -> Result<()> {
-        let mut d: Vec<f64> = data.iter().map(|&x| x as f64).collect();
-        self.sum_f64(&mut d)?;
-        for (o, v) in data.iter_mut().zip(d) {
-            *o = v as f32;
-        }
-        Ok(())
-    }
-    fn all_reduce_sum_f64(&self, data: &mut [f64]) -> Result<()> {
-        self.sum_f64(data)
-    }
-    fn barrier(&self) -> Result<()> {
-        self.sum_f64(&mut [0.0])
-    }
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
     }
 }
 

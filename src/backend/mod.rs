@@ -11,6 +11,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod device;
 pub mod philox;
 
 use crate::error::Result;

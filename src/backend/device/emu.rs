@@ -1,0 +1,533 @@
+//! The emulated device: the CUDA backend run on the CPU (`--device emu`, a test device, slow). Built by
+//! build.rs from kernels/emu/ (the kernel sources as they are, compiled for the host on top of
+//! kernels/emu/cuda_emu.h, and the runtime that runs them); it needs no nvcc, no driver and no GPU.
+//! - memory: host memory, each allocation known with its bounds (runtime.cpp);
+//! - launches: every block of the grid, each block's threads as fibers with CUDA's barrier, warp-collective
+//!   and atomic semantics; launch limits (threads per block, grid dimensions, dynamic shared memory and
+//!   its attribute) and each kernel's parameter list are checked as errors;
+//! - matrix products: cuBLAS's `GemmEx` conventions exactly — column-major, transposes, leading
+//!   dimensions (checked), operands read as stored (bf16 exactly) and, for the FAST_16BF / FAST_16F
+//!   compute types, rounded to bf16 / fp16 first; fp32 accumulation; alpha, beta (C unread when beta is 0);
+//!   a bf16 C rounded to nearest even;
+//! - streams run in order (every call completes before it returns); the all-reduce uses whatever
+//!   communicator it is given (the in-process one, for two emulated devices in one process);
+//! - the checker (when the runtime was built by clang, on by default in tests, `BERTCUDA_EMU_CHECK=0|1`
+//!   to choose): out-of-bounds and freed-memory accesses, reads of memory never written, and shared- or
+//!   global-memory races, each naming the kernel, block, thread and address — an error of the launch.
+
+use std::time::Duration;
+
+use super::{operand_span, Compute, DevPtr, Device, Elem, Gemm, Kernel, KernelArg, Launch, Mem};
+use crate::bail;
+use crate::dist::Comm;
+use crate::error::{Error, Result};
+
+#[cfg(bertcuda_emu)]
+mod ffi {
+    use std::ffi::{c_char, c_int, c_uint, c_void};
+    extern "C" {
+        pub fn bcemu_checker_built() -> c_int;
+        pub fn bcemu_init(check: c_int, err: *mut c_char, cap: usize) -> c_int;
+        pub fn bcemu_set_check(check: c_int);
+        pub fn bcemu_set_strict_barriers(on: c_int);
+        pub fn bcemu_alloc(bytes: u64, zero: c_int) -> u64;
+        pub fn bcemu_free(p: u64) -> c_int;
+        pub fn bcemu_htod(dst: u64, src: *const c_void, n: u64, err: *mut c_char, cap: usize) -> c_int;
+        pub fn bcemu_dtoh(dst: *mut c_void, src: u64, n: u64, err: *mut c_char, cap: usize) -> c_int;
+        pub fn bcemu_dtod(dst: u64, src: u64, n: u64, err: *mut c_char, cap: usize) -> c_int;
+        pub fn bcemu_memset(dst: u64, v: c_int, n: u64, err: *mut c_char, cap: usize) -> c_int;
+        pub fn bcemu_check_region(
+            p: u64,
+            n: u64,
+            write: c_int,
+            what: *const c_char,
+            err: *mut c_char,
+            cap: usize,
+        ) -> c_int;
+        pub fn bcemu_kernel(name: *const c_char) -> c_int;
+        pub fn bcemu_set_max_dynamic_shared(k: c_int, bytes: c_uint) -> c_int;
+        pub fn bcemu_launch(
+            k: c_int,
+            grid: *const c_uint,
+            block: *const c_uint,
+            smem: c_uint,
+            args: *mut *mut c_void,
+            sizes: *const c_uint,
+            nargs: c_int,
+            order: c_int,
+            err: *mut c_char,
+            cap: usize,
+        ) -> c_int;
+        pub fn bcemu_f32_to_bf16(x: f32) -> u16;
+        pub fn bcemu_f32_to_f16(x: f32) -> u16;
+        pub fn bcemu_f16_to_f32(h: u16) -> f32;
+    }
+}
+
+/// Whether this build has the emulator (build.rs found a C++ compiler).
+pub fn built() -> bool {
+    cfg!(bertcuda_emu)
+}
+
+/// Whether the emulator's checker is compiled in (its kernels built by clang with the instrumentation).
+pub fn checker_built() -> bool {
+    #[cfg(bertcuda_emu)]
+    {
+        unsafe { ffi::bcemu_checker_built() != 0 }
+    }
+    #[cfg(not(bertcuda_emu))]
+    {
+        false
+    }
+}
+
+/// The order blocks of a grid run in: shuffling catches a kernel that assumes one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockOrder {
+    Forward,
+    Reverse,
+    Shuffled,
+}
+
+/// How the emulated device runs.
+#[derive(Debug, Clone, Copy)]
+pub struct EmuOptions {
+    /// Run the checker on every launch (when compiled in).
+    pub check: bool,
+    pub order: BlockOrder,
+    /// Report a barrier completed by `__syncthreads` calls from different lines (divergent barriers).
+    pub strict_barriers: bool,
+}
+
+impl EmuOptions {
+    /// The checker on unless BERTCUDA_EMU_CHECK=0; blocks in order unless BERTCUDA_EMU_ORDER says
+    /// reverse or shuffled.
+    pub fn from_env() -> Self {
+        let check = std::env::var("BERTCUDA_EMU_CHECK").map(|v| v != "0").unwrap_or(true);
+        let order = match std::env::var("BERTCUDA_EMU_ORDER").as_deref() {
+            Ok("reverse") => BlockOrder::Reverse,
+            Ok("shuffled") => BlockOrder::Shuffled,
+            _ => BlockOrder::Forward,
+        };
+        EmuOptions { check, order, strict_barriers: false }
+    }
+}
+
+/// bf16 of an f32 as the emulated kernels (and the device's cvt.rn) round it.
+pub fn f32_to_bf16_bits(x: f32) -> u16 {
+    #[cfg(bertcuda_emu)]
+    {
+        unsafe { ffi::bcemu_f32_to_bf16(x) }
+    }
+    #[cfg(not(bertcuda_emu))]
+    {
+        half::bf16::from_f32(x).to_bits()
+    }
+}
+
+/// fp16 of an f32 as the emulated kernels round it.
+pub fn f32_to_f16_bits(x: f32) -> u16 {
+    #[cfg(bertcuda_emu)]
+    {
+        unsafe { ffi::bcemu_f32_to_f16(x) }
+    }
+    #[cfg(not(bertcuda_emu))]
+    {
+        half::f16::from_f32(x).to_bits()
+    }
+}
+
+/// The f32 of an fp16 as the emulated kernels widen it.
+pub fn f16_bits_to_f32(h: u16) -> f32 {
+    #[cfg(bertcuda_emu)]
+    {
+        unsafe { ffi::bcemu_f16_to_f32(h) }
+    }
+    #[cfg(not(bertcuda_emu))]
+    {
+        half::f16::from_bits(h).to_f32()
+    }
+}
+
+pub struct Emu {
+    opts: EmuOptions,
+    names: std::cell::RefCell<Vec<(String, i32)>>,
+    used: std::rc::Rc<std::cell::Cell<u64>>,
+}
+
+struct EmuAlloc {
+    ptr: u64,
+    bytes: usize,
+    used: std::rc::Rc<std::cell::Cell<u64>>,
+}
+
+impl Drop for EmuAlloc {
+    fn drop(&mut self) {
+        #[cfg(bertcuda_emu)]
+        unsafe {
+            ffi::bcemu_free(self.ptr);
+        }
+        self.used.set(self.used.get() - self.bytes as u64);
+    }
+}
+
+#[cfg(bertcuda_emu)]
+fn status(rc: i32, err: &[u8]) -> Result<()> {
+    if rc == 0 {
+        return Ok(());
+    }
+    let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
+    Err(Error::Invalid(format!("emulated device: {}", String::from_utf8_lossy(&err[..end]))))
+}
+
+#[cfg(bertcuda_emu)]
+const ERR_CAP: usize = 8192;
+
+impl Emu {
+    pub fn new(opts: EmuOptions) -> Result<Self> {
+        #[cfg(not(bertcuda_emu))]
+        {
+            let _ = opts;
+            bail!(
+                "--device emu: this binary was built without the emulated device (no C++ compiler was found \
+                 at build time): run scripts/install-emulator-compiler.sh and rebuild"
+            )
+        }
+        #[cfg(bertcuda_emu)]
+        {
+            let mut err = vec![0u8; ERR_CAP];
+            status(unsafe { ffi::bcemu_init(opts.check as i32, err.as_mut_ptr().cast(), ERR_CAP) }, &err)?;
+            unsafe { ffi::bcemu_set_strict_barriers(opts.strict_barriers as i32) };
+            Ok(Emu {
+                opts,
+                names: std::cell::RefCell::new(Vec::new()),
+                used: std::rc::Rc::new(std::cell::Cell::new(0)),
+            })
+        }
+    }
+
+    pub fn options(&self) -> EmuOptions {
+        self.opts
+    }
+
+    /// Whether the checker runs on this device's launches.
+    pub fn checking(&self) -> bool {
+        self.opts.check && checker_built()
+    }
+
+    /// Allow up to `bytes` of dynamic shared memory for kernel `k` (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES).
+    pub fn set_max_dynamic_shared(&self, k: Kernel, bytes: u32) -> Result<()> {
+        #[cfg(bertcuda_emu)]
+        {
+            let id = self.names.borrow()[k.0 as usize].1;
+            if unsafe { ffi::bcemu_set_max_dynamic_shared(id, bytes) } != 0 {
+                bail!("emulated device: {bytes} bytes of dynamic shared memory exceed the 232448 an sm_90 block may have");
+            }
+            Ok(())
+        }
+        #[cfg(not(bertcuda_emu))]
+        {
+            let _ = (k, bytes);
+            bail!("no emulator in this build")
+        }
+    }
+
+    #[cfg(bertcuda_emu)]
+    fn region(&self, p: DevPtr, bytes: usize, write: bool, what: &str) -> Result<()> {
+        let mut err = vec![0u8; ERR_CAP];
+        let what = std::ffi::CString::new(what).expect("no NUL");
+        status(
+            unsafe {
+                ffi::bcemu_check_region(p, bytes as u64, write as i32, what.as_ptr(), err.as_mut_ptr().cast(), ERR_CAP)
+            },
+            &err,
+        )
+    }
+
+    #[cfg(not(bertcuda_emu))]
+    fn region(&self, _p: DevPtr, _bytes: usize, _write: bool, _what: &str) -> Result<()> {
+        bail!("no emulator in this build")
+    }
+}
+
+/// The stored operand (`rows × cols`, leading dimension `ld`, starting at `p`) as fp32 values, each
+/// rounded as `compute` rounds its operands.
+///
+/// # Safety
+/// `p` must point at a live region of at least `operand_span` elements of type `t` (checked by the caller).
+unsafe fn read_operand(p: DevPtr, t: Elem, span: usize, compute: Compute) -> Vec<f32> {
+    let raw: Vec<f32> = match t {
+        Elem::F32 => std::slice::from_raw_parts(p as *const f32, span).to_vec(),
+        Elem::Bf16 => std::slice::from_raw_parts(p as *const u16, span)
+            .iter()
+            .map(|&b| f32::from_bits((b as u32) << 16))
+            .collect(),
+    };
+    match (compute, t) {
+        (Compute::Fast16Bf, Elem::F32) => {
+            raw.into_iter().map(|x| f32::from_bits((f32_to_bf16_bits(x) as u32) << 16)).collect()
+        }
+        (Compute::Fast16F, _) => raw.into_iter().map(|x| f16_bits_to_f32(f32_to_f16_bits(x))).collect(),
+        _ => raw,
+    }
+}
+
+impl Device for Emu {
+    fn name(&self) -> String {
+        let check = if self.checking() { "checker on" } else { "checker off" };
+        format!("emulated device on the CPU, {check}")
+    }
+
+    /// An sm_90 device: the precisions and kernels of a Hopper GPU are chosen.
+    fn compute_capability(&self) -> Result<(i32, i32)> {
+        Ok((9, 0))
+    }
+
+    fn memory_used(&self) -> Option<u64> {
+        Some(self.used.get())
+    }
+
+    fn alloc(&self, bytes: usize, zeroed: bool) -> Result<Mem> {
+        #[cfg(bertcuda_emu)]
+        {
+            let ptr = unsafe { ffi::bcemu_alloc(bytes as u64, zeroed as i32) };
+            if ptr == 0 {
+                return Err(Error::OutOfMemory(format!(
+                    "emulated device: out of memory allocating {bytes} bytes"
+                )));
+            }
+            self.used.set(self.used.get() + bytes as u64);
+            Ok(Mem::new(ptr, bytes, Box::new(EmuAlloc { ptr, bytes, used: self.used.clone() })))
+        }
+        #[cfg(not(bertcuda_emu))]
+        {
+            let _ = (bytes, zeroed, EmuAlloc { ptr: 0, bytes: 0, used: self.used.clone() });
+            bail!("no emulator in this build")
+        }
+    }
+
+    fn htod(&self, dst: DevPtr, src: &[u8]) -> Result<()> {
+        #[cfg(bertcuda_emu)]
+        {
+            let mut err = vec![0u8; ERR_CAP];
+            status(
+                unsafe {
+                    ffi::bcemu_htod(dst, src.as_ptr().cast(), src.len() as u64, err.as_mut_ptr().cast(), ERR_CAP)
+                },
+                &err,
+            )
+        }
+        #[cfg(not(bertcuda_emu))]
+        {
+            let _ = (dst, src);
+            bail!("no emulator in this build")
+        }
+    }
+
+    fn dtoh(&self, dst: &mut [u8], src: DevPtr) -> Result<()> {
+        #[cfg(bertcuda_emu)]
+        {
+            let mut err = vec![0u8; ERR_CAP];
+            status(
+                unsafe {
+                    ffi::bcemu_dtoh(dst.as_mut_ptr().cast(), src, dst.len() as u64, err.as_mut_ptr().cast(), ERR_CAP)
+                },
+                &err,
+            )
+        }
+        #[cfg(not(bertcuda_emu))]
+        {
+            let _ = (dst, src);
+            bail!("no emulator in this build")
+        }
+    }
+
+    fn dtod(&self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<()> {
+        #[cfg(bertcuda_emu)]
+        {
+            let mut err = vec![0u8; ERR_CAP];
+            status(unsafe { ffi::bcemu_dtod(dst, src, bytes as u64, err.as_mut_ptr().cast(), ERR_CAP) }, &err)
+        }
+        #[cfg(not(bertcuda_emu))]
+        {
+            let _ = (dst, src, bytes);
+            bail!("no emulator in this build")
+        }
+    }
+
+    fn memset_zero(&self, dst: DevPtr, bytes: usize) -> Result<()> {
+        #[cfg(bertcuda_emu)]
+        {
+            let mut err = vec![0u8; ERR_CAP];
+            status(unsafe { ffi::bcemu_memset(dst, 0, bytes as u64, err.as_mut_ptr().cast(), ERR_CAP) }, &err)
+        }
+        #[cfg(not(bertcuda_emu))]
+        {
+            let _ = (dst, bytes);
+            bail!("no emulator in this build")
+        }
+    }
+
+    fn kernel(&self, name: &str) -> Result<Kernel> {
+        #[cfg(bertcuda_emu)]
+        {
+            let c = std::ffi::CString::new(name).expect("no NUL in kernel names");
+            let id = unsafe { ffi::bcemu_kernel(c.as_ptr()) };
+            if id < 0 {
+                bail!("kernel {name} is missing from the emulated device's kernels");
+            }
+            let mut names = self.names.borrow_mut();
+            names.push((name.to_string(), id));
+            Ok(Kernel(names.len() as u32 - 1))
+        }
+        #[cfg(not(bertcuda_emu))]
+        {
+            bail!("no emulator in this build: kernel {name}")
+        }
+    }
+
+    fn launch(&self, k: Kernel, l: Launch, args: &[&dyn KernelArg]) -> Result<()> {
+        #[cfg(bertcuda_emu)]
+        {
+            let id = self.names.borrow()[k.0 as usize].1;
+            let mut ptrs: Vec<*mut std::ffi::c_void> =
+                args.iter().map(|a| a.bytes().as_ptr() as *mut std::ffi::c_void).collect();
+            let sizes: Vec<u32> = args.iter().map(|a| a.bytes().len() as u32).collect();
+            let grid = [l.grid.0, l.grid.1, l.grid.2];
+            let block = [l.block.0, l.block.1, l.block.2];
+            let order = match self.opts.order {
+                BlockOrder::Forward => 0,
+                BlockOrder::Reverse => 1,
+                BlockOrder::Shuffled => 2,
+            };
+            let mut err = vec![0u8; ERR_CAP];
+            unsafe { ffi::bcemu_set_check(self.opts.check as i32) };
+            // SAFETY: the runtime copies each argument (checked against the kernel's parameter sizes) before
+            // running the kernel.
+            let rc = unsafe {
+                ffi::bcemu_launch(
+                    id,
+                    grid.as_ptr(),
+                    block.as_ptr(),
+                    l.shared,
+                    ptrs.as_mut_ptr(),
+                    sizes.as_ptr(),
+                    ptrs.len() as i32,
+                    order,
+                    err.as_mut_ptr().cast(),
+                    ERR_CAP,
+                )
+            };
+            status(rc, &err)
+        }
+        #[cfg(not(bertcuda_emu))]
+        {
+            let _ = (k, l, args);
+            bail!("no emulator in this build")
+        }
+    }
+
+    fn gemm(&self, g: &Gemm) -> Result<()> {
+        let (ar, ac) = if g.trans_a { (g.k, g.m) } else { (g.m, g.k) };
+        let (br, bc) = if g.trans_b { (g.n, g.k) } else { (g.k, g.n) };
+        let sa = operand_span("A", ar, ac, g.lda)?;
+        let sb = operand_span("B", br, bc, g.ldb)?;
+        let sc = operand_span("C", g.m, g.n, g.ldc)?;
+        if g.m == 0 || g.n == 0 {
+            return Ok(());
+        }
+        let read_c = g.beta != 0.0;
+        if g.k > 0 {
+            self.region(g.a, sa * g.a_type.size(), false, "matrix product operand A")?;
+            self.region(g.b, sb * g.b_type.size(), false, "matrix product operand B")?;
+        }
+        self.region(g.c, sc * g.c_type.size(), false, "matrix product output C").or_else(|e| {
+            if read_c {
+                Err(e)
+            } else {
+                self.region(g.c, sc * g.c_type.size(), true, "matrix product output C")
+            }
+        })?;
+        // SAFETY: each region was checked to lie inside one live allocation.
+        let (a, b) = unsafe {
+            if g.k > 0 {
+                (read_operand(g.a, g.a_type, sa, g.compute), read_operand(g.b, g.b_type, sb, g.compute))
+            } else {
+                (vec![0.0; 1], vec![0.0; 1])
+            }
+        };
+        let mut c = if read_c {
+            unsafe { read_operand(g.c, g.c_type, sc, Compute::F32) }
+        } else {
+            vec![0f32; sc]
+        };
+        // op(A)(i, p): A(i, p) at i + p·lda, or A(p, i) at p + i·lda when transposed.
+        let (a_rs, a_cs) = if g.trans_a { (g.lda as isize, 1) } else { (1, g.lda as isize) };
+        let (b_rs, b_cs) = if g.trans_b { (g.ldb as isize, 1) } else { (1, g.ldb as isize) };
+        if g.k > 0 {
+            // SAFETY: the strides stay inside the spans computed above for these shapes.
+            unsafe {
+                gemm::gemm(
+                    g.m,
+                    g.n,
+                    g.k,
+                    c.as_mut_ptr(),
+                    g.ldc as isize,
+                    1,
+                    read_c,
+                    a.as_ptr(),
+                    a_cs,
+                    a_rs,
+                    b.as_ptr(),
+                    b_cs,
+                    b_rs,
+                    g.beta,
+                    g.alpha,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(rayon::current_num_threads()),
+                )
+            };
+        } else if read_c {
+            for j in 0..g.n {
+                for i in 0..g.m {
+                    c[i + j * g.ldc] *= g.beta;
+                }
+            }
+        }
+        // Only the m × n elements are written back (the rest of each leading dimension is untouched).
+        for j in 0..g.n {
+            let col = &c[j * g.ldc..j * g.ldc + g.m];
+            let at = g.c + (j * g.ldc * g.c_type.size()) as u64;
+            match g.c_type {
+                Elem::F32 => self.htod(at, bytemuck::cast_slice(col))?,
+                Elem::Bf16 => {
+                    let v: Vec<u16> = col.iter().map(|&x| f32_to_bf16_bits(x)).collect();
+                    self.htod(at, bytemuck::cast_slice(&v))?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn synchronize(&self, _timeout: Option<Duration>) -> Result<()> {
+        Ok(())
+    }
+
+    fn all_reduce_sum(&self, ptr: DevPtr, len: usize, comm: &dyn Comm) -> Result<()> {
+        self.region(ptr, 4 * len, false, "all-reduce buffer")?;
+        let mut h = vec![0f32; len];
+        self.dtoh(bytemuck::cast_slice_mut(&mut h), ptr)?;
+        comm.all_reduce_sum(&mut h)?;
+        self.htod(ptr, bytemuck::cast_slice(&h))
+    }
+
+    fn all_reduce_wait(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}

@@ -1,0 +1,157 @@
+//! The device under the CUDA backend: the few things `Cuda` asks of a GPU — memory, copies, kernel
+//! launches by name, the cuBLAS matrix product, stream order and the gradient all-reduce — behind one
+//! narrow trait with two implementations:
+//! - [`driver::Driver`]: a real GPU through cudarc (the CUDA driver, cuBLAS, NCCL);
+//! - [`emu::Emu`]: the emulated device — the same kernel sources compiled for the host
+//!   (kernels/emu/), every block's threads run as fibers with CUDA's barrier and warp semantics, cuBLAS's
+//!   product done on the CPU with its exact conventions, and a checker of out-of-bounds accesses,
+//!   uninitialised reads and races (`--device emu`).
+//!
+//! `Cuda` (src/backend/cuda.rs) is written once against this trait, so its launches — argument lists,
+//! grids, offsets — are the same code on the GPU and on the emulator.
+
+pub mod driver;
+pub mod emu;
+
+use std::time::Duration;
+
+use crate::dist::Comm;
+use crate::error::Result;
+
+/// A device address.
+pub type DevPtr = u64;
+
+/// A device allocation, freed when dropped.
+pub struct Mem {
+    pub ptr: DevPtr,
+    pub bytes: usize,
+    _owner: Box<dyn std::any::Any>,
+}
+
+impl Mem {
+    pub(crate) fn new(ptr: DevPtr, bytes: usize, owner: Box<dyn std::any::Any>) -> Self {
+        Mem { ptr, bytes, _owner: owner }
+    }
+}
+
+/// A kernel of the module, looked up once by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kernel(pub u32);
+
+/// Grid and block dimensions and dynamic shared memory bytes, as cuLaunchKernel takes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Launch {
+    pub grid: (u32, u32, u32),
+    pub block: (u32, u32, u32),
+    pub shared: u32,
+}
+
+impl Launch {
+    /// A 1-D block of `threads` over `grid`, no dynamic shared memory.
+    pub fn new(grid: (u32, u32, u32), threads: u32) -> Self {
+        Launch { grid, block: (threads, 1, 1), shared: 0 }
+    }
+}
+
+/// A kernel argument: its bytes, as the kernel's parameter holds them.
+pub trait KernelArg {
+    fn bytes(&self) -> &[u8];
+}
+
+macro_rules! pod_arg {
+    ($($t:ty),*) => {$(
+        impl KernelArg for $t {
+            fn bytes(&self) -> &[u8] {
+                bytemuck::bytes_of(self)
+            }
+        }
+    )*};
+}
+pod_arg!(u64, i64, i32, u32, f32);
+
+/// Storage types of matrix operands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Elem {
+    F32,
+    Bf16,
+}
+
+impl Elem {
+    pub fn size(self) -> usize {
+        match self {
+            Elem::F32 => 4,
+            Elem::Bf16 => 2,
+        }
+    }
+}
+
+/// cuBLAS compute types: fp32, or fp32 accumulation of operands rounded to bf16 / fp16.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compute {
+    F32,
+    Fast16Bf,
+    Fast16F,
+}
+
+/// One `cublasGemmEx` call, in cuBLAS's terms: column-major C (m × n, leading dimension ldc) =
+/// alpha · op(A) op(B) + beta · C, op(A) m × k, op(B) k × n; C is not read when beta is 0.
+#[derive(Debug, Clone, Copy)]
+pub struct Gemm {
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub alpha: f32,
+    pub a: DevPtr,
+    pub a_type: Elem,
+    pub lda: usize,
+    pub b: DevPtr,
+    pub b_type: Elem,
+    pub ldb: usize,
+    pub beta: f32,
+    pub c: DevPtr,
+    pub c_type: Elem,
+    pub ldc: usize,
+    pub compute: Compute,
+}
+
+/// What the CUDA backend needs of a device. All work is queued in order on one compute stream; the host
+/// waits only in `dtoh` and `synchronize`.
+pub trait Device {
+    /// The device's name, as the driver reports it.
+    fn name(&self) -> String;
+    /// Compute capability (major, minor).
+    fn compute_capability(&self) -> Result<(i32, i32)>;
+    /// Bytes of device memory in use, when known.
+    fn memory_used(&self) -> Option<u64>;
+    /// `bytes` of device memory, zeroed or not (then its content is undefined; the emulator's checker
+    /// reports a read before a write).
+    fn alloc(&self, bytes: usize, zeroed: bool) -> Result<Mem>;
+    fn htod(&self, dst: DevPtr, src: &[u8]) -> Result<()>;
+    /// Copies back after the work queued so far.
+    fn dtoh(&self, dst: &mut [u8], src: DevPtr) -> Result<()>;
+    fn dtod(&self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<()>;
+    fn memset_zero(&self, dst: DevPtr, bytes: usize) -> Result<()>;
+    /// The kernel of that name; an error naming it when the module has none.
+    fn kernel(&self, name: &str) -> Result<Kernel>;
+    fn launch(&self, k: Kernel, l: Launch, args: &[&dyn KernelArg]) -> Result<()>;
+    fn gemm(&self, g: &Gemm) -> Result<()>;
+    /// Wait for all queued work; with a timeout, work that never finishes is an error, not a hang.
+    fn synchronize(&self, timeout: Option<Duration>) -> Result<()>;
+    /// Sum `len` floats at `ptr` in place over the ranks of `comm`, after the work queued so far; the
+    /// compute stream may go on until `all_reduce_wait`.
+    fn all_reduce_sum(&self, ptr: DevPtr, len: usize, comm: &dyn Comm) -> Result<()>;
+    /// The compute stream waits for every pending all-reduce.
+    fn all_reduce_wait(&self) -> Result<()>;
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
+/// Bounds of a column-major operand: elements from its start that `rows × cols` with leading dimension
+/// `ld` spans; an error, as cuBLAS's CUBLAS_STATUS_INVALID_VALUE, when ld < rows.
+pub fn operand_span(what: &str, rows: usize, cols: usize, ld: usize) -> Result<usize> {
+    if ld < rows.max(1) {
+        crate::bail!("matrix product: leading dimension {ld} of {what} is below its {rows} rows");
+    }
+    Ok(if rows == 0 || cols == 0 { 0 } else { (cols - 1) * ld + rows })
+}
