@@ -105,14 +105,91 @@ fn build_emulator(root: &Path) {
         // Every load and store of the kernels calls the checker (runtime.cpp); no TSan runtime is linked.
         kernels.flag("-fsanitize=thread").flag("-mllvm").flag("-tsan-instrument-func-entry-exit=0");
     }
-    let objects = kernels.compile_intermediates();
+    let mut objects = kernels.compile_intermediates();
+    let mut planted = 0;
+    if clang {
+        let mut mutants = base();
+        mutants.flag("-fsanitize=thread").flag("-mllvm").flag("-tsan-instrument-func-entry-exit=0");
+        mutants.include(&emu).warnings(false).flag("-w");
+        for tu in planted_bugs(root) {
+            mutants.file(tu);
+            planted += 1;
+        }
+        objects.extend(mutants.compile_intermediates());
+    }
     let mut lib = base();
-    lib.file(emu.join("runtime.cpp"));
+    lib.file(emu.join("runtime.cpp")).file(anchors(planted));
     for o in objects {
         lib.object(o);
     }
     lib.compile("bertcuda_emu");
     println!("cargo:rustc-cfg=bertcuda_emu");
+}
+
+/// The planted bugs of kernels/emu/mutants.txt: for each, a copy of the kernel sources with its one change,
+/// and a translation unit that compiles the family it names inside a namespace of its own, its kernels
+/// registered as `mutant/<name>/<kernel>` (tests/emulator.rs runs them).
+fn planted_bugs(root: &Path) -> Vec<PathBuf> {
+    let list = std::fs::read_to_string(root.join("kernels/emu/mutants.txt")).expect("kernels/emu/mutants.txt");
+    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("mutants");
+    let sources: Vec<(String, String)> = std::fs::read_dir(root.join("kernels"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            (name.ends_with(".cu") || name.ends_with(".cuh")).then(|| (name, std::fs::read_to_string(e.path()).unwrap()))
+        })
+        .collect();
+    let mut tus = Vec::new();
+    for (k, line) in list.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')).enumerate() {
+        let f: Vec<&str> = line.split(" | ").map(str::trim).collect();
+        assert_eq!(f.len(), 8, "kernels/emu/mutants.txt: `{line}` needs 8 fields");
+        let (name, file, nth, from, to, compiled) = (f[0], f[1], f[2].parse::<usize>().unwrap(), f[3], f[4], f[5]);
+        let dir = out.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut found = false;
+        for (src_name, text) in &sources {
+            let mut text = text.clone();
+            if src_name == file {
+                let at = text.match_indices(from).nth(nth - 1).map(|(i, _)| i).unwrap_or_else(|| {
+                    panic!("kernels/emu/mutants.txt: mutant {name}: `{from}` (occurrence {nth}) is no longer in kernels/{file}: update the mutant")
+                });
+                text.replace_range(at..at + from.len(), to);
+                found = true;
+            }
+            std::fs::write(dir.join(src_name), text).unwrap();
+        }
+        assert!(found, "kernels/emu/mutants.txt: mutant {name}: no kernels/{file}");
+        let tu = dir.join("mutant.cpp");
+        std::fs::write(
+            &tu,
+            format!(
+                "#include \"cuda_emu.h\"\nnamespace bcemu_mutant_{k} {{\n#include \"common.cuh\"\n#undef BERTCUDA_KERNEL\n\
+                 #define BERTCUDA_KERNEL(name, ...) void name(__VA_ARGS__); \\\n    static bcemu::Kernel bcemu_kernel_##name(\"mutant/{name}/\" #name, &name); \\\n    void name(__VA_ARGS__)\n\
+                 #include \"{compiled}\"\n}}\nextern \"C\" void bcemu_mutant_anchor_{k}() {{}}\n"
+            ),
+        )
+        .unwrap();
+        tus.push(tu);
+    }
+    tus
+}
+
+/// The runtime calls `bcemu_mutants_anchor`, which calls each planted bug's anchor: a link that uses the
+/// runtime keeps their objects (and so their kernel registrations).
+fn anchors(count: usize) -> PathBuf {
+    let mut text = String::new();
+    for k in 0..count {
+        text += &format!("extern \"C\" void bcemu_mutant_anchor_{k}();\n");
+    }
+    text += "extern \"C\" void bcemu_mutants_anchor() {\n";
+    for k in 0..count {
+        text += &format!("    bcemu_mutant_anchor_{k}();\n");
+    }
+    text += "}\n";
+    let path = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("mutant_anchors.cpp");
+    std::fs::write(&path, text).unwrap();
+    path
 }
 
 fn main() {

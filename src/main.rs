@@ -269,7 +269,7 @@ struct TrainArgs {
     /// A Hugging Face BERT checkpoint to continue pretraining (DAPT/TAPT).
     #[arg(long)]
     init_from: Option<PathBuf>,
-    /// auto (a GPU when there is one), cpu or cuda.
+    /// auto (a GPU when there is one), cpu, cuda, or emu (the CUDA backend on the emulated device: a test device, slow).
     #[arg(long)]
     device: Option<String>,
     /// fp32, bf16 or fp16 (dynamic loss scaling).
@@ -402,8 +402,8 @@ struct EvalArgs {
     /// A model directory (config.json, model.safetensors).
     #[arg(long)]
     model: PathBuf,
-    /// auto (a GPU when there is one), cpu or cuda.
-    #[arg(long, default_value = "auto", value_parser = ["cpu", "cuda", "auto"])]
+    /// auto (a GPU when there is one), cpu, cuda, or emu (the CUDA backend on the emulated device: a test device, slow).
+    #[arg(long, default_value = "auto", value_parser = ["cpu", "cuda", "emu", "auto"])]
     device: String,
     #[command(flatten)]
     data: DataArgs,
@@ -429,8 +429,8 @@ struct ForwardArgs {
     /// The batch, as JSON.
     #[arg(long)]
     batch: PathBuf,
-    /// cpu (the reference), cuda or auto.
-    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda", "auto"])]
+    /// cpu (the reference), cuda, emu (the CUDA backend on the emulated device: a test device, slow) or auto.
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda", "emu", "auto"])]
     device: String,
     /// Write last_hidden_state, pooler_output, prediction_logits and seq_relationship_logits (f32) here.
     #[arg(long)]
@@ -445,8 +445,8 @@ struct FillMaskArgs {
     /// A model directory with an MLM head and its tokenizer (ours or a Hugging Face one).
     #[arg(long)]
     model: PathBuf,
-    /// auto (a GPU when there is one), cpu or cuda.
-    #[arg(long, default_value = "auto", value_parser = ["cpu", "cuda", "auto"])]
+    /// auto (a GPU when there is one), cpu, cuda, or emu (the CUDA backend on the emulated device: a test device, slow).
+    #[arg(long, default_value = "auto", value_parser = ["cpu", "cuda", "emu", "auto"])]
     device: String,
     /// Predictions printed per [MASK].
     #[arg(long, default_value_t = 5)]
@@ -459,8 +459,8 @@ struct FillMaskArgs {
 struct EmbedArgs {
     #[arg(long)]
     model: PathBuf,
-    /// auto (a GPU when there is one), cpu or cuda.
-    #[arg(long, default_value = "auto", value_parser = ["cpu", "cuda", "auto"])]
+    /// auto (a GPU when there is one), cpu, cuda, or emu (the CUDA backend on the emulated device: a test device, slow).
+    #[arg(long, default_value = "auto", value_parser = ["cpu", "cuda", "emu", "auto"])]
     device: String,
     /// pooler: BertPooler's output; cls: the [CLS] hidden state; mean: the mean over the text's tokens.
     #[arg(long, default_value = "pooler", value_parser = ["pooler", "cls", "mean"])]
@@ -494,7 +494,7 @@ enum BenchCmd {
         data: Vec<PathBuf>,
         #[arg(long, default_value = "tiny")]
         preset: String,
-        /// auto, cpu or cuda.
+        /// auto, cpu, cuda or emu.
         #[arg(long, default_value = "auto")]
         device: String,
         #[arg(long, default_value = "auto")]

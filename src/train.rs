@@ -227,8 +227,8 @@ impl TrainConfig {
             bail!("--logging-steps, --save-steps and --eval-steps must be at least 1");
         }
         self.lr_scheduler.parse::<Schedule>()?;
-        if !["auto", "cpu", "cuda"].contains(&self.device.as_str()) {
-            bail!("--device {:?}: choose auto, cpu or cuda", self.device);
+        if !["auto", "cpu", "cuda", "emu"].contains(&self.device.as_str()) {
+            bail!("--device {:?}: choose auto, cpu, cuda or emu", self.device);
         }
         if !["auto", "fp32", "bf16", "fp16"].contains(&self.precision.as_str()) {
             bail!("--precision {:?}: choose fp32, bf16 or fp16", self.precision);
@@ -610,13 +610,14 @@ pub enum Device {
     Cuda(Box<crate::backend::cuda::Cuda>),
 }
 
-/// `--device`: cpu; cuda (an error naming why when there is no usable GPU); auto — the GPU when there is
-/// one, else the CPU, saying why.
+/// `--device`: cpu; cuda (an error naming why when there is no usable GPU); emu (the CUDA backend on the
+/// emulated device, a test device); auto — the GPU when there is one, else the CPU, saying why.
 pub fn choose_device(device: &str) -> Result<Device> {
     use crate::backend::cuda::{probe, Cuda};
     match device {
         "cpu" => Ok(Device::Cpu),
         "cuda" => Ok(Device::Cuda(Box::new(Cuda::new(0)?))),
+        "emu" => Ok(Device::Cuda(Box::new(Cuda::emulated(crate::backend::device::emu::EmuOptions::from_env())?))),
         _ => match probe().map_err(Error::Invalid).and_then(|_| Cuda::new(0)) {
             Ok(c) => Ok(Device::Cuda(Box::new(c))),
             Err(why) => {

@@ -2,6 +2,8 @@
 //! Finite differences in f64: every op of the CPU backend, then the whole model on a small odd-sized
 //! config with padding, ignored labels and dropout.
 
+mod common;
+
 use bertcuda::backend::cpu::Cpu;
 use bertcuda::backend::{Backend, Buf, Dropout, DropoutKey, IGNORE_INDEX};
 use bertcuda::data::rng::KeyedRng;
@@ -12,13 +14,7 @@ use bertcuda::model::params::ParamTable;
 const H: f64 = 1e-6;
 
 fn randn(seed: u64, n: usize, std: f64) -> Vec<f64> {
-    let mut r = KeyedRng::new(1, &[seed]);
-    (0..n)
-        .map(|_| {
-            let (u1, u2) = (1.0 - r.uniform(), r.uniform());
-            (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std
-        })
-        .collect()
+    common::randn_f64(1, seed, n, std)
 }
 
 /// max |a − b| / max |b| (or max |a| when b is all zero, then it must be tiny).

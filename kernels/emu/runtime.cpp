@@ -787,12 +787,14 @@ extern "C" float bcemu_f16_to_f32(uint16_t h) {
 
 // ---- the C interface of the emulated device (src/backend/device/emu.rs) -----------------------------------
 extern "C" void bcemu_kernels_anchor();
+extern "C" void bcemu_mutants_anchor();
 
 extern "C" int bcemu_checker_built() { return BCEMU_CHECKED; }
 
 extern "C" int bcemu_init(int check, char* err, size_t cap) {
     std::lock_guard<std::mutex> g(g_lock);
     bcemu_kernels_anchor();
+    bcemu_mutants_anchor();
     if (!arena_init()) {
         set_err(err, cap, std::string("cannot reserve the emulated device's memory: ") + strerror(errno));
         return 1;
@@ -922,6 +924,7 @@ extern "C" int bcemu_check_region(uint64_t p, uint64_t n, int write, const char*
 extern "C" int bcemu_kernel(const char* name) {
     std::lock_guard<std::mutex> g(g_lock);
     bcemu_kernels_anchor();
+    bcemu_mutants_anchor();
     const auto& r = bcemu::registry();
     for (size_t i = 0; i < r.size(); i++)
         if (strcmp(r[i].name, name) == 0) return (int)i;

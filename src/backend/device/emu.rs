@@ -90,13 +90,15 @@ pub enum BlockOrder {
 }
 
 /// How the emulated device runs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct EmuOptions {
     /// Run the checker on every launch (when compiled in).
     pub check: bool,
     pub order: BlockOrder,
     /// Report a barrier completed by `__syncthreads` calls from different lines (divergent barriers).
     pub strict_barriers: bool,
+    /// Run the kernels of this planted bug (kernels/emu/mutants.txt) where it has them.
+    pub planted_bug: Option<String>,
 }
 
 impl EmuOptions {
@@ -109,7 +111,7 @@ impl EmuOptions {
             Ok("shuffled") => BlockOrder::Shuffled,
             _ => BlockOrder::Forward,
         };
-        EmuOptions { check, order, strict_barriers: false }
+        EmuOptions { check, order, strict_barriers: false, planted_bug: None }
     }
 }
 
@@ -206,8 +208,8 @@ impl Emu {
         }
     }
 
-    pub fn options(&self) -> EmuOptions {
-        self.opts
+    pub fn options(&self) -> &EmuOptions {
+        &self.opts
     }
 
     /// Whether the checker runs on this device's launches.
@@ -371,8 +373,12 @@ impl Device for Emu {
     fn kernel(&self, name: &str) -> Result<Kernel> {
         #[cfg(bertcuda_emu)]
         {
-            let c = std::ffi::CString::new(name).expect("no NUL in kernel names");
-            let id = unsafe { ffi::bcemu_kernel(c.as_ptr()) };
+            let find = |n: &str| {
+                let c = std::ffi::CString::new(n).expect("no NUL in kernel names");
+                unsafe { ffi::bcemu_kernel(c.as_ptr()) }
+            };
+            let planted = self.opts.planted_bug.as_ref().map_or(-1, |b| find(&format!("mutant/{b}/{name}")));
+            let id = if planted >= 0 { planted } else { find(name) };
             if id < 0 {
                 bail!("kernel {name} is missing from the emulated device's kernels");
             }

@@ -1,0 +1,292 @@
+//! The emulated device proves that it catches bugs: every planted bug of kernels/emu/mutants.txt (a copy
+//! of a kernel with one deliberate mistake — a missing barrier, an off-by-one bound, a wrong shuffle lane,
+//! a wrong shared-memory index, overlapping blocks) runs through the CUDA backend's own launches and must
+//! be reported by the checker or the emulator, or fail the comparison with the CPU reference. The same
+//! scenarios on the unchanged kernels must pass clean. Then the emulator's own primitives: conversions,
+//! launch limits, argument checking, block orders.
+
+mod common;
+
+use bertcuda::backend::cpu::Cpu;
+use bertcuda::backend::cuda::Cuda;
+use bertcuda::backend::device::emu::{self, BlockOrder, Emu, EmuOptions};
+use bertcuda::backend::device::{Device, Launch};
+use bertcuda::backend::{AdamWStep, Backend, Dropout, DropoutKey, IGNORE_INDEX};
+use bertcuda::model::config::Activation;
+use common::randn;
+
+fn emulated(planted_bug: Option<&str>, order: BlockOrder) -> Cuda {
+    assert!(
+        emu::checker_built(),
+        "the emulator's checker is not built: build.rs needs clang++ (scripts/install-emulator-compiler.sh)"
+    );
+    let opts = EmuOptions { check: true, order, strict_barriers: false, planted_bug: planted_bug.map(String::from) };
+    Cuda::emulated(opts).expect("the emulated device")
+}
+
+fn upload(be: &dyn Backend, v: &[f32]) -> bertcuda::Result<bertcuda::backend::Buf> {
+    let b = be.alloc(v.len())?;
+    be.upload(b, v)?;
+    Ok(b)
+}
+
+fn upload_ints(be: &dyn Backend, v: &[i32]) -> bertcuda::Result<bertcuda::backend::Ints> {
+    let b = be.alloc_ints(v.len())?;
+    be.upload_ints(b, v)?;
+    Ok(b)
+}
+
+/// Runs one scenario on a backend: the ops that exercise a kernel family, on odd shapes; its outputs.
+fn scenario(be: &dyn Backend, name: &str) -> bertcuda::Result<Vec<Vec<f32>>> {
+    let get = |bufs: &[bertcuda::backend::Buf]| bufs.iter().map(|b| be.download(*b)).collect();
+    match name {
+        "attention" => {
+            // Two blocks of query rows per (batch, head), padding, dropout.
+            let (b, t, nh, hs) = (2, 70, 3, 16);
+            let h = nh * hs;
+            let lens = [70, 33];
+            let mask: Vec<i32> = (0..b * t).map(|r| ((r % t) < lens[r / t]) as i32).collect();
+            let d = Some(Dropout { p: 0.1, key: DropoutKey { seed: 5, step: 9, site: 2 } });
+            let qkv = upload(be, &randn(1, b * t * 3 * h, 1.0))?;
+            let dout = upload(be, &randn(2, b * t * h, 1.0))?;
+            let m = upload_ints(be, &mask)?;
+            let (out, dqkv) = (be.alloc(b * t * h)?, be.alloc(b * t * 3 * h)?);
+            let state = be.alloc(be.attention_state_len(b, t, nh))?;
+            be.attention_fwd(out, state, qkv, m, b, t, nh, hs, d)?;
+            be.attention_bwd(dqkv, dout, out, qkv, state, m, b, t, nh, hs, d)?;
+            get(&[out, dqkv]) // (the backward's saved state is each backend's own)
+        }
+        "layernorm" => {
+            let (rows, c) = (111, 48);
+            let x = upload(be, &randn(3, rows * c, 1.0))?;
+            let (w, bias) = (upload(be, &randn(4, c, 1.0))?, upload(be, &randn(5, c, 1.0))?);
+            let g = upload(be, &randn(6, rows * c, 1.0))?;
+            let (out, mean, rstd, dx) = (be.alloc(rows * c)?, be.alloc(rows)?, be.alloc(rows)?, be.alloc(rows * c)?);
+            let (dw, db) = (be.alloc(c)?, be.alloc(c)?);
+            be.layernorm_fwd(out, mean, rstd, x, w, bias, rows, c, 1e-12)?;
+            be.layernorm_bwd(dx, dw, db, g, x, mean, rstd, w, rows, c)?;
+            get(&[out, mean, rstd, dx, dw, db])
+        }
+        "cross_entropy" => {
+            let (m, v) = (17, 211);
+            let mut labels: Vec<i32> = (0..m as i32).map(|k| (k * 37) % v as i32).collect();
+            labels[3] = IGNORE_INDEX;
+            let z = upload(be, &randn(7, m * v, 3.0))?;
+            let l = upload_ints(be, &labels)?;
+            let losses = be.alloc(m)?;
+            be.cross_entropy(losses, z, l, m, v, Some(1.0 / 15.0))?;
+            get(&[losses, z])
+        }
+        "argmax" => {
+            let (m, v) = (17, 211);
+            let z = upload(be, &randn(8, m * v, 1.0))?;
+            let out = be.alloc_ints(m)?;
+            be.argmax_rows(out, z, m, v)?;
+            Ok(vec![be.download_ints(out)?.into_iter().map(|i| i as f32).collect()])
+        }
+        "add" => {
+            let n = 1000;
+            let (a, b) = (upload(be, &randn(9, n, 1.0))?, upload(be, &randn(10, n, 1.0))?);
+            let out = be.alloc(n)?;
+            be.add(out, a, b)?;
+            get(&[out])
+        }
+        "embedding" => {
+            let (b, t, h, v) = (3, 37, 48, 211);
+            let ids: Vec<i32> = (0..b * t).map(|k| ((k * 7919) % 23) as i32).collect(); // many repeats
+            let types: Vec<i32> = (0..b * t).map(|k| ((k % t) > t / 2) as i32).collect();
+            let (i, ty) = (upload_ints(be, &ids)?, upload_ints(be, &types)?);
+            let g = upload(be, &randn(11, b * t * h, 1.0))?;
+            let (dw, dp, dt) = (be.alloc(v * h)?, be.alloc(t * h)?, be.alloc(2 * h)?);
+            be.embeddings_bwd(dw, dp, dt, g, i, ty, b, t, h)?;
+            get(&[dw, dp, dt])
+        }
+        "adamw" => {
+            let n = 777;
+            let decay: Vec<i32> = (0..n as i32).map(|k| (k % 3 != 0) as i32).collect();
+            let p = upload(be, &randn(12, n, 1.0))?;
+            let g = upload(be, &randn(13, n, 1.0))?;
+            let (m, v) = (be.alloc(n)?, be.alloc(n)?);
+            let d = upload_ints(be, &decay)?;
+            let h = AdamWStep { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-6, weight_decay: 0.1, step: 3 };
+            be.adamw(p, g, m, v, d, &h)?;
+            get(&[p, m, v])
+        }
+        "scatter" => {
+            let (n, m, c) = (111, 17, 48);
+            let rows: Vec<i32> = (0..m as i32).map(|k| k * 5 + 1).collect();
+            let r = upload_ints(be, &rows)?;
+            let d = upload(be, &randn(14, n * c, 1.0))?;
+            let g = upload(be, &randn(15, m * c, 1.0))?;
+            be.scatter_add_rows(d, g, r, m, c)?;
+            get(&[d])
+        }
+        "gelu_bias" => {
+            let (rows, cols) = (111, 80);
+            let pre = upload(be, &randn(16, rows * cols, 1.0))?;
+            let g = upload(be, &randn(17, rows * cols, 1.0))?;
+            let (dpre, db) = (be.alloc(rows * cols)?, be.alloc(cols)?);
+            be.gelu_bias_bwd(dpre, db, g, pre, rows, cols, Activation::GeluErf)?;
+            get(&[dpre, db])
+        }
+        "residual_layernorm_bwd" => {
+            let (rows, c) = (111, 48);
+            let x = upload(be, &randn(18, rows * c, 1.0))?;
+            let (w, bias) = (upload(be, &randn(19, c, 1.0))?, upload(be, &randn(20, c, 1.0))?);
+            let (out, mean, rstd) = (be.alloc(rows * c)?, be.alloc(rows)?, be.alloc(rows)?);
+            be.layernorm_fwd(out, mean, rstd, x, w, bias, rows, c, 1e-12)?;
+            let g = upload(be, &randn(21, rows * c, 1.0))?;
+            let (ds, dw, db) = (be.alloc(rows * c)?, be.alloc(c)?, be.alloc(c)?);
+            let d = Dropout { p: 0.1, key: DropoutKey { seed: 1, step: 2, site: 3 } };
+            be.residual_layernorm_bwd(ds, dw, db, g, x, mean, rstd, w, rows, c, d)?;
+            get(&[ds, g, dw, db])
+        }
+        other => panic!("no scenario {other}"),
+    }
+}
+
+/// The first output element that differs from the CPU's beyond fp32 rounding, described.
+fn difference(want: &[Vec<f32>], got: &[Vec<f32>]) -> Option<String> {
+    for (k, (w, g)) in want.iter().zip(got).enumerate() {
+        for (j, (a, b)) in w.iter().zip(g).enumerate() {
+            if !((a - b).abs() <= 1e-4 + 1e-4 * a.abs() || (a.is_nan() && b.is_nan())) {
+                return Some(format!("output {k}[{j}]: cpu {a} vs emulated {b}"));
+            }
+        }
+    }
+    None
+}
+
+struct Planted {
+    name: String,
+    scenario: String,
+    caught_as: String,
+}
+
+fn planted_bugs() -> Vec<Planted> {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/emu/mutants.txt")).unwrap();
+    text.lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let f: Vec<&str> = l.split(" | ").map(str::trim).collect();
+            Planted { name: f[0].into(), scenario: f[6].into(), caught_as: f[7].into() }
+        })
+        .collect()
+}
+
+#[test]
+fn every_scenario_passes_clean_on_the_real_kernels_in_every_block_order() {
+    let cpu = Cpu::<f32>::new();
+    let mut scenarios: Vec<String> = planted_bugs().into_iter().map(|p| p.scenario).collect();
+    scenarios.dedup();
+    for s in &scenarios {
+        let want = scenario(&cpu, s).unwrap();
+        for order in [BlockOrder::Forward, BlockOrder::Reverse, BlockOrder::Shuffled] {
+            let got = scenario(&emulated(None, order), s).unwrap_or_else(|e| panic!("{s} ({order:?}): {e}"));
+            assert_eq!(difference(&want, &got), None, "{s} ({order:?})");
+        }
+    }
+}
+
+#[test]
+fn every_planted_bug_is_caught() {
+    let cpu = Cpu::<f32>::new();
+    let bugs = planted_bugs();
+    assert!(bugs.len() >= 15, "kernels/emu/mutants.txt lists {} planted bugs", bugs.len());
+    let mut missed = Vec::new();
+    for bug in &bugs {
+        let want = scenario(&cpu, &bug.scenario).unwrap();
+        let outcome = scenario(&emulated(Some(&bug.name), BlockOrder::Forward), &bug.scenario);
+        let caught = match (&outcome, bug.caught_as.as_str()) {
+            (Ok(got), "wrong") => difference(&want, got).is_some(),
+            (Err(_), "wrong") => true,
+            (Err(e), kinds) => kinds.split(" or ").any(|k| e.to_string().contains(k)),
+            (Ok(_), _) => false,
+        };
+        if !caught {
+            missed.push(format!("{} (expected: {}): {:?}", bug.name, bug.caught_as, outcome.err().map(|e| e.to_string())));
+        }
+    }
+    assert!(missed.is_empty(), "planted bugs not caught:\n{}", missed.join("\n"));
+}
+
+#[test]
+fn reports_name_the_kernel_the_thread_and_the_address() {
+    let cpu = Cpu::<f32>::new();
+    let _ = scenario(&cpu, "layernorm").unwrap();
+    let e = scenario(&emulated(Some("layernorm_partials_past_the_last_row"), BlockOrder::Forward), "layernorm")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("/layernorm_param_partial_bwd_f32, block (1,0,0), thread ("), "{e}");
+    assert!(e.contains("out of bounds: read of 4 bytes at device address 0x"), "{e}");
+    assert!(e.contains("byte offset"), "{e}");
+    let e = scenario(&emulated(Some("attention_fwd_no_barrier_after_tile"), BlockOrder::Forward), "attention")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("/attention_fwd_f32_hs16, block (0,0,0), thread (") && e.contains("shared memory byte"), "{e}");
+}
+
+#[test]
+fn conversions_round_to_nearest_even_like_the_device() {
+    // Every 2^16-th bit pattern plus the edges: bf16 and fp16 against the `half` crate (round to nearest
+    // even; the device's NaN is 0x7fff).
+    let mut xs: Vec<f32> = (0..=u32::MAX).step_by(65_521).map(f32::from_bits).collect();
+    xs.extend([0.0, -0.0, 65504.0, 65519.99, 65520.0, 1e-8, 5.96e-8, 2.98e-8, 2.9802322e-8, f32::INFINITY]);
+    xs.extend([f32::MIN_POSITIVE, 6.1035156e-5, 6.097555e-5, 1.0 + f32::EPSILON, 3.0e38, -3.4e38]);
+    for x in xs {
+        let (b, h) = (emu::f32_to_bf16_bits(x), emu::f32_to_f16_bits(x));
+        if x.is_nan() {
+            assert_eq!((b, h), (0x7fff, 0x7fff), "NaN {:#x}", x.to_bits());
+            continue;
+        }
+        assert_eq!(b, half::bf16::from_f32(x).to_bits(), "bf16 of {x:e} ({:#x})", x.to_bits());
+        assert_eq!(h, half::f16::from_f32(x).to_bits(), "fp16 of {x:e} ({:#x})", x.to_bits());
+        let back = emu::f16_bits_to_f32(h);
+        assert_eq!(back.to_bits(), half::f16::from_bits(h).to_f32().to_bits(), "fp16 {h:#x} widened");
+    }
+}
+
+#[test]
+fn launch_limits_and_argument_lists_are_errors_as_on_the_device() {
+    let dev = Emu::new(EmuOptions::from_env()).unwrap();
+    let k = dev.kernel("fill_fwd_f32").unwrap();
+    let buf = dev.alloc(4 * 64, false).unwrap();
+    let (p, n, v) = (buf.ptr, 64i64, 1.5f32);
+    let ok = Launch::new((1, 1, 1), 64);
+    dev.launch(k, ok, &[&p, &n, &v]).unwrap();
+    let mut back = vec![0f32; 64];
+    dev.dtoh(bytemuck::cast_slice_mut(&mut back), p).unwrap();
+    assert!(back.iter().all(|&x| x == 1.5));
+    let err = |l: Launch, args: &[&dyn bertcuda::backend::device::KernelArg]| {
+        dev.launch(k, l, args).unwrap_err().to_string()
+    };
+    assert!(err(Launch::new((1, 1, 1), 1025), &[&p, &n, &v]).contains("at most 1024 threads"));
+    assert!(err(Launch { block: (32, 32, 2), ..ok }, &[&p, &n, &v]).contains("at most 1024 threads"));
+    assert!(err(Launch::new((0, 1, 1), 64), &[&p, &n, &v]).contains("invalid grid"));
+    assert!(err(Launch::new((1, 65_536, 1), 64), &[&p, &n, &v]).contains("invalid grid"));
+    assert!(err(Launch { shared: 48 * 1024 + 1, ..ok }, &[&p, &n, &v]).contains("needs the MAX_DYNAMIC_SHARED"));
+    dev.set_max_dynamic_shared(k, 100 * 1024).unwrap();
+    dev.launch(k, Launch { shared: 100 * 1024, ..ok }, &[&p, &n, &v]).unwrap();
+    assert!(dev.set_max_dynamic_shared(k, 300 * 1024).is_err());
+    assert!(err(ok, &[&p, &n]).contains("launched with 2 arguments, it takes 3"));
+    let n32 = 64i32;
+    assert!(err(ok, &[&p, &n32, &v]).contains("argument 1 is 4 bytes, the parameter is 8"));
+    assert!(dev.kernel("no_such_kernel").unwrap_err().to_string().contains("no_such_kernel"));
+    // A copy outside an allocation is refused, naming it.
+    let e = dev.htod(p + 4 * 60, &[0u8; 32]).unwrap_err().to_string();
+    assert!(e.contains("not inside one live allocation"), "{e}");
+}
+
+#[test]
+fn an_unwritten_scratch_buffer_read_by_a_kernel_is_reported() {
+    // Device memory allocated without zeroing and never written, read by a kernel: initcheck's report.
+    let dev = Emu::new(EmuOptions { check: true, ..EmuOptions::from_env() }).unwrap();
+    let k = dev.kernel("add_fwd_f32").unwrap();
+    let (out, a, b) = (dev.alloc(4 * 40, false).unwrap(), dev.alloc(4 * 40, true).unwrap(), dev.alloc(4 * 40, false).unwrap());
+    dev.htod(b.ptr, bytemuck::cast_slice(&[1f32; 39])).unwrap(); // the last element stays unwritten
+    let n = 40i64;
+    let e = dev.launch(k, Launch::new((1, 1, 1), 64), &[&out.ptr, &a.ptr, &b.ptr, &n]).unwrap_err().to_string();
+    assert!(e.contains("uninitialised: read of 4 bytes") && e.contains("thread (39,0,0)"), "{e}");
+    let n = 39i64;
+    dev.launch(k, Launch::new((1, 1, 1), 64), &[&out.ptr, &a.ptr, &b.ptr, &n]).unwrap();
+}
