@@ -1,21 +1,40 @@
 #!/usr/bin/env bash
-# On the GPU machine, after scripts/gpu-pack.sh here and .gpu/ carried there: every GPU check in one go.
+# On the GPU machine, after scripts/gpu-pack.sh here and .gpu/ carried there: every GPU check in one
+# command, bounded to fit one 10-minute command with room to spare.
 #   scripts/gpu-check.sh OUTDIR
-# Writes OUTDIR/report.md and the logs: the machine, the GPU tests, compute-sanitizer memcheck and
-# racecheck on the kernel tests, `bertcuda bench kernels`, PyTorch's ops on the same shapes, and a GPU
-# training run. Each part runs even when an earlier one failed; the report says which failed.
+# The parts run in order of value, each under its own timeout, and each appends its result and the tail
+# of its log to OUTDIR/report.md as it ends, so a run killed part-way still says what it saw:
+#   1. the GPU tests in fp32 (held to the CPU reference), 2. the GPU tests with bf16 activations,
+#   3. `bertcuda bench kernels`, 4. BERT-base training at seq 128 in bf16, bertcuda then transformers on the
+#   same shapes, 5. the default training run, 6. compute-sanitizer memcheck and racecheck on the kernel
+#   tests only. A part is skipped when less of the total budget (TOTAL_S, default 460 s) is left than its
+#   timeout. Each part runs even when an earlier one failed; the report says which failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-gpu-report}
+total=${TOTAL_S:-460}
 mkdir -p "$out"
 report="$out/report.md"
 : > "$report"
-part() {  # part NAME LOGFILE COMMAND...
-  local name=$1 log=$2; shift 2
+part() {  # part NAME TIMEOUT_S LOGFILE COMMAND...
+  local name=$1 limit=$2 log=$3; shift 3
+  local left=$((total - SECONDS))
+  if [ "$left" -lt "$limit" ]; then
+    echo "- $name: skipped ($left s of the budget left, it needs $limit)" >> "$report"
+    return 0
+  fi
   local start=$SECONDS
-  "$@" > "$out/$log" 2>&1
+  timeout --kill-after=5 "$limit" "$@" > "$out/$log" 2>&1
   local rc=$?
-  echo "- $name: $([ $rc -eq 0 ] && echo ok || echo "FAILED (exit $rc)") in $((SECONDS - start)) s, log $log" >> "$report"
+  local what="ok"
+  [ $rc -eq 124 ] && what="TIMED OUT after $limit s"
+  [ $rc -ne 0 ] && [ $rc -ne 124 ] && what="FAILED (exit $rc)"
+  {
+    echo "- $name: $what in $((SECONDS - start)) s, log $log"
+    echo '```'
+    tail -n 25 "$out/$log"
+    echo '```'
+  } >> "$report"
   return 0
 }
 {
@@ -37,34 +56,19 @@ nccl=$(find /usr/local /opt /usr/lib -name 'libnccl.so.2*' 2>/dev/null | sort -V
 [ -n "$nccl" ] && ln -sf "$nccl" "$libs/libnccl.so" && export LD_LIBRARY_PATH="$libs:${LD_LIBRARY_PATH:-}"
 echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}" > "$out/env.txt"
 echo "nccl: ${nccl:-not found}" >> "$out/env.txt"
-kernel_tests=(--skip training_200 --skip whole_model --skip same_seed --skip gpu_loss --skip nccl)
-part "GPU tests" gpu-tests.log .gpu/tests/gpu --ignored --test-threads=1
-part "memcheck (kernel tests)" memcheck.log compute-sanitizer --tool memcheck --error-exitcode 1 .gpu/tests/gpu --ignored --test-threads=1 "${kernel_tests[@]}"
-part "racecheck (kernel tests)" racecheck.log compute-sanitizer --tool racecheck --error-exitcode 1 .gpu/tests/gpu --ignored --test-threads=1 "${kernel_tests[@]}"
-part "bench kernels" bench-kernels.log .gpu/bertcuda bench kernels
-part "PyTorch ops on the same shapes" torch-ops.log python3 benches/torch_gpu_ops.py
-part "sample shards" prepare.log bash -c ".gpu/bertcuda tokenizer train --input data/sample --vocab-size 8000 --output '$out/tok' --overwrite && .gpu/bertcuda prepare --input data/sample --tokenizer '$out/tok' --output '$out/shards' --overwrite --quiet"
-part "bench train tiny (GPU)" bench-train-tiny.log .gpu/bertcuda bench train --data "$out/shards" --preset tiny --device cuda
-part "bench train base (GPU, fp32)" bench-train-base.log .gpu/bertcuda bench train --data "$out/shards" --preset base --device cuda --batch-size 32 --steps 10
-part "transformers base, fp32 and bf16" torch-train.log bash -c "python3 benches/torch_train_gpu.py --preset base --batch-size 32 --precision fp32 && python3 benches/torch_train_gpu.py --preset base --batch-size 32 --precision bf16 --peak-tflops 989"
-part "default training run (no arguments)" default-run.log .gpu/bertcuda train --quiet
-{
-  echo
-  echo "## bench kernels"
-  echo '```'
-  cat "$out/bench-kernels.log"
-  echo '```'
-  echo "## PyTorch"
-  echo '```'
-  cat "$out/torch-ops.log"
-  echo '```'
-  echo "## bench train (bertcuda, then transformers)"
-  echo '```'
-  cat "$out/bench-train-tiny.log" "$out/bench-train-base.log" "$out/torch-train.log"
-  echo '```'
-  echo "## GPU tests (tail)"
-  echo '```'
-  tail -n 30 "$out/gpu-tests.log"
-  echo '```'
-} >> "$report"
+tests=.gpu/tests/gpu
+kernel_tests=(gpu:: --ignored --test-threads=1 --skip training --skip whole_model --skip same_seed --skip gpu_loss --skip nccl)
+part "GPU tests, fp32 (every op, whole model, 200 training steps in fp32/bf16/fp16, NCCL world 1)" 150 gpu-tests-fp32.log \
+  $tests gpu:: --ignored --test-threads=1 --skip bf16
+part "GPU tests, bf16 activations (each op family, whole model)" 45 gpu-tests-bf16.log $tests gpu::bf16 --ignored --test-threads=1
+part "bench kernels (fp32 and bf16, with the copy and GEMM limits)" 50 bench-kernels.log .gpu/bertcuda bench kernels
+part "sample shards" 20 prepare.log bash -c ".gpu/bertcuda tokenizer train --input data/sample --vocab-size 8000 --output '$out/tok' --overwrite && .gpu/bertcuda prepare --input data/sample --tokenizer '$out/tok' --output '$out/shards' --overwrite --quiet"
+part "bench train: bertcuda BERT-base, seq 128, batch 32, bf16" 45 bench-train-base-bf16.log \
+  .gpu/bertcuda bench train --data "$out/shards" --preset base --device cuda --precision bf16 --seq 128 --batch-size 32 --steps 10
+part "transformers BERT-base on the same shapes (seq 128, batch 32, bf16 autocast, SDPA)" 60 torch-train-base-bf16.log \
+  python3 benches/torch_train_gpu.py --preset base --seq 128 --batch-size 32 --steps 10 --precision bf16
+part "default training run (no arguments)" 30 default-run.log .gpu/bertcuda train --quiet
+part "compute-sanitizer memcheck (kernel tests)" 45 memcheck.log compute-sanitizer --tool memcheck --error-exitcode 1 $tests "${kernel_tests[@]}"
+part "compute-sanitizer racecheck (kernel tests)" 45 racecheck.log compute-sanitizer --tool racecheck --error-exitcode 1 $tests "${kernel_tests[@]}"
+echo "- total: $SECONDS s" >> "$report"
 cat "$report"

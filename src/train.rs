@@ -534,9 +534,11 @@ pub fn train(cfg: TrainConfig, stop: Arc<AtomicBool>) -> Result<TrainSummary> {
     }
 }
 
-/// Data-parallel training with `world` ranks as threads of this process on the CPU backend, summing
-/// gradients through an in-process communicator: what NCCL does across GPUs, here for tests and
-/// for checking that W ranks equal one rank with W× the batch.
+/// Data-parallel training with `world` ranks as threads of this process, summing gradients through an
+/// in-process communicator: what NCCL does across GPUs, here for tests and for checking that W ranks
+/// equal one rank with W× the batch. Each rank runs on the CPU backend, or with `--device emu` on an
+/// emulated device of its own (the CUDA backend's multi-GPU path: gradient buckets reduced as the
+/// backward pass completes them).
 pub fn train_in_process(cfg: TrainConfig, world: usize, stop: Arc<AtomicBool>) -> Result<Vec<TrainSummary>> {
     let prepared = prepare_run(cfg, true)?;
     let comms = InProcess::group(world, Duration::from_secs(prepared.cfg.dist_timeout_s.max(1)));
@@ -547,7 +549,12 @@ pub fn train_in_process(cfg: TrainConfig, world: usize, stop: Arc<AtomicBool>) -
                 let (p, stop) = (prepared.clone(), stop.clone());
                 s.spawn(move || {
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        run(&Cpu::<f32>::new(), p, stop, &comm)
+                        if p.cfg.device == "emu" {
+                            let opts = crate::backend::device::emu::EmuOptions::from_env();
+                            run(&crate::backend::cuda::Cuda::emulated(opts)?, p, stop, &comm)
+                        } else {
+                            run(&Cpu::<f32>::new(), p, stop, &comm)
+                        }
                     }))
                     .unwrap_or_else(|_| Err(Error::Invalid(format!("rank {} panicked", comm.rank()))));
                     if let Err(e) = &r {

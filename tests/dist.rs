@@ -127,6 +127,48 @@ fn two_ranks_equal_one_rank_with_twice_the_batch() {
 }
 
 #[test]
+fn two_emulated_devices_equal_one_with_twice_the_batch() {
+    // The CUDA backend's data-parallel path on two emulated devices in this process: gradient buckets
+    // reduced through the in-process communicator as backward completes them, with accumulation.
+    let tmp = tempfile::tempdir().unwrap();
+    let (shards, config) = shards_and_config(tmp.path());
+    let cfg = |out: &str, batch: usize| TrainConfig {
+        data: vec![shards.clone()],
+        output: tmp.path().join(out),
+        model_config: config.to_str().unwrap().into(),
+        device: "emu".into(),
+        precision: "fp32".into(),
+        per_device_batch_size: batch,
+        max_seq_len: 32,
+        pad_to_max: true,
+        learning_rate: 2e-3,
+        warmup_steps: Some(1),
+        max_steps: Some(3),
+        gradient_accumulation_steps: 2,
+        bucket_size_mb: 0.01,
+        logging_steps: 1,
+        save_steps: 3,
+        progress: false,
+        ..TrainConfig::default()
+    };
+    let one = train(cfg("one", 8), Arc::new(AtomicBool::new(false))).unwrap();
+    let two = train_in_process(cfg("two", 4), 2, Arc::new(AtomicBool::new(false))).unwrap();
+    assert_eq!(two.len(), 2);
+    for r in &two {
+        for (a, b) in one.losses.iter().zip(&r.losses) {
+            assert!((a - b).abs() <= 1e-5 * a.abs(), "{:?} vs {:?}", one.losses, r.losses);
+        }
+    }
+    for ((n, a), (_, b)) in read_f32s(&tmp.path().join("one/model.safetensors"))
+        .iter()
+        .zip(read_f32s(&tmp.path().join("two/model.safetensors")))
+    {
+        let err = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(err < 1e-5, "{n}: {err}");
+    }
+}
+
+#[test]
 fn in_process_sums_are_exact_and_a_failed_rank_stops_the_others() {
     let comms = InProcess::group(3, Duration::from_secs(5));
     std::thread::scope(|s| {
