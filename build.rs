@@ -130,21 +130,24 @@ fn build_emulator(root: &Path) {
 /// and a translation unit that compiles the family it names inside a namespace of its own, its kernels
 /// registered as `mutant/<name>/<kernel>` (tests/emulator.rs runs them).
 fn planted_bugs(root: &Path) -> Vec<PathBuf> {
-    let list = std::fs::read_to_string(root.join("kernels/emu/mutants.txt")).expect("kernels/emu/mutants.txt");
+    let list =
+        std::fs::read_to_string(root.join("kernels/emu/mutants.txt")).expect("kernels/emu/mutants.txt");
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("mutants");
     let sources: Vec<(String, String)> = std::fs::read_dir(root.join("kernels"))
         .unwrap()
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
-            (name.ends_with(".cu") || name.ends_with(".cuh")).then(|| (name, std::fs::read_to_string(e.path()).unwrap()))
+            (name.ends_with(".cu") || name.ends_with(".cuh"))
+                .then(|| (name, std::fs::read_to_string(e.path()).unwrap()))
         })
         .collect();
     let mut tus = Vec::new();
     for (k, line) in list.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')).enumerate() {
         let f: Vec<&str> = line.split(" | ").map(str::trim).collect();
         assert_eq!(f.len(), 8, "kernels/emu/mutants.txt: `{line}` needs 8 fields");
-        let (name, file, nth, from, to, compiled) = (f[0], f[1], f[2].parse::<usize>().unwrap(), f[3], f[4], f[5]);
+        let (name, file, nth, from, to, compiled) =
+            (f[0], f[1], f[2].parse::<usize>().unwrap(), f[3], f[4], f[5]);
         let dir = out.join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let mut found = false;
@@ -192,6 +195,21 @@ fn anchors(count: usize) -> PathBuf {
     path
 }
 
+/// kernels/launch.cuh's `constexpr int NAME = VALUE;` lines as Rust constants (OUT_DIR/launch.rs).
+fn launch_constants(root: &Path) {
+    let text = std::fs::read_to_string(root.join("kernels/launch.cuh")).expect("kernels/launch.cuh");
+    let mut out = String::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("constexpr int ") {
+            let (name, value) = rest.trim_end_matches(';').split_once(" = ").expect("NAME = VALUE");
+            let value: u32 =
+                value.parse().unwrap_or_else(|_| panic!("kernels/launch.cuh: {name} is not a number"));
+            out += &format!("pub const {name}: u32 = {value};\n");
+        }
+    }
+    std::fs::write(PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("launch.rs"), out).unwrap();
+}
+
 fn main() {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     println!("cargo::rustc-check-cfg=cfg(bertcuda_emu)");
@@ -205,6 +223,7 @@ fn main() {
         println!("cargo:rerun-if-env-changed={v}");
     }
     println!("cargo:rerun-if-changed=.toolchain/cuda/nvidia/cu13/bin/nvcc");
+    launch_constants(&root);
     build_gpu(&root);
     build_emulator(&root);
 }

@@ -11,8 +11,8 @@
 // tiles of 32 rows staged in shared memory.
 #include "common.cuh"
 
-constexpr int ROWS = 64;
-constexpr int TILE = 32;
+constexpr int ROWS = ATTENTION_ROWS;
+constexpr int TILE = ATTENTION_TILE;
 
 __device__ __forceinline__ int any_key(const int* mask, int b, int t) {
     int a = 0;

@@ -11,6 +11,8 @@
 #endif
 #include <stdint.h>
 
+#include "launch.cuh"
+
 // A kernel: extern "C", named <op>_<fwd|bwd>_<dtype>. On the emulated device (emu/cuda_emu.h) it is also
 // registered by name with its parameter list, which each launch is checked against.
 #ifdef BERTCUDA_EMU

@@ -30,7 +30,7 @@ template <typename T>
 __device__ void bias_grad_partial_impl(float* __restrict__ partial, const T* __restrict__ dout, long rows, int cols) {
     const int c = blockIdx.y * blockDim.x + threadIdx.x;
     if (c >= cols) return;
-    const long r0 = (long)blockIdx.x * 64, r1 = min(rows, r0 + 64);
+    const long r0 = (long)blockIdx.x * PARTIAL_ROWS, r1 = min(rows, r0 + PARTIAL_ROWS);
     float s = 0.f;
 #pragma unroll 4
     for (long r = r0; r < r1; r++) s += to_f32(dout[r * cols + c]);

@@ -140,7 +140,7 @@ __device__ void gelu_bias_bwd_impl(T* __restrict__ dpre, float* __restrict__ par
                                    const T* __restrict__ pre, long rows, int cols, int approx) {
     const int c = blockIdx.y * blockDim.x + threadIdx.x;
     if (c >= cols) return;
-    const long r0 = (long)blockIdx.x * 64, r1 = min(rows, r0 + 64);
+    const long r0 = (long)blockIdx.x * PARTIAL_ROWS, r1 = min(rows, r0 + PARTIAL_ROWS);
     float s = 0.f;
 #pragma unroll 4
     for (long r = r0; r < r1; r++) {

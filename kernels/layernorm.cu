@@ -53,7 +53,7 @@ __device__ void layernorm_bwd_impl(T* dinp, const T* dout, const T* inp, const f
 template <typename T>
 __device__ void layernorm_param_partial_impl(float* partial, const T* dout, const T* inp, const float* mean,
                                              const float* rstd, int rows, int c) {
-    const int r0 = blockIdx.x * 64, r1 = min(rows, r0 + 64);
+    const int r0 = blockIdx.x * PARTIAL_ROWS, r1 = min(rows, r0 + PARTIAL_ROWS);
     for (int j = threadIdx.x; j < c; j += blockDim.x) {
         float dw = 0.f, db = 0.f;
         for (int r = r0; r < r1; r++) {

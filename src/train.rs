@@ -624,7 +624,9 @@ pub fn choose_device(device: &str) -> Result<Device> {
     match device {
         "cpu" => Ok(Device::Cpu),
         "cuda" => Ok(Device::Cuda(Box::new(Cuda::new(0)?))),
-        "emu" => Ok(Device::Cuda(Box::new(Cuda::emulated(crate::backend::device::emu::EmuOptions::from_env())?))),
+        "emu" => {
+            Ok(Device::Cuda(Box::new(Cuda::emulated(crate::backend::device::emu::EmuOptions::from_env())?)))
+        }
         _ => match probe().map_err(Error::Invalid).and_then(|_| Cuda::new(0)) {
             Ok(c) => Ok(Device::Cuda(Box::new(c))),
             Err(why) => {

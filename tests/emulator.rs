@@ -20,7 +20,8 @@ fn emulated(planted_bug: Option<&str>, order: BlockOrder) -> Cuda {
         emu::checker_built(),
         "the emulator's checker is not built: build.rs needs clang++ (scripts/install-emulator-compiler.sh)"
     );
-    let opts = EmuOptions { check: true, order, strict_barriers: false, planted_bug: planted_bug.map(String::from) };
+    let opts =
+        EmuOptions { check: true, order, strict_barriers: false, planted_bug: planted_bug.map(String::from) };
     Cuda::emulated(opts).expect("the emulated device")
 }
 
@@ -61,7 +62,8 @@ fn scenario(be: &dyn Backend, name: &str) -> bertcuda::Result<Vec<Vec<f32>>> {
             let x = upload(be, &randn(3, rows * c, 1.0))?;
             let (w, bias) = (upload(be, &randn(4, c, 1.0))?, upload(be, &randn(5, c, 1.0))?);
             let g = upload(be, &randn(6, rows * c, 1.0))?;
-            let (out, mean, rstd, dx) = (be.alloc(rows * c)?, be.alloc(rows)?, be.alloc(rows)?, be.alloc(rows * c)?);
+            let (out, mean, rstd, dx) =
+                (be.alloc(rows * c)?, be.alloc(rows)?, be.alloc(rows)?, be.alloc(rows * c)?);
             let (dw, db) = (be.alloc(c)?, be.alloc(c)?);
             be.layernorm_fwd(out, mean, rstd, x, w, bias, rows, c, 1e-12)?;
             be.layernorm_bwd(dx, dw, db, g, x, mean, rstd, w, rows, c)?;
@@ -164,7 +166,8 @@ struct Planted {
 }
 
 fn planted_bugs() -> Vec<Planted> {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/emu/mutants.txt")).unwrap();
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/emu/mutants.txt")).unwrap();
     text.lines()
         .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
         .map(|l| {
@@ -204,7 +207,12 @@ fn every_planted_bug_is_caught() {
             (Ok(_), _) => false,
         };
         if !caught {
-            missed.push(format!("{} (expected: {}): {:?}", bug.name, bug.caught_as, outcome.err().map(|e| e.to_string())));
+            missed.push(format!(
+                "{} (expected: {}): {:?}",
+                bug.name,
+                bug.caught_as,
+                outcome.err().map(|e| e.to_string())
+            ));
         }
     }
     assert!(missed.is_empty(), "planted bugs not caught:\n{}", missed.join("\n"));
@@ -214,16 +222,21 @@ fn every_planted_bug_is_caught() {
 fn reports_name_the_kernel_the_thread_and_the_address() {
     let cpu = Cpu::<f32>::new();
     let _ = scenario(&cpu, "layernorm").unwrap();
-    let e = scenario(&emulated(Some("layernorm_partials_past_the_last_row"), BlockOrder::Forward), "layernorm")
-        .unwrap_err()
-        .to_string();
+    let e =
+        scenario(&emulated(Some("layernorm_partials_past_the_last_row"), BlockOrder::Forward), "layernorm")
+            .unwrap_err()
+            .to_string();
     assert!(e.contains("/layernorm_param_partial_bwd_f32, block (1,0,0), thread ("), "{e}");
     assert!(e.contains("out of bounds: read of 4 bytes at device address 0x"), "{e}");
     assert!(e.contains("byte offset"), "{e}");
-    let e = scenario(&emulated(Some("attention_fwd_no_barrier_after_tile"), BlockOrder::Forward), "attention")
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("/attention_fwd_f32_hs16, block (0,0,0), thread (") && e.contains("shared memory byte"), "{e}");
+    let e =
+        scenario(&emulated(Some("attention_fwd_no_barrier_after_tile"), BlockOrder::Forward), "attention")
+            .unwrap_err()
+            .to_string();
+    assert!(
+        e.contains("/attention_fwd_f32_hs16, block (0,0,0), thread (") && e.contains("shared memory byte"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -264,7 +277,9 @@ fn launch_limits_and_argument_lists_are_errors_as_on_the_device() {
     assert!(err(Launch { block: (32, 32, 2), ..ok }, &[&p, &n, &v]).contains("at most 1024 threads"));
     assert!(err(Launch::new((0, 1, 1), 64), &[&p, &n, &v]).contains("invalid grid"));
     assert!(err(Launch::new((1, 65_536, 1), 64), &[&p, &n, &v]).contains("invalid grid"));
-    assert!(err(Launch { shared: 48 * 1024 + 1, ..ok }, &[&p, &n, &v]).contains("needs the MAX_DYNAMIC_SHARED"));
+    assert!(
+        err(Launch { shared: 48 * 1024 + 1, ..ok }, &[&p, &n, &v]).contains("needs the MAX_DYNAMIC_SHARED")
+    );
     dev.set_max_dynamic_shared(k, 100 * 1024).unwrap();
     dev.launch(k, Launch { shared: 100 * 1024, ..ok }, &[&p, &n, &v]).unwrap();
     assert!(dev.set_max_dynamic_shared(k, 300 * 1024).is_err());
@@ -282,10 +297,15 @@ fn an_unwritten_scratch_buffer_read_by_a_kernel_is_reported() {
     // Device memory allocated without zeroing and never written, read by a kernel: initcheck's report.
     let dev = Emu::new(EmuOptions { check: true, ..EmuOptions::from_env() }).unwrap();
     let k = dev.kernel("add_fwd_f32").unwrap();
-    let (out, a, b) = (dev.alloc(4 * 40, false).unwrap(), dev.alloc(4 * 40, true).unwrap(), dev.alloc(4 * 40, false).unwrap());
+    let (out, a, b) = (
+        dev.alloc(4 * 40, false).unwrap(),
+        dev.alloc(4 * 40, true).unwrap(),
+        dev.alloc(4 * 40, false).unwrap(),
+    );
     dev.htod(b.ptr, bytemuck::cast_slice(&[1f32; 39])).unwrap(); // the last element stays unwritten
     let n = 40i64;
-    let e = dev.launch(k, Launch::new((1, 1, 1), 64), &[&out.ptr, &a.ptr, &b.ptr, &n]).unwrap_err().to_string();
+    let e =
+        dev.launch(k, Launch::new((1, 1, 1), 64), &[&out.ptr, &a.ptr, &b.ptr, &n]).unwrap_err().to_string();
     assert!(e.contains("uninitialised: read of 4 bytes") && e.contains("thread (39,0,0)"), "{e}");
     let n = 39i64;
     dev.launch(k, Launch::new((1, 1, 1), 64), &[&out.ptr, &a.ptr, &b.ptr, &n]).unwrap();

@@ -2,7 +2,7 @@
 //! - `emu::<name>`, on the emulated device (the kernels compiled for the CPU, with the checker of
 //!   out-of-bounds accesses, uninitialised reads and races): in every `cargo test`, on any machine;
 //! - `gpu::<name>`, on a real GPU: `#[ignore]`d, run on the GPU machine with
-//!       cargo test --release --test gpu gpu:: -- --ignored --test-threads=1
+//!   `cargo test --release --test gpu gpu:: -- --ignored --test-threads=1`
 //!   (scripts/gpu-check.sh runs these, the sanitizers and the benchmarks in one go).
 //!
 //! Each op runs on both backends with the same random inputs on odd shapes (batch 3, seq 37, hidden 48,
@@ -92,8 +92,6 @@ macro_rules! on_both_devices {
         }
     };
 }
-
-
 
 /// Inputs, int inputs, and outputs (length, initial value: None = poisoned with NaN).
 struct Case {

@@ -11,9 +11,9 @@
 use std::cell::{Cell, RefCell};
 
 use super::device::driver::Driver;
+pub use super::device::driver::{kernels_built, probe, NcclComm};
 use super::device::emu::{Emu, EmuOptions};
 use super::device::{Compute, Device, Elem, Gemm, Kernel, KernelArg, Launch, Mem};
-pub use super::device::driver::{kernels_built, probe, NcclComm};
 
 use crate::backend::{philox, AdamWStep, Backend, Buf, Dropout, Ints, Kind, IGNORE_INDEX};
 use crate::bail;
@@ -236,7 +236,12 @@ pub struct Cuda {
     act_dt: Cell<Dt>,
 }
 
-const THREADS: u32 = 256;
+/// The launch geometry the kernels assume (kernels/launch.cuh, as Rust constants made by build.rs).
+#[allow(dead_code)] // every constant of the header, used here or not
+mod launch {
+    include!(concat!(env!("OUT_DIR"), "/launch.rs"));
+}
+use launch::{ATTENTION_ROWS, PARTIAL_ROWS, THREADS, WARP_ROWS};
 
 /// The rows of each key, for the deterministic embedding gradient: (keys ascending, offsets into rows
 /// (keys + 1), rows in row order within each key). One block then sums one key's rows in this order.
@@ -389,10 +394,15 @@ impl Cuda {
         rows: usize,
         c: usize,
     ) -> Result<()> {
-        let chunks = rows.div_ceil(64).max(1);
+        let chunks = rows.div_ceil(PARTIAL_ROWS as usize).max(1);
         let part = self.partials(chunks * 2 * c)?;
         let (rr, cc) = (rows as i32, c as i32);
-        self.launch(self.k.layernorm_param_partial.of(dt), (chunks as u32, 1, 1), THREADS, &[&part, &g, &x, &m, &r, &rr, &cc])?;
+        self.launch(
+            self.k.layernorm_param_partial.of(dt),
+            (chunks as u32, 1, 1),
+            THREADS,
+            &[&part, &g, &x, &m, &r, &rr, &cc],
+        )?;
         self.sum_partials(dw, part, chunks, c, 2 * c)?;
         self.sum_partials(db, part + 4 * c as u64, chunks, c, 2 * c)
     }
@@ -476,7 +486,12 @@ impl Cuda {
     /// acc[c] += Σ_k partial[k·stride + c] for c < cols.
     fn sum_partials(&self, acc: u64, partial: u64, chunks: usize, cols: usize, stride: usize) -> Result<()> {
         let (chunks, cols, stride) = (chunks as i32, cols as i32, stride as i32);
-        self.launch(self.k.sum_partials, (grid_for(cols as usize), 1, 1), THREADS, &[&acc, &partial, &chunks, &cols, &stride])?;
+        self.launch(
+            self.k.sum_partials,
+            (grid_for(cols as usize), 1, 1),
+            THREADS,
+            &[&acc, &partial, &chunks, &cols, &stride],
+        )?;
         Ok(())
     }
 
@@ -493,7 +508,12 @@ impl Cuda {
         let base = self.upload_groups(&data)?;
         let (kp, op, rp) = (base, base + 4 * g as u64, base + 4 * (2 * g + 1) as u64);
         let (gi, hi) = (g as i32, h as i32);
-        self.launch(self.k.embeddings_bwd.of(dt), (g as u32, 1, 1), THREADS, &[&table, &dout, &kp, &op, &rp, &gi, &hi])?;
+        self.launch(
+            self.k.embeddings_bwd.of(dt),
+            (g as u32, 1, 1),
+            THREADS,
+            &[&table, &dout, &kp, &op, &rp, &gi, &hi],
+        )?;
         Ok(())
     }
 
@@ -753,10 +773,15 @@ impl Backend for Cuda {
             return Ok(());
         }
         let ([pd], [pg]) = self.ptrs_as(dt, [dbias], [dout])?;
-        let chunks = rows.div_ceil(64).max(1);
+        let chunks = rows.div_ceil(PARTIAL_ROWS as usize).max(1);
         let part = self.partials(chunks * cols)?;
         let (r, c) = (rows as i64, cols as i32);
-        self.launch(self.k.bias_grad_partial.of(dt), (chunks as u32, cols.div_ceil(THREADS as usize) as u32, 1), THREADS, &[&part, &pg, &r, &c])?;
+        self.launch(
+            self.k.bias_grad_partial.of(dt),
+            (chunks as u32, cols.div_ceil(THREADS as usize) as u32, 1),
+            THREADS,
+            &[&part, &pg, &r, &c],
+        )?;
         self.sum_partials(pd, part, chunks, cols, cols)
     }
 
@@ -773,7 +798,7 @@ impl Backend for Cuda {
         let ([po], [pi]) = self.ptrs_as(dt, [out], [inp])?;
         self.dev.memset_zero(po, 4)?;
         // Σ as the bias gradient of a one-column matrix: blocks of 64 rows, then the blocks in order.
-        let chunks = inp.len.div_ceil(64).max(1);
+        let chunks = inp.len.div_ceil(PARTIAL_ROWS as usize).max(1);
         let part = self.partials(chunks)?;
         let (r, c) = (inp.len as i64, 1i32);
         self.launch(self.k.bias_grad_partial.of(dt), (chunks as u32, 1, 1), THREADS, &[&part, &pi, &r, &c])?;
@@ -813,7 +838,12 @@ impl Backend for Cuda {
         let ([po], [pw, pp, pt]) = self.ptrs_as(dt, [out], [word, position, token_type])?;
         let (pi, pty) = (self.iptr(ids)?, self.iptr(types)?);
         let (rows, s, hh) = (n as i32, seq as i32, h as i32);
-        self.launch(self.k.embeddings_fwd.of(dt), (n as u32, 1, 1), THREADS, &[&po, &pi, &pty, &pw, &pp, &pt, &rows, &s, &hh])?;
+        self.launch(
+            self.k.embeddings_fwd.of(dt),
+            (n as u32, 1, 1),
+            THREADS,
+            &[&po, &pi, &pty, &pw, &pp, &pt, &rows, &s, &hh],
+        )?;
         Ok(())
     }
 
@@ -861,7 +891,12 @@ impl Backend for Cuda {
         }
         let ([po, pm, pr], [pi, pw, pb]) = self.ptrs_as(dt, [out, mean, rstd], [inp, w, b])?;
         let (r, cc) = (rows as i32, c as i32);
-        self.launch(self.k.layernorm_fwd.of(dt), (rows.div_ceil(8) as u32, 1, 1), THREADS, &[&po, &pm, &pr, &pi, &pw, &pb, &r, &cc, &eps])?;
+        self.launch(
+            self.k.layernorm_fwd.of(dt),
+            (rows.div_ceil(WARP_ROWS as usize) as u32, 1, 1),
+            THREADS,
+            &[&po, &pm, &pr, &pi, &pw, &pb, &r, &cc, &eps],
+        )?;
         Ok(())
     }
 
@@ -889,7 +924,12 @@ impl Backend for Cuda {
         let ([pdi, pdw, pdb], [pg, pi, pm, pr, pw]) =
             self.ptrs_as(dt, [dinp, dw, db], [dout, inp, mean, rstd, w])?;
         let (r, cc) = (rows as i32, c as i32);
-        self.launch(self.k.layernorm_bwd.of(dt), (rows.div_ceil(8) as u32, 1, 1), THREADS, &[&pdi, &pg, &pi, &pm, &pr, &pw, &r, &cc])?;
+        self.launch(
+            self.k.layernorm_bwd.of(dt),
+            (rows.div_ceil(WARP_ROWS as usize) as u32, 1, 1),
+            THREADS,
+            &[&pdi, &pg, &pi, &pm, &pr, &pw, &r, &cc],
+        )?;
         self.layernorm_param_grads(dt, pdw, pdb, [pg, pi, pm, pr], rows, c)
     }
 
@@ -919,7 +959,12 @@ impl Backend for Cuda {
         let ([ps, po, pm, pr], [pres, pb, pw, pbias]) =
             self.ptrs_as(dt, [sum, out, mean, rstd], [residual, branch, w, b])?;
         let (r, cc, d) = (rows as i32, c as i32, DropoutArgs::of(dropout));
-        self.launch(self.k.residual_layernorm.of(dt), (rows.div_ceil(8) as u32, 1, 1), THREADS, &[&ps, &po, &pm, &pr, &pres, &pb, &pw, &pbias, &r, &cc, &eps, &d])?;
+        self.launch(
+            self.k.residual_layernorm.of(dt),
+            (rows.div_ceil(WARP_ROWS as usize) as u32, 1, 1),
+            THREADS,
+            &[&ps, &po, &pm, &pr, &pres, &pb, &pw, &pbias, &r, &cc, &eps, &d],
+        )?;
         Ok(())
     }
 
@@ -952,7 +997,12 @@ impl Backend for Cuda {
         self.layernorm_param_grads(dt, pdw, pdb, [pg, ps, pm, pr], rows, c)?;
         let (r, cc) = (rows as i32, c as i32);
         let d = DropoutArgs::of(Some(dropout));
-        self.launch(self.k.residual_layernorm_bwd.of(dt), (rows.div_ceil(8) as u32, 1, 1), THREADS, &[&pds, &pg, &ps, &pm, &pr, &pw, &r, &cc, &d])?;
+        self.launch(
+            self.k.residual_layernorm_bwd.of(dt),
+            (rows.div_ceil(WARP_ROWS as usize) as u32, 1, 1),
+            THREADS,
+            &[&pds, &pg, &ps, &pm, &pr, &pw, &r, &cc, &d],
+        )?;
         Ok(())
     }
 
@@ -973,7 +1023,12 @@ impl Backend for Cuda {
         }
         let ([pp, po], [pb]) = self.ptrs_as(dt, [pre, out], [bias])?;
         let (r, c, approx) = (rows as i64, cols as i32, (act == Activation::GeluTanh) as i32);
-        self.launch(self.k.bias_gelu.of(dt), (grid_for(rows * cols), 1, 1), THREADS, &[&pp, &po, &pb, &r, &c, &approx])?;
+        self.launch(
+            self.k.bias_gelu.of(dt),
+            (grid_for(rows * cols), 1, 1),
+            THREADS,
+            &[&pp, &po, &pb, &r, &c, &approx],
+        )?;
         Ok(())
     }
 
@@ -997,10 +1052,15 @@ impl Backend for Cuda {
         let n = rows * cols;
         let ([pd, pb], [pg, pp]) =
             self.ptrs_as(dt, [dpre.prefix(n), dbias], [dout.prefix(n), pre.prefix(n)])?;
-        let chunks = rows.div_ceil(64);
+        let chunks = rows.div_ceil(PARTIAL_ROWS as usize);
         let part = self.partials(chunks * cols)?;
         let (r, c, approx) = (rows as i64, cols as i32, (act == Activation::GeluTanh) as i32);
-        self.launch(self.k.gelu_bias_bwd.of(dt), (chunks as u32, cols.div_ceil(THREADS as usize) as u32, 1), THREADS, &[&pd, &part, &pg, &pp, &r, &c, &approx])?;
+        self.launch(
+            self.k.gelu_bias_bwd.of(dt),
+            (chunks as u32, cols.div_ceil(THREADS as usize) as u32, 1),
+            THREADS,
+            &[&pd, &part, &pg, &pp, &r, &c, &approx],
+        )?;
         self.sum_partials(pb, part, chunks, cols, cols)
     }
 
@@ -1045,7 +1105,12 @@ impl Backend for Cuda {
             self.ptrs_as(dt, [emb, out, mean, rstd], [word, position, token_type, w, b])?;
         let (pi, pty) = (self.iptr(ids)?, self.iptr(types)?);
         let (rows, s, hh) = (n as i32, seq as i32, h as i32);
-        self.launch(self.k.embeddings_layernorm.of(dt), (n.div_ceil(8) as u32, 1, 1), THREADS, &[&pe, &po, &pm, &pr, &pi, &pty, &pw, &pp, &pt, &plw, &plb, &rows, &s, &hh, &eps])?;
+        self.launch(
+            self.k.embeddings_layernorm.of(dt),
+            (n.div_ceil(WARP_ROWS as usize) as u32, 1, 1),
+            THREADS,
+            &[&pe, &po, &pm, &pr, &pi, &pty, &pw, &pp, &pt, &plw, &plb, &rows, &s, &hh, &eps],
+        )?;
         Ok(())
     }
 
@@ -1122,7 +1187,12 @@ impl Backend for Cuda {
         let pm = self.iptr(mask)?;
         let (t, nh, scale, d) =
             (seq as i32, heads as i32, (1.0 / (hs as f64).sqrt()) as f32, DropoutArgs::of(dropout));
-        self.launch(f, ((batch * heads) as u32, seq.div_ceil(64) as u32, 1), 64, &[&po, &pl, &pq, &pm, &t, &nh, &scale, &d])?;
+        self.launch(
+            f,
+            ((batch * heads) as u32, seq.div_ceil(ATTENTION_ROWS as usize) as u32, 1),
+            ATTENTION_ROWS,
+            &[&po, &pl, &pq, &pm, &t, &nh, &scale, &d],
+        )?;
         Ok(())
     }
 
@@ -1156,13 +1226,18 @@ impl Backend for Cuda {
         let (lse, dd) = (state.prefix(half), state.at(half, half));
         let ([pdd], [pg, po]) = self.ptrs_as(dt, [dd], [dout, out])?;
         let (rows, nh, hsi) = ((batch * seq) as i32, heads as i32, hs as i32);
-        self.launch(self.k.attention_bwd_d.of(dt), (grid_for(half), 1, 1), THREADS, &[&pdd, &pg, &po, &rows, &nh, &hsi])?;
+        self.launch(
+            self.k.attention_bwd_d.of(dt),
+            (grid_for(half), 1, 1),
+            THREADS,
+            &[&pdd, &pg, &po, &rows, &nh, &hsi],
+        )?;
         let ([pdq], [pg, pq, pl, pd]) = self.ptrs_as(dt, [dqkv], [dout, qkv, lse, dd])?;
         let pm = self.iptr(mask)?;
         let (t, scale, d) = (seq as i32, (1.0 / (hs as f64).sqrt()) as f32, DropoutArgs::of(dropout));
-        let grid = ((batch * heads) as u32, seq.div_ceil(64) as u32, 1);
+        let grid = ((batch * heads) as u32, seq.div_ceil(ATTENTION_ROWS as usize) as u32, 1);
         for f in [fkv, fq] {
-            self.launch(f, grid, 64, &[&pdq, &pg, &pq, &pl, &pd, &pm, &t, &nh, &scale, &d])?;
+            self.launch(f, grid, ATTENTION_ROWS, &[&pdq, &pg, &pq, &pl, &pd, &pm, &t, &nh, &scale, &d])?;
         }
         Ok(())
     }
@@ -1190,7 +1265,12 @@ impl Backend for Cuda {
         let chunk = x.len.div_ceil(blocks) as i64;
         let part = self.partials(blocks)?;
         let n = x.len as i64;
-        self.launch(self.k.sum_squares_partial.of(dt), (blocks as u32, 1, 1), THREADS, &[&part, &px, &n, &chunk])?;
+        self.launch(
+            self.k.sum_squares_partial.of(dt),
+            (blocks as u32, 1, 1),
+            THREADS,
+            &[&part, &px, &n, &chunk],
+        )?;
         let k = blocks as i32;
         self.launch(self.k.sum_squares_final, (1, 1, 1), 32, &[&po, &part, &k])?;
         Ok(())
@@ -1286,7 +1366,12 @@ impl Backend for Cuda {
         let pb = self.iptr(labels)?;
         let (mm, vv, grad, scale) =
             (m as i32, v as i32, grad_scale.is_some() as i32, grad_scale.unwrap_or(0.0) as f32);
-        self.launch(self.k.cross_entropy.of(dt), (m as u32, 1, 1), THREADS, &[&pl, &pz, &pb, &mm, &vv, &grad, &scale])?;
+        self.launch(
+            self.k.cross_entropy.of(dt),
+            (m as u32, 1, 1),
+            THREADS,
+            &[&pl, &pz, &pb, &mm, &vv, &grad, &scale],
+        )?;
         Ok(())
     }
 

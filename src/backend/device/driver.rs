@@ -167,8 +167,11 @@ impl Device for Driver {
 
     fn alloc(&self, bytes: usize, zeroed: bool) -> Result<Mem> {
         let n = bytes.max(1);
-        let mem: CudaSlice<u8> =
-            if zeroed { cu(self.stream.alloc_zeros::<u8>(n))? } else { unsafe { cu(self.stream.alloc::<u8>(n))? } };
+        let mem: CudaSlice<u8> = if zeroed {
+            cu(self.stream.alloc_zeros::<u8>(n))?
+        } else {
+            unsafe { cu(self.stream.alloc::<u8>(n))? }
+        };
         let ptr = mem.device_ptr(&self.stream).0;
         Ok(Mem::new(ptr, bytes, Box::new(mem)))
     }

@@ -240,7 +240,14 @@ impl Emu {
         let what = std::ffi::CString::new(what).expect("no NUL");
         status(
             unsafe {
-                ffi::bcemu_check_region(p, bytes as u64, write as i32, what.as_ptr(), err.as_mut_ptr().cast(), ERR_CAP)
+                ffi::bcemu_check_region(
+                    p,
+                    bytes as u64,
+                    write as i32,
+                    what.as_ptr(),
+                    err.as_mut_ptr().cast(),
+                    ERR_CAP,
+                )
             },
             &err,
         )
@@ -314,7 +321,13 @@ impl Device for Emu {
             let mut err = vec![0u8; ERR_CAP];
             status(
                 unsafe {
-                    ffi::bcemu_htod(dst, src.as_ptr().cast(), src.len() as u64, err.as_mut_ptr().cast(), ERR_CAP)
+                    ffi::bcemu_htod(
+                        dst,
+                        src.as_ptr().cast(),
+                        src.len() as u64,
+                        err.as_mut_ptr().cast(),
+                        ERR_CAP,
+                    )
                 },
                 &err,
             )
@@ -332,7 +345,13 @@ impl Device for Emu {
             let mut err = vec![0u8; ERR_CAP];
             status(
                 unsafe {
-                    ffi::bcemu_dtoh(dst.as_mut_ptr().cast(), src, dst.len() as u64, err.as_mut_ptr().cast(), ERR_CAP)
+                    ffi::bcemu_dtoh(
+                        dst.as_mut_ptr().cast(),
+                        src,
+                        dst.len() as u64,
+                        err.as_mut_ptr().cast(),
+                        ERR_CAP,
+                    )
                 },
                 &err,
             )
@@ -462,11 +481,8 @@ impl Device for Emu {
                 (vec![0.0; 1], vec![0.0; 1])
             }
         };
-        let mut c = if read_c {
-            unsafe { read_operand(g.c, g.c_type, sc, Compute::F32) }
-        } else {
-            vec![0f32; sc]
-        };
+        let mut c =
+            if read_c { unsafe { read_operand(g.c, g.c_type, sc, Compute::F32) } } else { vec![0f32; sc] };
         // op(A)(i, p): A(i, p) at i + p·lda, or A(p, i) at p + i·lda when transposed.
         let (a_rs, a_cs) = if g.trans_a { (g.lda as isize, 1) } else { (1, g.lda as isize) };
         let (b_rs, b_cs) = if g.trans_b { (g.ldb as isize, 1) } else { (1, g.ldb as isize) };

@@ -1,0 +1,17 @@
+// Launch geometry: what the kernels assume about how they are launched, in one place for both sides.
+// The kernels include this header; build.rs turns each `constexpr int NAME = VALUE;` line into a Rust
+// constant (src/backend/cuda.rs, `launch::NAME`), so a kernel and its launcher cannot disagree.
+#pragma once
+
+// Threads per block of the 1-D kernels.
+constexpr int THREADS = 256;
+// Row-per-warp kernels (LayerNorm and the fused LayerNorms): rows per block of THREADS threads.
+constexpr int WARP_ROWS = 8;
+// Two-stage reductions over rows (LayerNorm weight gradients, bias gradients, GELU + bias backward):
+// rows per block of the first stage.
+constexpr int PARTIAL_ROWS = 64;
+// Attention: query (or key) rows per block, one per thread; key (or query) rows per shared-memory tile.
+constexpr int ATTENTION_ROWS = 64;
+constexpr int ATTENTION_TILE = 32;
+
+static_assert(WARP_ROWS * 32 == THREADS, "a row-per-warp block of THREADS threads holds WARP_ROWS rows");
