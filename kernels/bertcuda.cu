@@ -8,3 +8,4 @@
 #include "fused.cu"
 #include "layernorm.cu"
 #include "rows.cu"
+#include "mma_check.cu"

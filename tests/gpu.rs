@@ -799,4 +799,44 @@ on_both_devices!(
     training_on_the_gpu_tracks_the_cpu,
     bf16_ops_against_the_fp32_cpu,
     fused_forward_kernels_equal_the_unfused_cpu_ops,
+    tensor_core_wrappers_follow_the_ptx_fragment_layouts,
 );
+
+/// The tensor-core wrappers of kernels/mma.cuh (mma.sync m16n8k16 bf16, ldmatrix x4, cp.async) on one tile
+/// against a product in f64: on the emulated device this checks the kernel against the PTX fragment layouts
+/// as the emulator implements them; on a GPU, the emulator's layouts against the hardware's.
+fn tensor_core_wrappers_follow_the_ptx_fragment_layouts() {
+    let be = gpu();
+    let dev = be.device();
+    let bf = |v: &[f32]| v.iter().map(|&x| half::bf16::from_f32(x)).collect::<Vec<_>>();
+    let (a, bt, c) = (bf(&randn(40, 16 * 16, 1.0)), bf(&randn(41, 8 * 16, 1.0)), randn(42, 16 * 8, 1.0));
+    let up = |bytes: &[u8]| {
+        let m = dev.alloc(bytes.len(), false).unwrap();
+        dev.htod(m.ptr, bytes).unwrap();
+        m
+    };
+    let (ma, mb, mc) =
+        (up(bytemuck::cast_slice(&a)), up(bytemuck::cast_slice(&bt)), up(bytemuck::cast_slice(&c)));
+    let md = dev.alloc(4 * 16 * 8, false).unwrap();
+    let k = dev.kernel("mma_tile_check").unwrap();
+    for via_ldmatrix in [0i32, 1] {
+        dev.memset_zero(md.ptr, 4 * 16 * 8).unwrap();
+        let launch = bertcuda::backend::device::Launch::new((1, 1, 1), 32);
+        dev.launch(k, launch, &[&md.ptr, &ma.ptr, &mb.ptr, &mc.ptr, &via_ldmatrix]).unwrap();
+        let mut d = vec![0f32; 16 * 8];
+        dev.dtoh(bytemuck::cast_slice_mut(&mut d), md.ptr).unwrap();
+        for i in 0..16 {
+            for j in 0..8 {
+                let terms: Vec<f64> =
+                    (0..16).map(|k| a[i * 16 + k].to_f64() * bt[j * 16 + k].to_f64()).collect();
+                let want = c[i * 8 + j] as f64 + terms.iter().sum::<f64>();
+                let scale = c[i * 8 + j].abs() as f64 + terms.iter().map(|x| x.abs()).sum::<f64>();
+                let got = d[i * 8 + j] as f64;
+                assert!(
+                    (got - want).abs() <= 1e-6 * scale,
+                    "ldmatrix={via_ldmatrix} D[{i}][{j}]: {got} vs {want}"
+                );
+            }
+        }
+    }
+}

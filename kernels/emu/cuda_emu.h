@@ -20,7 +20,7 @@
 #define __noinline__ __attribute__((noinline))
 #define __restrict__ __restrict
 #define __launch_bounds__(...)
-#define __align__(n) alignas(n)
+#define __align__(n) __attribute__((aligned(n)))
 #if BCEMU_CHECKED
 // One ELF section holds every __shared__ variable, so the checker knows an address is shared memory.
 #define __shared__ static __attribute__((section("bcemu_shared"), aligned(16)))
@@ -72,9 +72,15 @@ struct Block {
 extern ThreadView* current;
 extern Block block;
 void syncthreads(const char* file, int line);
-// op: 0 idx, 1 up, 2 down, 3 xor, 4 ballot, 5 all, 6 any, 7 syncwarp
+// op: 0 idx, 1 up, 2 down, 3 xor, 4 ballot, 5 all, 6 any, 7 syncwarp, 8 gather (value: a Gather*)
 uint64_t warp_op(int op, unsigned mask, uint64_t value, int arg, int width, const char* file, int line);
 unsigned active_mask();
+// Every lane of the (full) warp gives `bytes` at `mine`; each receives all 32 lanes' at `all`, in lane order.
+struct Gather {
+    const void* mine;
+    void* all;
+    unsigned bytes;
+};
 void* dynamic_shared();
 uint32_t atomic_rmw32(void* p, int op, uint32_t v, uint32_t cmp);
 uint64_t atomic_rmw64(void* p, int op, uint64_t v, uint64_t cmp);
@@ -180,6 +186,51 @@ inline int __float_as_int(float x) { return __builtin_bit_cast(int, x); }
 inline float __uint_as_float(unsigned x) { return __builtin_bit_cast(float, x); }
 inline unsigned __float_as_uint(float x) { return __builtin_bit_cast(unsigned, x); }
 template <typename T> inline T __ldg(const T* p) { return *p; }
+
+// ---- tensor-core fragments (kernels/mma.cuh): gathered from the 32 lanes by the PTX ISA's layouts --------
+namespace bcemu {
+inline void warp_gather(const void* mine, void* all, unsigned bytes, const char* file, int line) {
+    Gather g{mine, all, bytes};
+    warp_op(8, 0xffffffffu, (uint64_t)(uintptr_t)&g, 0, 32, file, line);
+}
+inline int lane_id() {
+    const dim3 &t = current->thread_idx, &b = block.block_dim;
+    return (int)((t.x + t.y * b.x + t.z * b.x * b.y) & 31);
+}
+inline float bf16_lo(uint32_t r) { return __builtin_bit_cast(float, r << 16); }
+inline float bf16_hi(uint32_t r) { return __builtin_bit_cast(float, r & 0xffff0000u); }
+inline void mma_m16n8k16_bf16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4],
+                              BCEMU_SITE) {
+    struct Frag {
+        uint32_t a[4], b[2];
+    } mine{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}}, all[32];
+    warp_gather(&mine, all, sizeof mine, file, line);
+    float A[16][16], B[16][8];
+    for (int l = 0; l < 32; l++) {
+        const int g = l >> 2, t = l & 3;
+        const Frag& f = all[l];
+        A[g][2 * t] = bf16_lo(f.a[0]), A[g][2 * t + 1] = bf16_hi(f.a[0]);
+        A[g + 8][2 * t] = bf16_lo(f.a[1]), A[g + 8][2 * t + 1] = bf16_hi(f.a[1]);
+        A[g][2 * t + 8] = bf16_lo(f.a[2]), A[g][2 * t + 9] = bf16_hi(f.a[2]);
+        A[g + 8][2 * t + 8] = bf16_lo(f.a[3]), A[g + 8][2 * t + 9] = bf16_hi(f.a[3]);
+        B[2 * t][g] = bf16_lo(f.b[0]), B[2 * t + 1][g] = bf16_hi(f.b[0]);
+        B[2 * t + 8][g] = bf16_lo(f.b[1]), B[2 * t + 9][g] = bf16_hi(f.b[1]);
+    }
+    const int lane = lane_id(), g = lane >> 2, t = lane & 3;
+    const int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
+    for (int i = 0; i < 4; i++) {
+        float s = c[i];
+        for (int k = 0; k < 16; k++) s += A[rows[i]][k] * B[k][cols[i]];
+        d[i] = s;
+    }
+}
+inline void ldmatrix_x4(uint32_t r[4], const void* row, BCEMU_SITE) {
+    const void* rows[32];
+    warp_gather(&row, rows, sizeof row, file, line);
+    const int lane = lane_id();
+    for (int i = 0; i < 4; i++) r[i] = static_cast<const uint32_t*>(rows[8 * i + lane / 4])[lane % 4];
+}
+}  // namespace bcemu
 
 // The extern "C" kernels: declared, registered by name with the runtime (so a launch finds them and checks
 // its argument list against their parameters), then defined.

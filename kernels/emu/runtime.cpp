@@ -68,6 +68,11 @@ struct Fiber {
 struct Block {
     dim3 block_idx, block_dim, grid_dim;
 };
+struct Gather {
+    const void* mine;
+    void* all;
+    unsigned bytes;
+};
 Fiber* current = nullptr;
 Block block;
 }  // namespace bcemu
@@ -78,7 +83,8 @@ namespace {
 
 enum State { RUNNABLE = 0, AT_BARRIER = 1, AT_WARP = 2, DONE = 3 };
 const char* const OP_NAMES[] = {"__shfl_sync", "__shfl_up_sync", "__shfl_down_sync", "__shfl_xor_sync",
-                                "__ballot_sync", "__all_sync", "__any_sync", "__syncwarp"};
+                                "__ballot_sync", "__all_sync", "__any_sync", "__syncwarp",
+                                "a warp-wide fragment exchange (mma.sync, ldmatrix)"};
 
 // ---- reports ----------------------------------------------------------------------------------------------
 std::mutex g_lock;  // every API call; one launch at a time
@@ -325,6 +331,22 @@ void complete_warp_op(int warp, size_t k) {
             all = all && p;
             any = any || p;
         }
+    if (w.op == 8) {
+        if (took != 0xffffffffu) {
+            report("%s at %s:%d: lanes 0x%08x took part; it needs all 32", OP_NAMES[8], w.file, w.line, took);
+        }
+        for (int l = 0; l < 32; l++) {
+            if (!(took >> l & 1)) continue;
+            const auto* gl = reinterpret_cast<const bcemu::Gather*>(lanes[l].value);
+            for (int s = 0; s < 32; s++) {
+                char* dst = static_cast<char*>(gl->all) + (size_t)s * gl->bytes;
+                if (took >> s & 1)
+                    memcpy(dst, reinterpret_cast<const bcemu::Gather*>(lanes[s].value)->mine, gl->bytes);
+                else
+                    memset(dst, 0xff, gl->bytes);
+            }
+        }
+    }
     for (int l = 0; l < 32; l++) {
         if (!(took >> l & 1)) continue;
         Fiber& f = lanes[l];
