@@ -7,7 +7,8 @@
 //! - for the emulated device (src/backend/device/emu.rs): the same sources compiled for the host on top
 //!   of kernels/emu/cuda_emu.h, with the emulator's runtime. clang++ (BERTCUDA_EMU_CXX, clang++-16 or
 //!   clang++; scripts/install-emulator-compiler.sh) builds it with the checker's instrumentation; g++ builds
-//!   it without the checker; with neither the crate builds without the emulator, with a warning.
+//!   it without the checker; with neither (or BERTCUDA_EMU_CXX=none) the crate builds without the
+//!   emulator, with a warning.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -31,6 +32,9 @@ fn runs(cmd: &str) -> bool {
 /// The host C++ compiler for the emulator, and whether it is clang (which builds the checker).
 fn find_cxx() -> Option<(String, bool)> {
     if let Ok(c) = std::env::var("BERTCUDA_EMU_CXX") {
+        if c == "none" {
+            return None;
+        }
         let clang = Command::new(&c)
             .arg("--version")
             .output()

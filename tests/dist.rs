@@ -13,7 +13,7 @@ use bertcuda::data::tokenizer::BertTokenizer;
 use bertcuda::dist::{buckets, rendezvous, Comm, InProcess, RankInfo, ID_BYTES};
 use bertcuda::model::config::ModelConfig;
 use bertcuda::model::params::ParamTable;
-use bertcuda::train::{train, train_in_process, TrainConfig};
+use bertcuda::train::{train, train_in_process, TrainConfig, TrainSummary};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -58,6 +58,23 @@ fn read_f32s(path: &Path) -> Vec<(String, Vec<f32>)> {
     v
 }
 
+/// W ranks made the run of one rank with W× the batch: every rank's losses and the saved weights within
+/// 1e-5 of it.
+fn assert_same_run(one: &TrainSummary, ranks: &[TrainSummary], one_dir: &Path, ranks_dir: &Path) {
+    for r in ranks {
+        for (a, b) in one.losses.iter().zip(&r.losses) {
+            assert!((a - b).abs() <= 1e-5 * a.abs(), "{:?} vs {:?}", one.losses, r.losses);
+        }
+    }
+    for ((n, a), (_, b)) in read_f32s(&one_dir.join("model.safetensors"))
+        .iter()
+        .zip(read_f32s(&ranks_dir.join("model.safetensors")))
+    {
+        let err = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(err < 1e-5, "{n}: {err}");
+    }
+}
+
 #[test]
 fn two_ranks_equal_one_rank_with_twice_the_batch() {
     let tmp = tempfile::tempdir().unwrap();
@@ -80,18 +97,7 @@ fn two_ranks_equal_one_rank_with_twice_the_batch() {
     let one = train(base("one", 8), Arc::new(AtomicBool::new(false))).unwrap();
     let two = train_in_process(base("two", 4), 2, Arc::new(AtomicBool::new(false))).unwrap();
     assert_eq!(two.len(), 2);
-    for r in &two {
-        for (a, b) in one.losses.iter().zip(&r.losses) {
-            assert!((a - b).abs() <= 1e-5 * a.abs(), "{:?} vs {:?}", one.losses, r.losses);
-        }
-    }
-    for ((n, a), (_, b)) in read_f32s(&tmp.path().join("one/model.safetensors"))
-        .iter()
-        .zip(read_f32s(&tmp.path().join("two/model.safetensors")))
-    {
-        let err = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(err < 1e-5, "{n}: {err}");
-    }
+    assert_same_run(&one, &two, &tmp.path().join("one"), &tmp.path().join("two"));
     // With accumulation and small gradient buckets (reduced as backward completes them, on the last
     // micro-batch only): still the larger batch.
     let acc = |out: &str, batch: usize| TrainConfig {
@@ -101,18 +107,7 @@ fn two_ranks_equal_one_rank_with_twice_the_batch() {
     };
     let one = train(acc("one-acc", 8), Arc::new(AtomicBool::new(false))).unwrap();
     let two = train_in_process(acc("two-acc", 4), 2, Arc::new(AtomicBool::new(false))).unwrap();
-    for r in &two {
-        for (a, b) in one.losses.iter().zip(&r.losses) {
-            assert!((a - b).abs() <= 1e-5 * a.abs(), "{:?} vs {:?}", one.losses, r.losses);
-        }
-    }
-    for ((n, a), (_, b)) in read_f32s(&tmp.path().join("one-acc/model.safetensors"))
-        .iter()
-        .zip(read_f32s(&tmp.path().join("two-acc/model.safetensors")))
-    {
-        let err = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(err < 1e-5, "{n}: {err}");
-    }
+    assert_same_run(&one, &two, &tmp.path().join("one-acc"), &tmp.path().join("two-acc"));
     // Rank 0 alone wrote the checkpoints, with the world size recorded.
     let state = bertcuda::checkpoint::verify(&tmp.path().join("two/checkpoint-000006")).unwrap();
     assert_eq!(state.world_size, 2);
@@ -154,18 +149,7 @@ fn two_emulated_devices_equal_one_with_twice_the_batch() {
     let one = train(cfg("one", 8), Arc::new(AtomicBool::new(false))).unwrap();
     let two = train_in_process(cfg("two", 4), 2, Arc::new(AtomicBool::new(false))).unwrap();
     assert_eq!(two.len(), 2);
-    for r in &two {
-        for (a, b) in one.losses.iter().zip(&r.losses) {
-            assert!((a - b).abs() <= 1e-5 * a.abs(), "{:?} vs {:?}", one.losses, r.losses);
-        }
-    }
-    for ((n, a), (_, b)) in read_f32s(&tmp.path().join("one/model.safetensors"))
-        .iter()
-        .zip(read_f32s(&tmp.path().join("two/model.safetensors")))
-    {
-        let err = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(err < 1e-5, "{n}: {err}");
-    }
+    assert_same_run(&one, &two, &tmp.path().join("one"), &tmp.path().join("two"));
 }
 
 #[test]

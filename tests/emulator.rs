@@ -20,8 +20,7 @@ fn emulated(planted_bug: Option<&str>, order: BlockOrder) -> Cuda {
         emu::checker_built(),
         "the emulator's checker is not built: build.rs needs clang++ (scripts/install-emulator-compiler.sh)"
     );
-    let opts =
-        EmuOptions { check: true, order, strict_barriers: false, planted_bug: planted_bug.map(String::from) };
+    let opts = EmuOptions { check: true, order, planted_bug: planted_bug.map(String::from) };
     Cuda::emulated(opts).expect("the emulated device")
 }
 

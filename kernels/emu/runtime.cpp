@@ -250,30 +250,30 @@ bool arena_init() {
 uint64_t dev_addr(const char* p) { return reinterpret_cast<uint64_t>(p); }
 bool in_arena(uintptr_t a) { return a >= (uintptr_t)g_arena && a < (uintptr_t)g_arena + ARENA_BYTES; }
 
-// The allocation holding [a, a + n), or null.
-const Alloc* find_alloc(uintptr_t a) {
-    static size_t last = 0;
-    if (last < g_allocs.size() && a >= g_allocs[last].base && a < g_allocs[last].base + g_allocs[last].size)
-        return &g_allocs[last];
+// The allocation starting at or before a (live or freed), or null.
+const Alloc* alloc_at_or_before(uintptr_t a) {
     auto it = std::upper_bound(g_allocs.begin(), g_allocs.end(), (uint64_t)a,
                                [](uint64_t x, const Alloc& al) { return x < al.base; });
-    if (it == g_allocs.begin()) return nullptr;
-    --it;
-    if (a >= it->base + it->size) return nullptr;
-    last = (size_t)(it - g_allocs.begin());
-    return &*it;
+    return it == g_allocs.begin() ? nullptr : &*(it - 1);
+}
+
+// The allocation holding a, or null.
+const Alloc* find_alloc(uintptr_t a) {
+    static size_t last = 0;  // the last one found: accesses come in runs
+    if (last < g_allocs.size() && a >= g_allocs[last].base && a < g_allocs[last].base + g_allocs[last].size)
+        return &g_allocs[last];
+    const Alloc* al = alloc_at_or_before(a);
+    if (!al || a >= al->base + al->size) return nullptr;
+    last = (size_t)(al - g_allocs.data());
+    return al;
 }
 
 int alloc_index(const Alloc* al) { return al ? (int)(al - g_allocs.data()) : -1; }
 
 void describe_global(char* out, size_t cap, uintptr_t a) {
-    auto it = std::upper_bound(g_allocs.begin(), g_allocs.end(), (uint64_t)a,
-                               [](uint64_t x, const Alloc& al) { return x < al.base; });
-    if (it != g_allocs.begin()) {
-        --it;
-        long off = (long)(a - it->base);
+    if (const Alloc* al = alloc_at_or_before(a)) {
         snprintf(out, cap, "device address 0x%lx (allocation #%d of %lu bytes%s, byte offset %ld)", (unsigned long)a,
-                 (int)(it - g_allocs.begin()), (unsigned long)it->size, it->live ? "" : ", freed", off);
+                 alloc_index(al), (unsigned long)al->size, al->live ? "" : ", freed", (long)(a - al->base));
     } else {
         snprintf(out, cap, "device address 0x%lx (before every allocation)", (unsigned long)a);
     }
@@ -288,16 +288,12 @@ void mark_init(uint64_t a, uint64_t n) {
 
 // ---- the block being run ----------------------------------------------------------------------------------
 int g_nthreads = 0, g_live = 0, g_arrived = 0;
-const char* g_barrier_file = nullptr;
-int g_barrier_line = 0;
 uint32_t g_launch = 0;        // launch counter (global memory records)
 uint32_t g_block_run = 0;     // block counter (shared memory records)
 uint32_t g_interval = 0;      // barrier intervals, unique over the process
 uint32_t g_block_first = 0;   // the first interval of the running block
 unsigned g_exited[32];        // per warp: lanes that returned (or do not exist)
 uint16_t g_wsync[32];         // per warp: completed collectives
-uint32_t g_max_dyn[4096];     // per kernel: the dynamic shared memory attribute
-bool g_strict_barriers = false;
 
 void new_interval() { g_interval++; }
 
@@ -305,7 +301,6 @@ void complete_barrier() {
     for (int i = 0; i < g_nthreads; i++)
         if (g_fibers[i].state == AT_BARRIER) g_fibers[i].state = RUNNABLE;
     g_arrived = 0;
-    g_barrier_file = nullptr;
     new_interval();
 }
 
@@ -442,7 +437,6 @@ std::string wait_sites() {
 bool run_block(int nthreads, const dim3& bdim) {
     g_nthreads = g_live = nthreads;
     g_arrived = 0;
-    g_barrier_file = nullptr;
     g_block_run++;
     new_interval();
     g_block_first = g_interval;
@@ -546,7 +540,7 @@ void access(uintptr_t a, unsigned n, bool write, bool atomic_op) {
             return;
         }
         if (!atomic_op) {
-            if (c.init && !ordered(c.w, launch, shared) && (c.w.launch == launch)) {
+            if (c.init && !ordered(c.w, launch, shared)) {
                 where(wh, sizeof wh, a, shared);
                 describe_thread(who, sizeof who, c.w, shared);
                 report("race: %s of %u bytes at %s after a write by %s", write ? "write" : "read", n, wh, who);
@@ -588,24 +582,17 @@ struct KernelInfo {
     void (*invoke)(void*, void**);
     int nargs;
     const unsigned* sizes;
+    unsigned max_dynamic_shared;  // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
 };
 std::vector<KernelInfo>& registry() {
     static std::vector<KernelInfo> r;
     return r;
 }
 void register_kernel(const char* name, void* fn, void (*invoke)(void*, void**), int nargs, const unsigned* sizes) {
-    registry().push_back({name, fn, invoke, nargs, sizes});
+    registry().push_back({name, fn, invoke, nargs, sizes, 48 * 1024});
 }
 
 void syncthreads(const char* file, int line) {
-    if (g_strict_barriers && g_barrier_file && (g_barrier_line != line || strcmp(g_barrier_file, file) != 0)) {
-        report("__syncthreads at %s:%d and at %s:%d complete one barrier (the threads diverged)", file, line,
-               g_barrier_file, g_barrier_line);
-    }
-    if (!g_barrier_file) {
-        g_barrier_file = file;
-        g_barrier_line = line;
-    }
     g_arrived++;
     if (g_arrived == g_live) {
         complete_barrier();
@@ -830,11 +817,6 @@ extern "C" void bcemu_set_check(int check) {
     g_check = check && BCEMU_CHECKED;
 }
 
-extern "C" void bcemu_set_strict_barriers(int on) {
-    std::lock_guard<std::mutex> g(g_lock);
-    g_strict_barriers = on != 0;
-}
-
 extern "C" uint64_t bcemu_alloc(uint64_t bytes, int zero) {
     std::lock_guard<std::mutex> g(g_lock);
     const uint64_t size = bytes ? bytes : 1;
@@ -955,8 +937,9 @@ extern "C" int bcemu_kernel(const char* name) {
 
 extern "C" int bcemu_set_max_dynamic_shared(int k, unsigned bytes) {
     std::lock_guard<std::mutex> g(g_lock);
-    if (k < 0 || k >= 4096 || bytes > 232448) return 1;
-    g_max_dyn[k] = bytes;
+    auto& r = bcemu::registry();
+    if (k < 0 || (size_t)k >= r.size() || bytes > 232448) return 1;
+    r[(size_t)k].max_dynamic_shared = bytes;
     return 0;
 }
 
@@ -994,11 +977,12 @@ extern "C" int bcemu_launch(int k, const unsigned* grid, const unsigned* blk, un
                               std::to_string(grid[2]) + ")");
         return 1;
     }
-    const unsigned limit = g_max_dyn[k] ? g_max_dyn[k] : 48 * 1024;
-    if (smem > limit) {
+    if (smem > info.max_dynamic_shared) {
         set_err(err, cap, name + std::to_string(smem) + " bytes of dynamic shared memory, above " +
-                              std::to_string(limit) +
-                              (g_max_dyn[k] ? "" : " (more needs the MAX_DYNAMIC_SHARED_SIZE_BYTES attribute)"));
+                              std::to_string(info.max_dynamic_shared) +
+                              (info.max_dynamic_shared > 48 * 1024
+                                   ? ""
+                                   : " (more needs the MAX_DYNAMIC_SHARED_SIZE_BYTES attribute)"));
         return 1;
     }
     if (!g_arena && !arena_init()) {

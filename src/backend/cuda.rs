@@ -196,16 +196,14 @@ impl Kernels {
 /// One float allocation: its bytes, storage type, and for parameters under bf16 a bf16 copy the matrix
 /// products and kernels read (refreshed on upload and after every AdamW step).
 struct Floats {
-    _mem: Mem,
-    ptr: u64,
+    mem: Mem,
     len: usize,
     dt: Dt,
-    shadow: Option<(Mem, u64)>,
+    shadow: Option<Mem>,
 }
 
 struct IntsBuf {
-    _mem: Mem,
-    ptr: u64,
+    mem: Mem,
     len: usize,
     /// What was last uploaded: the host builds the embedding-gradient groups and checks row lists from it.
     host: Vec<i32>,
@@ -214,10 +212,16 @@ struct IntsBuf {
 /// A grow-only device buffer for reduction partials and embedding-gradient groups: allocated on first
 /// use, then reused, so steady-state steps allocate nothing.
 #[derive(Default)]
-struct Scratch {
-    mem: Option<Mem>,
-    ptr: u64,
-    len: usize,
+struct Scratch(Option<Mem>);
+
+impl Scratch {
+    /// Its device pointer, grown (never shrunk) to at least `bytes`.
+    fn at_least(&mut self, dev: &dyn Device, bytes: usize) -> Result<u64> {
+        if self.0.as_ref().is_none_or(|m| m.bytes < bytes) {
+            self.0 = Some(dev.alloc(bytes, false)?);
+        }
+        Ok(self.0.as_ref().expect("allocated").ptr)
+    }
 }
 
 pub struct Cuda {
@@ -340,8 +344,8 @@ impl Cuda {
         let ptr = |b: &Buf| -> Result<u64> {
             match floats.get(b.id as usize) {
                 Some(f) if b.off + b.len <= f.len => Ok(match (&f.shadow, dt) {
-                    (Some((_, sp)), Dt::Bf16) => sp + 2 * b.off as u64,
-                    _ => f.ptr + (f.dt.size() * b.off) as u64,
+                    (Some(sh), Dt::Bf16) => sh.ptr + 2 * b.off as u64,
+                    _ => f.mem.ptr + (f.dt.size() * b.off) as u64,
                 }),
                 _ => bail!("internal: buffer region {b:?} out of bounds"),
             }
@@ -429,7 +433,7 @@ impl Cuda {
     fn iptr(&self, i: Ints) -> Result<u64> {
         let ints = self.ints.borrow();
         match ints.get(i.id as usize) {
-            Some(b) if i.off + i.len <= b.len => Ok(b.ptr + 4 * i.off as u64),
+            Some(b) if i.off + i.len <= b.len => Ok(b.mem.ptr + 4 * i.off as u64),
             _ => bail!("internal: int region {i:?} out of bounds"),
         }
     }
@@ -453,27 +457,14 @@ impl Cuda {
 
     /// A device buffer of at least `n` floats for reduction partials.
     fn partials(&self, n: usize) -> Result<u64> {
-        let mut s = self.partials.borrow_mut();
-        if s.len < n {
-            let mem = self.dev.alloc(4 * n, false)?;
-            s.ptr = mem.ptr;
-            s.mem = Some(mem);
-            s.len = n;
-        }
-        Ok(s.ptr)
+        self.partials.borrow_mut().at_least(self.dev.as_ref(), 4 * n)
     }
 
     /// Upload i32 data into the grow-only group buffer; its device pointer.
     fn upload_groups(&self, data: &[i32]) -> Result<u64> {
-        let mut s = self.groups.borrow_mut();
-        if s.len < data.len() {
-            let mem = self.dev.alloc(4 * data.len().max(1024), false)?;
-            s.ptr = mem.ptr;
-            s.len = data.len().max(1024);
-            s.mem = Some(mem);
-        }
-        self.dev.htod(s.ptr, bytemuck::cast_slice(data))?;
-        Ok(s.ptr)
+        let p = self.groups.borrow_mut().at_least(self.dev.as_ref(), 4 * data.len().max(1024))?;
+        self.dev.htod(p, bytemuck::cast_slice(data))?;
+        Ok(p)
     }
 
     fn need(what: &str, got: usize, want: usize) -> Result<()> {
@@ -589,24 +580,17 @@ impl Backend for Cuda {
         let act = self.act_dt.get();
         let dt = if kind == Kind::Activation { act } else { Dt::F32 };
         let mem = self.dev.alloc(dt.size() * len, true)?;
-        let ptr = mem.ptr;
-        let shadow = if kind == Kind::Param && act == Dt::Bf16 {
-            let m = self.dev.alloc(2 * len, true)?;
-            let p = m.ptr;
-            Some((m, p))
-        } else {
-            None
-        };
+        let shadow =
+            if kind == Kind::Param && act == Dt::Bf16 { Some(self.dev.alloc(2 * len, true)?) } else { None };
         let mut floats = self.floats.borrow_mut();
-        floats.push(Floats { _mem: mem, ptr, len, dt, shadow });
+        floats.push(Floats { mem, len, dt, shadow });
         Ok(Buf { id: floats.len() as u32 - 1, off: 0, len })
     }
 
     fn alloc_ints(&self, len: usize) -> Result<Ints> {
         let mem = self.dev.alloc(4 * len, true)?;
-        let ptr = mem.ptr;
         let mut ints = self.ints.borrow_mut();
-        ints.push(IntsBuf { _mem: mem, ptr, len, host: vec![0; len] });
+        ints.push(IntsBuf { mem, len, host: vec![0; len] });
         Ok(Ints { id: ints.len() as u32 - 1, off: 0, len })
     }
 
@@ -618,7 +602,7 @@ impl Backend for Cuda {
             let floats = self.floats.borrow();
             let f =
                 floats.get(dst.id as usize).ok_or_else(|| Error::Invalid("internal: no buffer".into()))?;
-            (f.dt, f.shadow.as_ref().map(|(_, p)| p + 2 * dst.off as u64))
+            (f.dt, f.shadow.as_ref().map(|sh| sh.ptr + 2 * dst.off as u64))
         };
         let ([p], []) = self.ptrs([dst], [])?;
         let bf16 = |v: &[f32]| v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect::<Vec<u16>>();

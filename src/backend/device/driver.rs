@@ -268,10 +268,7 @@ impl Device for Driver {
 
     fn all_reduce_sum(&self, ptr: DevPtr, len: usize, comm: &dyn Comm) -> Result<()> {
         let Some(nccl) = comm.as_any().downcast_ref::<NcclComm>() else {
-            let mut h = vec![0f32; len];
-            self.dtoh(bytemuck::cast_slice_mut(&mut h), ptr)?;
-            comm.all_reduce_sum(&mut h)?;
-            return self.htod(ptr, bytemuck::cast_slice(&h));
+            return super::all_reduce_on_host(self, ptr, len, comm);
         };
         // The communication stream waits for the compute queued so far (the bucket is complete), then
         // sums in place while the compute stream goes on with the backward pass.

@@ -22,6 +22,9 @@ use crate::bail;
 use crate::dist::Comm;
 use crate::error::{Error, Result};
 
+/// The runtime's C interface (kernels/emu/runtime.cpp). Calls that can fail return non-zero and write
+/// their message into the buffer they are given. Without the emulator (no C++ compiler at build time)
+/// every call fails: `Emu::new` refuses first, so none is reached.
 #[cfg(bertcuda_emu)]
 mod ffi {
     use std::ffi::{c_char, c_int, c_uint, c_void};
@@ -29,7 +32,6 @@ mod ffi {
         pub fn bcemu_checker_built() -> c_int;
         pub fn bcemu_init(check: c_int, err: *mut c_char, cap: usize) -> c_int;
         pub fn bcemu_set_check(check: c_int);
-        pub fn bcemu_set_strict_barriers(on: c_int);
         pub fn bcemu_alloc(bytes: u64, zero: c_int) -> u64;
         pub fn bcemu_free(p: u64) -> c_int;
         pub fn bcemu_htod(dst: u64, src: *const c_void, n: u64, err: *mut c_char, cap: usize) -> c_int;
@@ -64,6 +66,76 @@ mod ffi {
     }
 }
 
+#[cfg(not(bertcuda_emu))]
+#[allow(clippy::missing_safety_doc, clippy::too_many_arguments)]
+mod ffi {
+    use std::ffi::{c_char, c_int, c_uint, c_void};
+    pub unsafe fn bcemu_checker_built() -> c_int {
+        0
+    }
+    pub unsafe fn bcemu_init(_: c_int, _: *mut c_char, _: usize) -> c_int {
+        1
+    }
+    pub unsafe fn bcemu_set_check(_: c_int) {}
+    pub unsafe fn bcemu_alloc(_: u64, _: c_int) -> u64 {
+        0
+    }
+    pub unsafe fn bcemu_free(_: u64) -> c_int {
+        1
+    }
+    pub unsafe fn bcemu_htod(_: u64, _: *const c_void, _: u64, _: *mut c_char, _: usize) -> c_int {
+        1
+    }
+    pub unsafe fn bcemu_dtoh(_: *mut c_void, _: u64, _: u64, _: *mut c_char, _: usize) -> c_int {
+        1
+    }
+    pub unsafe fn bcemu_dtod(_: u64, _: u64, _: u64, _: *mut c_char, _: usize) -> c_int {
+        1
+    }
+    pub unsafe fn bcemu_memset(_: u64, _: c_int, _: u64, _: *mut c_char, _: usize) -> c_int {
+        1
+    }
+    pub unsafe fn bcemu_check_region(
+        _: u64,
+        _: u64,
+        _: c_int,
+        _: *const c_char,
+        _: *mut c_char,
+        _: usize,
+    ) -> c_int {
+        1
+    }
+    pub unsafe fn bcemu_kernel(_: *const c_char) -> c_int {
+        -1
+    }
+    pub unsafe fn bcemu_set_max_dynamic_shared(_: c_int, _: c_uint) -> c_int {
+        1
+    }
+    pub unsafe fn bcemu_launch(
+        _: c_int,
+        _: *const c_uint,
+        _: *const c_uint,
+        _: c_uint,
+        _: *mut *mut c_void,
+        _: *const c_uint,
+        _: c_int,
+        _: c_int,
+        _: *mut c_char,
+        _: usize,
+    ) -> c_int {
+        1
+    }
+    pub unsafe fn bcemu_f32_to_bf16(x: f32) -> u16 {
+        half::bf16::from_f32(x).to_bits()
+    }
+    pub unsafe fn bcemu_f32_to_f16(x: f32) -> u16 {
+        half::f16::from_f32(x).to_bits()
+    }
+    pub unsafe fn bcemu_f16_to_f32(h: u16) -> f32 {
+        half::f16::from_bits(h).to_f32()
+    }
+}
+
 /// Whether this build has the emulator (build.rs found a C++ compiler).
 pub fn built() -> bool {
     cfg!(bertcuda_emu)
@@ -71,14 +143,7 @@ pub fn built() -> bool {
 
 /// Whether the emulator's checker is compiled in (its kernels built by clang with the instrumentation).
 pub fn checker_built() -> bool {
-    #[cfg(bertcuda_emu)]
-    {
-        unsafe { ffi::bcemu_checker_built() != 0 }
-    }
-    #[cfg(not(bertcuda_emu))]
-    {
-        false
-    }
+    unsafe { ffi::bcemu_checker_built() != 0 }
 }
 
 /// The order blocks of a grid run in: shuffling catches a kernel that assumes one.
@@ -95,8 +160,6 @@ pub struct EmuOptions {
     /// Run the checker on every launch (when compiled in).
     pub check: bool,
     pub order: BlockOrder,
-    /// Report a barrier completed by `__syncthreads` calls from different lines (divergent barriers).
-    pub strict_barriers: bool,
     /// Run the kernels of this planted bug (kernels/emu/mutants.txt) where it has them.
     pub planted_bug: Option<String>,
 }
@@ -111,52 +174,43 @@ impl EmuOptions {
             Ok("shuffled") => BlockOrder::Shuffled,
             _ => BlockOrder::Forward,
         };
-        EmuOptions { check, order, strict_barriers: false, planted_bug: None }
+        EmuOptions { check, order, planted_bug: None }
     }
 }
 
 /// bf16 of an f32 as the emulated kernels (and the device's cvt.rn) round it.
 pub fn f32_to_bf16_bits(x: f32) -> u16 {
-    #[cfg(bertcuda_emu)]
-    {
-        unsafe { ffi::bcemu_f32_to_bf16(x) }
-    }
-    #[cfg(not(bertcuda_emu))]
-    {
-        half::bf16::from_f32(x).to_bits()
-    }
+    unsafe { ffi::bcemu_f32_to_bf16(x) }
 }
 
 /// fp16 of an f32 as the emulated kernels round it.
 pub fn f32_to_f16_bits(x: f32) -> u16 {
-    #[cfg(bertcuda_emu)]
-    {
-        unsafe { ffi::bcemu_f32_to_f16(x) }
-    }
-    #[cfg(not(bertcuda_emu))]
-    {
-        half::f16::from_f32(x).to_bits()
-    }
+    unsafe { ffi::bcemu_f32_to_f16(x) }
 }
 
 /// The f32 of an fp16 as the emulated kernels widen it.
 pub fn f16_bits_to_f32(h: u16) -> f32 {
-    #[cfg(bertcuda_emu)]
-    {
-        unsafe { ffi::bcemu_f16_to_f32(h) }
+    unsafe { ffi::bcemu_f16_to_f32(h) }
+}
+
+const ERR_CAP: usize = 8192;
+
+/// One call of the runtime that reports a failure in an error buffer: Ok, or its message.
+fn checked(call: impl FnOnce(*mut std::ffi::c_char, usize) -> i32) -> Result<()> {
+    let mut err = vec![0u8; ERR_CAP];
+    if call(err.as_mut_ptr().cast(), ERR_CAP) == 0 {
+        return Ok(());
     }
-    #[cfg(not(bertcuda_emu))]
-    {
-        half::f16::from_bits(h).to_f32()
-    }
+    let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
+    Err(Error::Invalid(format!("emulated device: {}", String::from_utf8_lossy(&err[..end]))))
 }
 
 pub struct Emu {
     opts: EmuOptions,
-    names: std::cell::RefCell<Vec<(String, i32)>>,
     used: std::rc::Rc<std::cell::Cell<u64>>,
 }
 
+/// An allocation of the emulated device; freed when dropped.
 struct EmuAlloc {
     ptr: u64,
     bytes: usize,
@@ -165,51 +219,21 @@ struct EmuAlloc {
 
 impl Drop for EmuAlloc {
     fn drop(&mut self) {
-        #[cfg(bertcuda_emu)]
-        unsafe {
-            ffi::bcemu_free(self.ptr);
-        }
+        unsafe { ffi::bcemu_free(self.ptr) };
         self.used.set(self.used.get() - self.bytes as u64);
     }
 }
 
-#[cfg(bertcuda_emu)]
-fn status(rc: i32, err: &[u8]) -> Result<()> {
-    if rc == 0 {
-        return Ok(());
-    }
-    let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
-    Err(Error::Invalid(format!("emulated device: {}", String::from_utf8_lossy(&err[..end]))))
-}
-
-#[cfg(bertcuda_emu)]
-const ERR_CAP: usize = 8192;
-
 impl Emu {
     pub fn new(opts: EmuOptions) -> Result<Self> {
-        #[cfg(not(bertcuda_emu))]
-        {
-            let _ = opts;
+        if !built() {
             bail!(
                 "--device emu: this binary was built without the emulated device (no C++ compiler was found \
                  at build time): run scripts/install-emulator-compiler.sh and rebuild"
-            )
+            );
         }
-        #[cfg(bertcuda_emu)]
-        {
-            let mut err = vec![0u8; ERR_CAP];
-            status(unsafe { ffi::bcemu_init(opts.check as i32, err.as_mut_ptr().cast(), ERR_CAP) }, &err)?;
-            unsafe { ffi::bcemu_set_strict_barriers(opts.strict_barriers as i32) };
-            Ok(Emu {
-                opts,
-                names: std::cell::RefCell::new(Vec::new()),
-                used: std::rc::Rc::new(std::cell::Cell::new(0)),
-            })
-        }
-    }
-
-    pub fn options(&self) -> &EmuOptions {
-        &self.opts
+        checked(|err, cap| unsafe { ffi::bcemu_init(opts.check as i32, err, cap) })?;
+        Ok(Emu { opts, used: std::rc::Rc::new(std::cell::Cell::new(0)) })
     }
 
     /// Whether the checker runs on this device's launches.
@@ -219,43 +243,17 @@ impl Emu {
 
     /// Allow up to `bytes` of dynamic shared memory for kernel `k` (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES).
     pub fn set_max_dynamic_shared(&self, k: Kernel, bytes: u32) -> Result<()> {
-        #[cfg(bertcuda_emu)]
-        {
-            let id = self.names.borrow()[k.0 as usize].1;
-            if unsafe { ffi::bcemu_set_max_dynamic_shared(id, bytes) } != 0 {
-                bail!("emulated device: {bytes} bytes of dynamic shared memory exceed the 232448 an sm_90 block may have");
-            }
-            Ok(())
+        if unsafe { ffi::bcemu_set_max_dynamic_shared(k.0 as i32, bytes) } != 0 {
+            bail!("emulated device: {bytes} bytes of dynamic shared memory exceed the 232448 an sm_90 block may have");
         }
-        #[cfg(not(bertcuda_emu))]
-        {
-            let _ = (k, bytes);
-            bail!("no emulator in this build")
-        }
+        Ok(())
     }
 
-    #[cfg(bertcuda_emu)]
     fn region(&self, p: DevPtr, bytes: usize, write: bool, what: &str) -> Result<()> {
-        let mut err = vec![0u8; ERR_CAP];
         let what = std::ffi::CString::new(what).expect("no NUL");
-        status(
-            unsafe {
-                ffi::bcemu_check_region(
-                    p,
-                    bytes as u64,
-                    write as i32,
-                    what.as_ptr(),
-                    err.as_mut_ptr().cast(),
-                    ERR_CAP,
-                )
-            },
-            &err,
-        )
-    }
-
-    #[cfg(not(bertcuda_emu))]
-    fn region(&self, _p: DevPtr, _bytes: usize, _write: bool, _what: &str) -> Result<()> {
-        bail!("no emulator in this build")
+        checked(|err, cap| unsafe {
+            ffi::bcemu_check_region(p, bytes as u64, write as i32, what.as_ptr(), err, cap)
+        })
     }
 }
 
@@ -297,159 +295,76 @@ impl Device for Emu {
     }
 
     fn alloc(&self, bytes: usize, zeroed: bool) -> Result<Mem> {
-        #[cfg(bertcuda_emu)]
-        {
-            let ptr = unsafe { ffi::bcemu_alloc(bytes as u64, zeroed as i32) };
-            if ptr == 0 {
-                return Err(Error::OutOfMemory(format!(
-                    "emulated device: out of memory allocating {bytes} bytes"
-                )));
-            }
-            self.used.set(self.used.get() + bytes as u64);
-            Ok(Mem::new(ptr, bytes, Box::new(EmuAlloc { ptr, bytes, used: self.used.clone() })))
+        let ptr = unsafe { ffi::bcemu_alloc(bytes as u64, zeroed as i32) };
+        if ptr == 0 {
+            return Err(Error::OutOfMemory(format!(
+                "emulated device: out of memory allocating {bytes} bytes"
+            )));
         }
-        #[cfg(not(bertcuda_emu))]
-        {
-            let _ = (bytes, zeroed, EmuAlloc { ptr: 0, bytes: 0, used: self.used.clone() });
-            bail!("no emulator in this build")
-        }
+        self.used.set(self.used.get() + bytes as u64);
+        Ok(Mem::new(ptr, bytes, Box::new(EmuAlloc { ptr, bytes, used: self.used.clone() })))
     }
 
     fn htod(&self, dst: DevPtr, src: &[u8]) -> Result<()> {
-        #[cfg(bertcuda_emu)]
-        {
-            let mut err = vec![0u8; ERR_CAP];
-            status(
-                unsafe {
-                    ffi::bcemu_htod(
-                        dst,
-                        src.as_ptr().cast(),
-                        src.len() as u64,
-                        err.as_mut_ptr().cast(),
-                        ERR_CAP,
-                    )
-                },
-                &err,
-            )
-        }
-        #[cfg(not(bertcuda_emu))]
-        {
-            let _ = (dst, src);
-            bail!("no emulator in this build")
-        }
+        checked(|err, cap| unsafe { ffi::bcemu_htod(dst, src.as_ptr().cast(), src.len() as u64, err, cap) })
     }
 
     fn dtoh(&self, dst: &mut [u8], src: DevPtr) -> Result<()> {
-        #[cfg(bertcuda_emu)]
-        {
-            let mut err = vec![0u8; ERR_CAP];
-            status(
-                unsafe {
-                    ffi::bcemu_dtoh(
-                        dst.as_mut_ptr().cast(),
-                        src,
-                        dst.len() as u64,
-                        err.as_mut_ptr().cast(),
-                        ERR_CAP,
-                    )
-                },
-                &err,
-            )
-        }
-        #[cfg(not(bertcuda_emu))]
-        {
-            let _ = (dst, src);
-            bail!("no emulator in this build")
-        }
+        checked(|err, cap| unsafe {
+            ffi::bcemu_dtoh(dst.as_mut_ptr().cast(), src, dst.len() as u64, err, cap)
+        })
     }
 
     fn dtod(&self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<()> {
-        #[cfg(bertcuda_emu)]
-        {
-            let mut err = vec![0u8; ERR_CAP];
-            status(unsafe { ffi::bcemu_dtod(dst, src, bytes as u64, err.as_mut_ptr().cast(), ERR_CAP) }, &err)
-        }
-        #[cfg(not(bertcuda_emu))]
-        {
-            let _ = (dst, src, bytes);
-            bail!("no emulator in this build")
-        }
+        checked(|err, cap| unsafe { ffi::bcemu_dtod(dst, src, bytes as u64, err, cap) })
     }
 
     fn memset_zero(&self, dst: DevPtr, bytes: usize) -> Result<()> {
-        #[cfg(bertcuda_emu)]
-        {
-            let mut err = vec![0u8; ERR_CAP];
-            status(unsafe { ffi::bcemu_memset(dst, 0, bytes as u64, err.as_mut_ptr().cast(), ERR_CAP) }, &err)
-        }
-        #[cfg(not(bertcuda_emu))]
-        {
-            let _ = (dst, bytes);
-            bail!("no emulator in this build")
-        }
+        checked(|err, cap| unsafe { ffi::bcemu_memset(dst, 0, bytes as u64, err, cap) })
     }
 
+    /// The kernel of that name, or the planted bug's copy of it when the options name one that has it.
     fn kernel(&self, name: &str) -> Result<Kernel> {
-        #[cfg(bertcuda_emu)]
-        {
-            let find = |n: &str| {
-                let c = std::ffi::CString::new(n).expect("no NUL in kernel names");
-                unsafe { ffi::bcemu_kernel(c.as_ptr()) }
-            };
-            let planted = self.opts.planted_bug.as_ref().map_or(-1, |b| find(&format!("mutant/{b}/{name}")));
-            let id = if planted >= 0 { planted } else { find(name) };
-            if id < 0 {
-                bail!("kernel {name} is missing from the emulated device's kernels");
-            }
-            let mut names = self.names.borrow_mut();
-            names.push((name.to_string(), id));
-            Ok(Kernel(names.len() as u32 - 1))
+        let find = |n: &str| {
+            let c = std::ffi::CString::new(n).expect("no NUL in kernel names");
+            unsafe { ffi::bcemu_kernel(c.as_ptr()) }
+        };
+        let planted = self.opts.planted_bug.as_ref().map_or(-1, |b| find(&format!("mutant/{b}/{name}")));
+        let id = if planted >= 0 { planted } else { find(name) };
+        if id < 0 {
+            bail!("kernel {name} is missing from the emulated device's kernels");
         }
-        #[cfg(not(bertcuda_emu))]
-        {
-            bail!("no emulator in this build: kernel {name}")
-        }
+        Ok(Kernel(id as u32))
     }
 
     fn launch(&self, k: Kernel, l: Launch, args: &[&dyn KernelArg]) -> Result<()> {
-        #[cfg(bertcuda_emu)]
-        {
-            let id = self.names.borrow()[k.0 as usize].1;
-            let mut ptrs: Vec<*mut std::ffi::c_void> =
-                args.iter().map(|a| a.bytes().as_ptr() as *mut std::ffi::c_void).collect();
-            let sizes: Vec<u32> = args.iter().map(|a| a.bytes().len() as u32).collect();
-            let grid = [l.grid.0, l.grid.1, l.grid.2];
-            let block = [l.block.0, l.block.1, l.block.2];
-            let order = match self.opts.order {
-                BlockOrder::Forward => 0,
-                BlockOrder::Reverse => 1,
-                BlockOrder::Shuffled => 2,
-            };
-            let mut err = vec![0u8; ERR_CAP];
-            unsafe { ffi::bcemu_set_check(self.opts.check as i32) };
-            // SAFETY: the runtime copies each argument (checked against the kernel's parameter sizes) before
-            // running the kernel.
-            let rc = unsafe {
-                ffi::bcemu_launch(
-                    id,
-                    grid.as_ptr(),
-                    block.as_ptr(),
-                    l.shared,
-                    ptrs.as_mut_ptr(),
-                    sizes.as_ptr(),
-                    ptrs.len() as i32,
-                    order,
-                    err.as_mut_ptr().cast(),
-                    ERR_CAP,
-                )
-            };
-            status(rc, &err)
-        }
-        #[cfg(not(bertcuda_emu))]
-        {
-            let _ = (k, l, args);
-            bail!("no emulator in this build")
-        }
+        let mut ptrs: Vec<*mut std::ffi::c_void> =
+            args.iter().map(|a| a.bytes().as_ptr() as *mut std::ffi::c_void).collect();
+        let sizes: Vec<u32> = args.iter().map(|a| a.bytes().len() as u32).collect();
+        let grid = [l.grid.0, l.grid.1, l.grid.2];
+        let block = [l.block.0, l.block.1, l.block.2];
+        let order = match self.opts.order {
+            BlockOrder::Forward => 0,
+            BlockOrder::Reverse => 1,
+            BlockOrder::Shuffled => 2,
+        };
+        unsafe { ffi::bcemu_set_check(self.opts.check as i32) };
+        // SAFETY: the runtime copies each argument (checked against the kernel's parameter sizes) before
+        // running the kernel.
+        checked(|err, cap| unsafe {
+            ffi::bcemu_launch(
+                k.0 as i32,
+                grid.as_ptr(),
+                block.as_ptr(),
+                l.shared,
+                ptrs.as_mut_ptr(),
+                sizes.as_ptr(),
+                ptrs.len() as i32,
+                order,
+                err,
+                cap,
+            )
+        })
     }
 
     fn gemm(&self, g: &Gemm) -> Result<()> {
@@ -466,13 +381,8 @@ impl Device for Emu {
             self.region(g.a, sa * g.a_type.size(), false, "matrix product operand A")?;
             self.region(g.b, sb * g.b_type.size(), false, "matrix product operand B")?;
         }
-        self.region(g.c, sc * g.c_type.size(), false, "matrix product output C").or_else(|e| {
-            if read_c {
-                Err(e)
-            } else {
-                self.region(g.c, sc * g.c_type.size(), true, "matrix product output C")
-            }
-        })?;
+        // C is read only when beta is not 0 (then it must have been written).
+        self.region(g.c, sc * g.c_type.size(), !read_c, "matrix product output C")?;
         // SAFETY: each region was checked to lie inside one live allocation.
         let (a, b) = unsafe {
             if g.k > 0 {
@@ -538,11 +448,7 @@ impl Device for Emu {
     }
 
     fn all_reduce_sum(&self, ptr: DevPtr, len: usize, comm: &dyn Comm) -> Result<()> {
-        self.region(ptr, 4 * len, false, "all-reduce buffer")?;
-        let mut h = vec![0f32; len];
-        self.dtoh(bytemuck::cast_slice_mut(&mut h), ptr)?;
-        comm.all_reduce_sum(&mut h)?;
-        self.htod(ptr, bytemuck::cast_slice(&h))
+        super::all_reduce_on_host(self, ptr, len, comm)
     }
 
     fn all_reduce_wait(&self) -> Result<()> {

@@ -147,6 +147,15 @@ pub trait Device {
     fn as_any(&self) -> &dyn std::any::Any;
 }
 
+/// The all-reduce through host memory: `len` floats at `ptr` copied back, summed over `comm`'s ranks, and
+/// copied up again (a communicator that is not NCCL, or the emulated device).
+pub fn all_reduce_on_host(dev: &dyn Device, ptr: DevPtr, len: usize, comm: &dyn Comm) -> Result<()> {
+    let mut h = vec![0f32; len];
+    dev.dtoh(bytemuck::cast_slice_mut(&mut h), ptr)?;
+    comm.all_reduce_sum(&mut h)?;
+    dev.htod(ptr, bytemuck::cast_slice(&h))
+}
+
 /// Bounds of a column-major operand: elements from its start that `rows × cols` with leading dimension
 /// `ld` spans; an error, as cuBLAS's CUBLAS_STATUS_INVALID_VALUE, when ld < rows.
 pub fn operand_span(what: &str, rows: usize, cols: usize, ld: usize) -> Result<usize> {
