@@ -371,7 +371,8 @@ fn a_foreign_service_on_the_port_is_not_taken_for_rank_zero() {
         let (mut s, _) = l.accept().unwrap();
         let mut buf = [0u8; 64];
         let _ = s.read(&mut buf);
-        s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").unwrap();
+        // The client may already have given up on this peer and closed: a failed write is no failure here.
+        let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
     });
     let e = rendezvous(&info(1, 2, port), None, Duration::from_secs(5)).unwrap_err().to_string();
     assert!(e.contains("not a bertcuda rendezvous"), "{e}");

@@ -146,6 +146,61 @@ fn scenario(be: &dyn Backend, name: &str) -> bertcuda::Result<Vec<Vec<f32>>> {
     }
 }
 
+/// The tensor-core check (kernels/mma_check.cu: one m16n8k16 tile, fragments loaded by hand and by
+/// ldmatrix) on a device: both results, one after the other.
+fn mma_scenario(dev: &dyn Device) -> bertcuda::Result<Vec<Vec<f32>>> {
+    let (a, bt, c) = mma_inputs();
+    let up = |bytes: &[u8]| -> bertcuda::Result<bertcuda::backend::device::Mem> {
+        let m = dev.alloc(bytes.len(), false)?;
+        dev.htod(m.ptr, bytes)?;
+        Ok(m)
+    };
+    let (ma, mb, mc) =
+        (up(bytemuck::cast_slice(&a))?, up(bytemuck::cast_slice(&bt))?, up(bytemuck::cast_slice(&c))?);
+    let md = dev.alloc(4 * 16 * 8, false)?;
+    let k = dev.kernel("mma_tile_check")?;
+    let mut out = Vec::new();
+    for via_ldmatrix in [0i32, 1] {
+        dev.launch(k, Launch::new((1, 1, 1), 32), &[&md.ptr, &ma.ptr, &mb.ptr, &mc.ptr, &via_ldmatrix])?;
+        let mut d = vec![0f32; 16 * 8];
+        dev.dtoh(bytemuck::cast_slice_mut(&mut d), md.ptr)?;
+        out.push(d);
+    }
+    Ok(out)
+}
+
+fn mma_inputs() -> (Vec<half::bf16>, Vec<half::bf16>, Vec<f32>) {
+    let bf = |v: Vec<f32>| v.into_iter().map(half::bf16::from_f32).collect::<Vec<_>>();
+    (bf(randn(40, 16 * 16, 1.0)), bf(randn(41, 8 * 16, 1.0)), randn(42, 16 * 8, 1.0))
+}
+
+/// D = A·B + C of `mma_inputs` in f64, twice (as `mma_scenario` returns it).
+fn mma_reference() -> Vec<Vec<f32>> {
+    let (a, bt, c) = mma_inputs();
+    let d: Vec<f32> = (0..16 * 8)
+        .map(|e| {
+            let (i, j) = (e / 8, e % 8);
+            let s: f64 = (0..16).map(|k| a[i * 16 + k].to_f64() * bt[j * 16 + k].to_f64()).sum();
+            (c[e] as f64 + s) as f32
+        })
+        .collect();
+    vec![d.clone(), d]
+}
+
+/// A scenario's CPU reference, and its outcome on the emulated device (with a planted bug, or none).
+fn run_both(
+    name: &str,
+    planted_bug: Option<&str>,
+    order: BlockOrder,
+) -> (Vec<Vec<f32>>, bertcuda::Result<Vec<Vec<f32>>>) {
+    if name == "mma" {
+        let opts = EmuOptions { check: true, order, planted_bug: planted_bug.map(String::from) };
+        let dev = Emu::new(opts).expect("the emulated device");
+        return (mma_reference(), mma_scenario(&dev));
+    }
+    (scenario(&Cpu::<f32>::new(), name).unwrap(), scenario(&emulated(planted_bug, order), name))
+}
+
 /// The first output element that differs from the CPU's beyond fp32 rounding, described.
 fn difference(want: &[Vec<f32>], got: &[Vec<f32>]) -> Option<String> {
     for (k, (w, g)) in want.iter().zip(got).enumerate() {
@@ -178,13 +233,13 @@ fn planted_bugs() -> Vec<Planted> {
 
 #[test]
 fn every_scenario_passes_clean_on_the_real_kernels_in_every_block_order() {
-    let cpu = Cpu::<f32>::new();
     let mut scenarios: Vec<String> = planted_bugs().into_iter().map(|p| p.scenario).collect();
+    scenarios.sort();
     scenarios.dedup();
     for s in &scenarios {
-        let want = scenario(&cpu, s).unwrap();
         for order in [BlockOrder::Forward, BlockOrder::Reverse, BlockOrder::Shuffled] {
-            let got = scenario(&emulated(None, order), s).unwrap_or_else(|e| panic!("{s} ({order:?}): {e}"));
+            let (want, got) = run_both(s, None, order);
+            let got = got.unwrap_or_else(|e| panic!("{s} ({order:?}): {e}"));
             assert_eq!(difference(&want, &got), None, "{s} ({order:?})");
         }
     }
@@ -192,13 +247,11 @@ fn every_scenario_passes_clean_on_the_real_kernels_in_every_block_order() {
 
 #[test]
 fn every_planted_bug_is_caught() {
-    let cpu = Cpu::<f32>::new();
     let bugs = planted_bugs();
-    assert!(bugs.len() >= 15, "kernels/emu/mutants.txt lists {} planted bugs", bugs.len());
+    assert!(bugs.len() >= 19, "kernels/emu/mutants.txt lists {} planted bugs", bugs.len());
     let mut missed = Vec::new();
     for bug in &bugs {
-        let want = scenario(&cpu, &bug.scenario).unwrap();
-        let outcome = scenario(&emulated(Some(&bug.name), BlockOrder::Forward), &bug.scenario);
+        let (want, outcome) = run_both(&bug.scenario, Some(&bug.name), BlockOrder::Forward);
         let caught = match (&outcome, bug.caught_as.as_str()) {
             (Ok(got), "wrong") => difference(&want, got).is_some(),
             (Err(_), "wrong") => true,
