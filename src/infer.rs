@@ -236,8 +236,9 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]
 }
 
 /// The tokenizer of a model directory.
-pub fn model_tokenizer(dir: &Path) -> Result<BertTokenizer> {
-    BertTokenizer::load(dir, LoadOptions::default()).map_err(|e| {
+pub fn model_tokenizer(path: &Path) -> Result<BertTokenizer> {
+    let dir = crate::model::formats::Source::locate(path)?.dir;
+    BertTokenizer::load(&dir, LoadOptions::default()).map_err(|e| {
         Error::Invalid(format!(
             "{e}\n(the model directory {} needs its tokenizer files: tokenizer.json or vocab.txt)",
             dir.display()

@@ -78,6 +78,14 @@ enum Command {
         after_help = "Example:\n  bertcuda embed --model out/ --pooling mean \"First text.\" \"Second text.\""
     )]
     Embed(EmbedArgs),
+    /// Write any checkpoint bertcuda reads as a transformers directory (model.safetensors, config.json, tokenizer).
+    #[command(after_help = "Examples:\n  bertcuda convert uncased_L-12_H-768_A-12/ bert-base-uncased/     # Google's TF checkpoint\n  \
+        bertcuda convert biobert/pytorch_model.bin biobert-st/\n  \
+        bertcuda convert nvidia-run/ckpt_8601.pt bert-nvidia/                  # NVIDIA DeepLearningExamples\n\n\
+        SRC: a model directory or one checkpoint file. Reads model.safetensors, pytorch_model.bin (torch's zip and\n\
+        legacy formats, sharded too), Google's TF checkpoints and NVIDIA's .pt without running anything the files\n\
+        contain; prints what was loaded, initialised, ignored and skipped.")]
+    Convert(ConvertArgs),
     /// Check shard directories.
     #[command(subcommand)]
     Shards(ShardsCmd),
@@ -469,6 +477,19 @@ struct EmbedArgs {
     text: Vec<String>,
 }
 
+#[derive(Args)]
+struct ConvertArgs {
+    /// The checkpoint: a model directory, or one of its files.
+    src: PathBuf,
+    /// The transformers directory to write (must not exist, unless --overwrite).
+    dst: PathBuf,
+    #[arg(long)]
+    overwrite: bool,
+    /// Keep case: the checkpoint's vocab.txt is cased (when no tokenizer_config.json or folder name says).
+    #[arg(long)]
+    no_lowercase: bool,
+}
+
 #[derive(Subcommand)]
 enum ShardsCmd {
     /// Check every shard's header, size, checksum and ids, and the tokenizer; names the first bad file.
@@ -600,6 +621,13 @@ fn run(cli: Cli) -> Result<()> {
         Command::Forward(a) => forward(a),
         Command::FillMask(a) => fill_mask(a),
         Command::Embed(a) => embed(a),
+        Command::Convert(a) => {
+            let opts = LoadOptions { no_lowercase: a.no_lowercase };
+            let report = bertcuda::model::hf::convert(&a.src, &a.dst, a.overwrite, opts)?;
+            eprintln!("{}: {}", a.src.display(), report.summary());
+            println!("wrote {}", a.dst.display());
+            Ok(())
+        }
         Command::Shards(ShardsCmd::Verify { dir }) => {
             let m = shards::verify(&dir)?;
             println!(
@@ -894,9 +922,7 @@ fn inspect(a: InspectArgs) -> Result<()> {
 
 fn load_model(dir: &std::path::Path) -> Result<LoadedModel> {
     let m = LoadedModel::load(dir)?;
-    if m.heads_initialised() || !m.report.ignored.is_empty() {
-        eprintln!("{}: {}", dir.display(), m.report.summary());
-    }
+    eprintln!("{}", m.report.summary());
     Ok(m)
 }
 

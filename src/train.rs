@@ -476,8 +476,11 @@ fn prepare_run(cfg: TrainConfig, lead: bool) -> Result<Prepared> {
         (c, p, format!("resumed from {} at step {}", dir.display(), state.global_step))
     } else if let Some(dir) = &cfg.init_from {
         let (c, p, report) = load_pretrained(dir, cfg.seed)?;
-        match BertTokenizer::load(dir, Default::default()) {
-            Ok(t) if t.fingerprint() != fingerprint => bail!(
+        let model_dir = crate::model::formats::Source::locate(dir)?.dir;
+        let has_tokenizer = ["tokenizer.json", "vocab.txt"].iter().any(|f| model_dir.join(f).is_file());
+        let model_tokenizer = if has_tokenizer { Some(BertTokenizer::load(&model_dir, Default::default())?) } else { None };
+        match model_tokenizer {
+            Some(t) if t.fingerprint() != fingerprint => bail!(
                 "the shards in {} were made with another tokenizer than {}'s ({} vs {}); run `bertcuda prepare --tokenizer {}` on your text first",
                 cfg.data[0].display(),
                 dir.display(),
@@ -485,14 +488,14 @@ fn prepare_run(cfg: TrainConfig, lead: bool) -> Result<Prepared> {
                 t.fingerprint(),
                 dir.display()
             ),
-            Ok(_) => {}
-            Err(_) if c.vocab_size != tokenizer.vocab_size => bail!(
+            Some(_) => {}
+            None if c.vocab_size != tokenizer.vocab_size => bail!(
                 "{} has a vocabulary of {} but the shards' tokenizer has {}; prepare the data with the model's tokenizer",
                 dir.display(),
                 c.vocab_size,
                 tokenizer.vocab_size
             ),
-            Err(_) => tracing::warn!("{} has no tokenizer files; the vocabulary sizes match, assuming the shards' tokenizer is the model's", dir.display()),
+            None => tracing::warn!("{} has no tokenizer files; the vocabulary sizes match, assuming the shards' tokenizer is the model's", dir.display()),
         }
         (c, p, format!("continued pretraining from {}: {}", dir.display(), report.summary()))
     } else {

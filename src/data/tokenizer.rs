@@ -52,8 +52,9 @@ pub struct BertTokenizer {
 /// How to read a bare vocab.txt (which carries no casing information of its own).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LoadOptions {
-    /// Keep case when building from a bare vocab.txt; ignored for tokenizer.json and directories with a
-    /// tokenizer_config.json, which say themselves.
+    /// Keep case when building from a bare vocab.txt (without it, the casing is read off the folder's
+    /// name or the vocabulary); ignored for tokenizer.json and directories with a tokenizer_config.json,
+    /// which say themselves.
     pub no_lowercase: bool,
 }
 
@@ -68,9 +69,10 @@ impl BertTokenizer {
             if json.is_file() {
                 Self::from_tokenizer_json(&json, config.as_ref().and_then(|c| c["do_lower_case"].as_bool()))
             } else if vocab.is_file() {
-                let lower =
-                    config.as_ref().and_then(|c| c["do_lower_case"].as_bool()).unwrap_or(!opts.no_lowercase);
-                Self::from_vocab_txt(&vocab, lower)
+                match config.as_ref().and_then(|c| c["do_lower_case"].as_bool()) {
+                    Some(lower) => Self::from_vocab_txt(&vocab, lower),
+                    None => Self::from_bare_vocab_txt(&vocab, opts),
+                }
             } else {
                 bail!(
                     "{}: no tokenizer.json or vocab.txt in this directory; point --tokenizer at a Hugging Face \
@@ -83,7 +85,7 @@ impl BertTokenizer {
             if path.extension().is_some_and(|e| e == "json") {
                 Self::from_tokenizer_json(path, None)
             } else {
-                Self::from_vocab_txt(path, !opts.no_lowercase)
+                Self::from_bare_vocab_txt(path, opts)
             }
         } else {
             bail!(
@@ -107,14 +109,47 @@ impl BertTokenizer {
         Self::finish(inner, do_lower_case.unwrap_or(from_json), path)
     }
 
+    /// A vocab.txt with nothing beside it that says its casing: `--no-lowercase` when given, else the
+    /// folder's name as Google and the hub name models (`uncased_L-12_H-768_A-12`, `bert-base-cased`),
+    /// else the vocabulary itself (words with capitals: a cased model). A lower-casing guess contradicted
+    /// by a vocabulary with capitalised words is an error, not a cased model silently lower-cased.
+    fn from_bare_vocab_txt(path: &Path, opts: LoadOptions) -> Result<Self> {
+        let text = read_vocab_text(path)?;
+        let capitalised: Vec<&str> = text
+            .lines()
+            .filter(|t| !(t.starts_with('[') && t.ends_with(']')) && t.chars().any(char::is_uppercase))
+            .collect();
+        let folder = path
+            .parent()
+            .and_then(|p| p.canonicalize().ok())
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_lowercase()))
+            .unwrap_or_default();
+        let words: Vec<&str> = folder.split(|c: char| !c.is_ascii_alphanumeric()).collect();
+        let lower = if opts.no_lowercase {
+            false
+        } else if words.contains(&"uncased") {
+            if !capitalised.is_empty() {
+                return Err(Error::corrupt(
+                    path,
+                    format!(
+                        "the folder name says uncased but this vocab.txt has {} words with capitals (e.g. {:?}),                          which lower-cased text never reaches: pass --no-lowercase if the model is cased, or add a                          tokenizer_config.json with \"do_lower_case\"",
+                        capitalised.len(),
+                        capitalised[0]
+                    ),
+                ));
+            }
+            true
+        } else if words.contains(&"cased") {
+            false
+        } else {
+            capitalised.is_empty()
+        };
+        Self::from_vocab_txt(path, lower)
+    }
+
     fn from_vocab_txt(path: &Path, lowercase: bool) -> Result<Self> {
-        let bytes = fs::read(path).at(path)?;
-        let text = std::str::from_utf8(&bytes)
-            .map_err(|e| Error::corrupt(path, format!("vocab.txt is not valid UTF-8 ({e})")))?;
-        if text.trim().is_empty() {
-            return Err(Error::corrupt(path, "vocab.txt is empty"));
-        }
-        let model = wordpiece_from_vocab_text(text)
+        let text = read_vocab_text(path)?;
+        let model = wordpiece_from_vocab_text(&text)
             .map_err(|e| Error::corrupt(path, format!("cannot build WordPiece from this vocab.txt: {e}")))?;
         let inner = bert_pipeline(model, lowercase, path)?;
         Self::finish(inner, lowercase, path)
@@ -304,6 +339,24 @@ pub const HF_TOKENIZER_FILES: [&str; 4] =
 
 /// WordPiece over a vocab.txt's text: one token a line, the line number is its id (as transformers'
 /// `load_vocab`; a token listed twice keeps its last line).
+fn read_vocab_text(path: &Path) -> Result<String> {
+    let bytes = fs::read(path).at(path)?;
+    let text = String::from_utf8(bytes)
+        .map_err(|e| Error::corrupt(path, format!("vocab.txt is not valid UTF-8 ({e})")))?;
+    if text.trim().is_empty() {
+        return Err(Error::corrupt(path, "vocab.txt is empty"));
+    }
+    Ok(text)
+}
+
+/// The number of tokens of a vocab.txt (the embedding rows a model made with it has).
+pub fn vocab_file_size(path: &Path) -> Result<usize> {
+    let text = read_vocab_text(path)?;
+    let vocab = WordPiece::read_bytes(text.as_bytes())
+        .map_err(|e| Error::corrupt(path, format!("not a readable vocab.txt: {e}")))?;
+    Ok(vocab.len())
+}
+
 fn wordpiece_from_vocab_text(text: &str) -> tokenizers::Result<WordPiece> {
     WordPiece::builder()
         .vocab(WordPiece::read_bytes(text.as_bytes())?)

@@ -1,6 +1,7 @@
-//! The BERT model: config, parameter table, forward/backward over a `Backend`, Hugging Face checkpoints.
+//! The BERT model: config, parameter table, forward/backward over a `Backend`, checkpoints in and out.
 
 pub mod bert;
 pub mod config;
+pub mod formats;
 pub mod hf;
 pub mod params;
