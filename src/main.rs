@@ -79,12 +79,14 @@ enum Command {
     )]
     Embed(EmbedArgs),
     /// Write any checkpoint bertcuda reads as a transformers directory (model.safetensors, config.json, tokenizer).
-    #[command(after_help = "Examples:\n  bertcuda convert uncased_L-12_H-768_A-12/ bert-base-uncased/     # Google's TF checkpoint\n  \
+    #[command(
+        after_help = "Examples:\n  bertcuda convert uncased_L-12_H-768_A-12/ bert-base-uncased/     # Google's TF checkpoint\n  \
         bertcuda convert biobert/pytorch_model.bin biobert-st/\n  \
         bertcuda convert nvidia-run/ckpt_8601.pt bert-nvidia/                  # NVIDIA DeepLearningExamples\n\n\
         SRC: a model directory or one checkpoint file. Reads model.safetensors, pytorch_model.bin (torch's zip and\n\
         legacy formats, sharded too), Google's TF checkpoints and NVIDIA's .pt without running anything the files\n\
-        contain; prints what was loaded, initialised, ignored and skipped.")]
+        contain; prints what was loaded, initialised, ignored and skipped."
+    )]
     Convert(ConvertArgs),
     /// Check shard directories.
     #[command(subcommand)]

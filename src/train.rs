@@ -478,7 +478,8 @@ fn prepare_run(cfg: TrainConfig, lead: bool) -> Result<Prepared> {
         let (c, p, report) = load_pretrained(dir, cfg.seed)?;
         let model_dir = crate::model::formats::Source::locate(dir)?.dir;
         let has_tokenizer = ["tokenizer.json", "vocab.txt"].iter().any(|f| model_dir.join(f).is_file());
-        let model_tokenizer = if has_tokenizer { Some(BertTokenizer::load(&model_dir, Default::default())?) } else { None };
+        let model_tokenizer =
+            if has_tokenizer { Some(BertTokenizer::load(&model_dir, Default::default())?) } else { None };
         match model_tokenizer {
             Some(t) if t.fingerprint() != fingerprint => bail!(
                 "the shards in {} were made with another tokenizer than {}'s ({} vs {}); run `bertcuda prepare --tokenizer {}` on your text first",

@@ -52,8 +52,16 @@ fn check_outputs(label: &str, model: &LoadedModel, want: &serde_json::Value) {
         assert!(err <= 1e-5, "{label}: {name} differs from transformers' by {err}");
     }
     let (mlm, nsp) = (r.losses.mlm.unwrap(), r.losses.nsp.unwrap());
-    assert!((mlm - want["mlm_loss"].as_f64().unwrap()).abs() <= 1e-5, "{label}: mlm loss {mlm} vs {}", want["mlm_loss"]);
-    assert!((nsp - want["nsp_loss"].as_f64().unwrap()).abs() <= 1e-5, "{label}: nsp loss {nsp} vs {}", want["nsp_loss"]);
+    assert!(
+        (mlm - want["mlm_loss"].as_f64().unwrap()).abs() <= 1e-5,
+        "{label}: mlm loss {mlm} vs {}",
+        want["mlm_loss"]
+    );
+    assert!(
+        (nsp - want["nsp_loss"].as_f64().unwrap()).abs() <= 1e-5,
+        "{label}: nsp loss {nsp} vs {}",
+        want["nsp_loss"]
+    );
 }
 
 #[test]
@@ -129,7 +137,8 @@ fn convert_writes_a_transformers_directory_of_the_same_model() {
         assert!(out.status.success(), "{fixture}: {}", String::from_utf8_lossy(&out.stderr));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains("46 tensors loaded"), "{fixture}: {stderr}");
-        for f in ["model.safetensors", "config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json"] {
+        for f in ["model.safetensors", "config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json"]
+        {
             assert!(dst.join(f).is_file(), "{fixture}: no {f}");
         }
         let (c0, p0, _) = load_pretrained(&src, 0).unwrap();
@@ -142,7 +151,10 @@ fn convert_writes_a_transformers_directory_of_the_same_model() {
     }
     // An existing destination is kept unless --overwrite.
     let dst = tmp.path().join("hf-zip");
-    let out = bin().args(["convert", fixtures().join("hf-zip").to_str().unwrap(), dst.to_str().unwrap()]).output().unwrap();
+    let out = bin()
+        .args(["convert", fixtures().join("hf-zip").to_str().unwrap(), dst.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--overwrite"));
 }
@@ -169,7 +181,8 @@ fn load_error(dir: &Path) -> String {
         Ok(_) => panic!("{} loaded", dir.display()),
         Err(e) => e.to_string(),
     };
-    let out = bin().args(["embed", "--model", dir.to_str().unwrap(), "--device", "cpu", "x"]).output().unwrap();
+    let out =
+        bin().args(["embed", "--model", dir.to_str().unwrap(), "--device", "cpu", "x"]).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
@@ -271,7 +284,9 @@ fn bad_checkpoints_are_one_line_errors_naming_the_file_and_tensor() {
 
     // A shape the config contradicts.
     let d = copy_fixture(tmp.path(), "hf-zip", "wrong-shape");
-    let config = fs::read_to_string(d.join("config.json")).unwrap().replace("\"intermediate_size\": 37", "\"intermediate_size\": 36");
+    let config = fs::read_to_string(d.join("config.json"))
+        .unwrap()
+        .replace("\"intermediate_size\": 37", "\"intermediate_size\": 36");
     fs::write(d.join("config.json"), config).unwrap();
     let e = load_error(&d);
     assert!(e.contains("pytorch_model.bin") && e.contains("intermediate.dense") && e.contains("[37]"), "{e}");
@@ -280,7 +295,10 @@ fn bad_checkpoints_are_one_line_errors_naming_the_file_and_tensor() {
     let d = copy_fixture(tmp.path(), "hf-sharded-fp16", "missing-shard");
     fs::remove_file(d.join("pytorch_model-00002-of-00002.bin")).unwrap();
     let e = load_error(&d);
-    assert!(e.contains("pytorch_model.bin.index.json") && e.contains("pytorch_model-00002-of-00002.bin"), "{e}");
+    assert!(
+        e.contains("pytorch_model.bin.index.json") && e.contains("pytorch_model-00002-of-00002.bin"),
+        "{e}"
+    );
 
     // A TF data file with a flipped byte, and a truncated TF index.
     let d = copy_fixture(tmp.path(), "uncased_L-2_H-20_A-4", "uncased_corrupt");
@@ -332,10 +350,17 @@ fn a_pickle_that_would_run_a_command_is_refused_and_nothing_runs() {
     }
     // convert of a refused checkpoint writes nothing.
     let dst = tmp.path().join("converted");
-    let out = bin().args(["convert", fixtures().join("evil").to_str().unwrap(), dst.to_str().unwrap()]).output().unwrap();
+    let out = bin()
+        .args(["convert", fixtures().join("evil").to_str().unwrap(), dst.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(!dst.exists());
-    assert!(fs::read_dir(tmp.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with(".converted")));
+    assert!(fs::read_dir(tmp.path()).unwrap().all(|e| !e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with(".converted")));
     assert!(!Path::new(MARKER).exists(), "the payload ran");
 }
 
@@ -345,7 +370,8 @@ fn init_from_a_google_tf_checkpoint_continues_pretraining() {
     use bertcuda::train::{train, TrainConfig};
     let tmp = tempfile::tempdir().unwrap();
     let words = "the a of and to in is it that was for on are with as his they at be this from";
-    let text: String = (0..200).map(|i| format!("{} {}\n{}", words, i % 7, if i % 5 == 4 { "\n" } else { "" })).collect();
+    let text: String =
+        (0..200).map(|i| format!("{} {}\n{}", words, i % 7, if i % 5 == 4 { "\n" } else { "" })).collect();
     let corpus = tmp.path().join("c.txt");
     fs::write(&corpus, text).unwrap();
     for (fixture, name) in [("uncased_L-2_H-20_A-4", "tf"), ("nvidia/ckpt_7.pt", "nvidia")] {
@@ -353,7 +379,11 @@ fn init_from_a_google_tf_checkpoint_continues_pretraining() {
         let shards = tmp.path().join(format!("shards-{name}"));
         // The shards are made with the checkpoint's own vocab.txt (casing from the folder name).
         let tok_dir = bertcuda::model::formats::Source::locate(&model).unwrap().dir;
-        prepare(&PrepareConfig { workers: 1, ..PrepareConfig::new(vec![corpus.clone()], tok_dir, shards.clone()) }).unwrap();
+        prepare(&PrepareConfig {
+            workers: 1,
+            ..PrepareConfig::new(vec![corpus.clone()], tok_dir, shards.clone())
+        })
+        .unwrap();
         let out = tmp.path().join(format!("dapt-{name}"));
         let cfg = TrainConfig {
             data: vec![shards],

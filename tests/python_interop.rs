@@ -258,3 +258,66 @@ print(len(loss), ",".join(sorted(tags)))
         assert!(tags.split(',').any(|x| x == t), "{t} missing from {tags}");
     }
 }
+
+#[test]
+#[ignore = "needs python3 with torch and transformers"]
+fn transformers_loads_what_convert_writes_from_every_format() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/formats");
+    let tmp = tempfile::tempdir().unwrap();
+    let code = r#"
+import json, sys, torch
+from transformers import AutoTokenizer, BertForPreTraining
+model = BertForPreTraining.from_pretrained(sys.argv[1]).eval()
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+e = json.load(open(sys.argv[2]))
+want = e[sys.argv[3]]
+b = {k: torch.tensor(v) for k, v in e["batch"].items() if k in ("input_ids", "token_type_ids", "attention_mask")}
+with torch.no_grad():
+    o = model.double()(**b)
+got = o.prediction_logits.flatten()
+ref = torch.tensor(want["prediction_logits"], dtype=torch.float64)
+err = ((got - ref).abs() / ref.abs().clamp(min=1)).max().item()
+print(err, tok("the of", "it")["input_ids"] == [3, 6, 8, 4, 13, 4])
+"#;
+    for (fixture, precision) in [
+        ("hf-zip", "fp32"),
+        ("hf-legacy", "fp32"),
+        ("hf-sharded-fp16", "fp16"),
+        ("hf-bf16", "bf16"),
+        ("uncased_L-2_H-20_A-4", "fp32"),
+        ("nvidia", "fp32"),
+    ] {
+        let dst = tmp.path().join(fixture);
+        let st = Command::new(env!("CARGO_BIN_EXE_bertcuda"))
+            .args(["convert", fixtures.join(fixture).to_str().unwrap(), dst.to_str().unwrap()])
+            .status()
+            .unwrap();
+        assert!(st.success(), "{fixture}");
+        let out = run_python(
+            code,
+            &[dst.to_str().unwrap(), fixtures.join("expected.json").to_str().unwrap(), precision],
+        );
+        let (err, ids) = out.trim().split_once(' ').unwrap();
+        let err: f64 = err.parse().unwrap();
+        // float64 in transformers on the converted weights: the model the fixture was made from, exactly.
+        assert!(err <= 1e-9, "{fixture}: transformers' logits on the converted model differ by {err:e}");
+        assert_eq!(ids, "True", "{fixture}: the converted tokenizer gives other ids");
+    }
+}
+
+#[test]
+#[ignore = "needs python3 with torch"]
+fn python_unpickling_the_refused_fixture_runs_its_command() {
+    // The payload tests/formats.rs proves bertcuda does not run is live: Python's unpickler runs it.
+    let marker = Path::new("/tmp/bertcuda-pickle-payload-ran");
+    let _ = std::fs::remove_file(marker);
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/formats/evil/pytorch_model.bin");
+    let code = r#"
+import pickle, sys, zipfile
+z = zipfile.ZipFile(sys.argv[1])
+pickle.loads(z.read([n for n in z.namelist() if n.endswith("data.pkl")][0]))
+"#;
+    run_python(code, &[bin.to_str().unwrap()]);
+    assert!(marker.exists(), "Python did not run the payload");
+    std::fs::remove_file(marker).unwrap();
+}

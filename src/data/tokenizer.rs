@@ -117,7 +117,7 @@ impl BertTokenizer {
         let text = read_vocab_text(path)?;
         let capitalised: Vec<&str> = text
             .lines()
-            .filter(|t| !(t.starts_with('[') && t.ends_with(']')) && t.chars().any(char::is_uppercase))
+            .filter(|t| !(t.starts_with('[') && t.ends_with(']')) && t.to_lowercase() != *t)
             .collect();
         let folder = path
             .parent()
@@ -125,14 +125,19 @@ impl BertTokenizer {
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().to_lowercase()))
             .unwrap_or_default();
         let words: Vec<&str> = folder.split(|c: char| !c.is_ascii_alphanumeric()).collect();
+        // A cased vocabulary has capitalised words by the thousand (Google's cased: a third of it); a few
+        // odd symbols do not make one.
+        let cased_vocab = capitalised.len() * 100 >= text.lines().count();
         let lower = if opts.no_lowercase {
             false
         } else if words.contains(&"uncased") {
-            if !capitalised.is_empty() {
+            if cased_vocab {
                 return Err(Error::corrupt(
                     path,
                     format!(
-                        "the folder name says uncased but this vocab.txt has {} words with capitals (e.g. {:?}),                          which lower-cased text never reaches: pass --no-lowercase if the model is cased, or add a                          tokenizer_config.json with \"do_lower_case\"",
+                        "the folder name says uncased but this vocab.txt has {} words with capitals (e.g. {:?}), \
+                         which lower-cased text never reaches: pass --no-lowercase if the model is cased, or \
+                         add a tokenizer_config.json with \"do_lower_case\"",
                         capitalised.len(),
                         capitalised[0]
                     ),
@@ -142,7 +147,7 @@ impl BertTokenizer {
         } else if words.contains(&"cased") {
             false
         } else {
-            capitalised.is_empty()
+            !cased_vocab
         };
         Self::from_vocab_txt(path, lower)
     }

@@ -26,7 +26,11 @@ pub fn safetensors_bytes(table: &ParamTable, params: &[f32]) -> Result<Vec<u8>> 
 }
 
 /// The safetensors bytes of the parameters `keep` selects (by name).
-pub fn safetensors_bytes_of(table: &ParamTable, params: &[f32], keep: impl Fn(&str) -> bool) -> Result<Vec<u8>> {
+pub fn safetensors_bytes_of(
+    table: &ParamTable,
+    params: &[f32],
+    keep: impl Fn(&str) -> bool,
+) -> Result<Vec<u8>> {
     let views = table
         .params
         .iter()
@@ -73,15 +77,20 @@ pub fn convert(src: &Path, dst: &Path, overwrite: bool, tokenizer: LoadOptions) 
     }
     let out = crate::fsutil::AtomicDir::create(dst, overwrite)?;
     let table = ParamTable::new(&config);
-    let initialised: std::collections::BTreeSet<&str> = report.initialised.iter().map(|s| s.as_str()).collect();
+    let initialised: std::collections::BTreeSet<&str> =
+        report.initialised.iter().map(|s| s.as_str()).collect();
     out.write("model.safetensors", &safetensors_bytes_of(&table, &params, |n| !initialised.contains(n))?)?;
     config.save(&out.path().join("config.json"))?;
     match &tok {
         Some(t) => t.save_hf(out.path())?,
-        None => report.notes.push(format!("{}: no tokenizer files beside the checkpoint; none written", dir.display())),
+        None => report
+            .notes
+            .push(format!("{}: no tokenizer files beside the checkpoint; none written", dir.display())),
     }
     if !report.initialised.is_empty() {
-        report.notes.push("parameters the checkpoint lacks are not written (transformers initialises them)".into());
+        report
+            .notes
+            .push("parameters the checkpoint lacks are not written (transformers initialises them)".into());
     }
     out.commit()?;
     Ok(report)

@@ -44,7 +44,10 @@ impl Dtype {
 /// Little-endian values of `dtype` as f32 (`bytes` holds exactly the tensor's elements).
 pub fn decode(path: &Path, name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
     if bytes.len() % dtype.size() != 0 {
-        return Err(Error::corrupt(path, format!("tensor {name}: {} bytes is not a whole number of elements", bytes.len())));
+        return Err(Error::corrupt(
+            path,
+            format!("tensor {name}: {} bytes is not a whole number of elements", bytes.len()),
+        ));
     }
     let chunks = |w: usize| bytes.chunks_exact(w);
     Ok(match dtype {
@@ -65,7 +68,12 @@ pub struct Stored<'a> {
 }
 
 impl<'a> Stored<'a> {
-    pub fn new(name: String, shape: Vec<usize>, file: &Path, read: impl Fn() -> Result<Vec<f32>> + 'a) -> Self {
+    pub fn new(
+        name: String,
+        shape: Vec<usize>,
+        file: &Path,
+        read: impl Fn() -> Result<Vec<f32>> + 'a,
+    ) -> Self {
         Stored { name, shape, file: file.to_path_buf(), read: Box::new(read) }
     }
 
@@ -110,7 +118,8 @@ impl Source {
     /// Find the checkpoint at `path`: a model directory (any format), or one file of it (a `.safetensors`,
     /// `.bin` or `.pt` file, a TF checkpoint's `.index` file or its prefix).
     pub fn locate(path: &Path) -> Result<Source> {
-        let parent = || path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+        let parent =
+            || path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
         if path.is_file() {
             let one = |format| Ok(Source { format, weights: vec![path.to_path_buf()], dir: parent() });
@@ -118,11 +127,16 @@ impl Source {
                 return one(Format::Safetensors);
             }
             if let Some(prefix) = name.strip_suffix(".index") {
-                return Ok(Source { format: Format::GoogleTf, weights: vec![parent().join(prefix)], dir: parent() });
+                return Ok(Source {
+                    format: Format::GoogleTf,
+                    weights: vec![parent().join(prefix)],
+                    dir: parent(),
+                });
             }
             if name.ends_with(".index.json") {
                 let weights = index_shards(path)?;
-                let format = if name.contains("safetensors") { Format::Safetensors } else { Format::TorchBin };
+                let format =
+                    if name.contains("safetensors") { Format::Safetensors } else { Format::TorchBin };
                 return Ok(Source { format, weights, dir: parent() });
             }
             if [".bin", ".pt", ".pth", ".ckpt"].iter().any(|e| name.ends_with(e)) {
@@ -138,7 +152,11 @@ impl Source {
             let mut index = path.as_os_str().to_owned();
             index.push(".index");
             if Path::new(&index).is_file() {
-                return Ok(Source { format: Format::GoogleTf, weights: vec![path.to_path_buf()], dir: parent() });
+                return Ok(Source {
+                    format: Format::GoogleTf,
+                    weights: vec![path.to_path_buf()],
+                    dir: parent(),
+                });
             }
             bail!(
                 "{}: no such model directory or checkpoint; give a directory with config.json and \
@@ -190,7 +208,11 @@ fn index_shards(index: &Path) -> Result<Vec<PathBuf>> {
         .as_object()
         .ok_or_else(|| Error::corrupt(index, "no weight_map"))?
         .values()
-        .map(|f| f.as_str().map(String::from).ok_or_else(|| Error::corrupt(index, "a weight_map value is not a file name")))
+        .map(|f| {
+            f.as_str()
+                .map(String::from)
+                .ok_or_else(|| Error::corrupt(index, "a weight_map value is not a file name"))
+        })
         .collect::<Result<_>>()?;
     let mut out = Vec::new();
     for f in files {
@@ -199,7 +221,10 @@ fn index_shards(index: &Path) -> Result<Vec<PathBuf>> {
         }
         let p = dir.join(&f);
         if !p.is_file() {
-            return Err(Error::corrupt(index, format!("names the shard {f}, which is missing from {}", dir.display())));
+            return Err(Error::corrupt(
+                index,
+                format!("names the shard {f}, which is missing from {}", dir.display()),
+            ));
         }
         out.push(p);
     }
@@ -356,7 +381,13 @@ const VOCAB_ROWS: [&str; 4] = [
 
 /// Put a checkpoint's tensors (under transformers' names) into a new model's parameters. With
 /// `trim_vocab`, vocabulary-indexed tensors with more rows than the config's vocabulary are cut to it.
-fn assign(config: &ModelConfig, seed: u64, tensors: &[Stored], trim_vocab: bool, report: &mut LoadReport) -> Result<Vec<f32>> {
+fn assign(
+    config: &ModelConfig,
+    seed: u64,
+    tensors: &[Stored],
+    trim_vocab: bool,
+    report: &mut LoadReport,
+) -> Result<Vec<f32>> {
     let table = ParamTable::new(config);
     let mut params = table.init(config, seed);
     let mut loaded: BTreeSet<String> = BTreeSet::new();
@@ -387,7 +418,10 @@ fn assign(config: &ModelConfig, seed: u64, tensors: &[Stored], trim_vocab: bool,
         if name == "cls.predictions.decoder.weight" {
             let want = [config.vocab_size, config.hidden_size];
             if shape != want {
-                return Err(Error::corrupt(&t.file, format!("tensor {name} has shape {shape:?}, the model needs {want:?}")));
+                return Err(Error::corrupt(
+                    &t.file,
+                    format!("tensor {name} has shape {shape:?}, the model needs {want:?}"),
+                ));
             }
             report.ignored.push(format!("{name} (tied to the word embeddings)"));
             continue;
@@ -403,7 +437,10 @@ fn assign(config: &ModelConfig, seed: u64, tensors: &[Stored], trim_vocab: bool,
         if shape != info.shape {
             return Err(Error::corrupt(
                 &t.file,
-                format!("tensor {name} has shape {shape:?}, but the config makes {} {:?}", info.name, info.shape),
+                format!(
+                    "tensor {name} has shape {shape:?}, but the config makes {} {:?}",
+                    info.name, info.shape
+                ),
             ));
         }
         params[info.offset..info.offset + info.len].copy_from_slice(&values()?);
@@ -418,7 +455,11 @@ fn assign(config: &ModelConfig, seed: u64, tensors: &[Stored], trim_vocab: bool,
             if v.len() != info.len {
                 return Err(Error::corrupt(
                     &path,
-                    format!("cls.predictions.decoder.bias has {} values, the model needs {}", v.len(), info.len),
+                    format!(
+                        "cls.predictions.decoder.bias has {} values, the model needs {}",
+                        v.len(),
+                        info.len
+                    ),
                 ));
             }
             params[info.offset..info.offset + info.len].copy_from_slice(&v);
@@ -447,13 +488,14 @@ fn assign(config: &ModelConfig, seed: u64, tensors: &[Stored], trim_vocab: bool,
 /// The config of a checkpoint's folder: config.json, else bert_config.json (Google's and NVIDIA's name).
 fn load_config(source: &Source) -> Result<ModelConfig> {
     let dir = &source.dir;
-    let mut config = match ["config.json", "bert_config.json"].iter().map(|f| dir.join(f)).find(|p| p.is_file()) {
-        Some(p) => ModelConfig::load(&p)?,
-        None => bail!(
+    let mut config =
+        match ["config.json", "bert_config.json"].iter().map(|f| dir.join(f)).find(|p| p.is_file()) {
+            Some(p) => ModelConfig::load(&p)?,
+            None => bail!(
             "{}: no config.json or bert_config.json beside the checkpoint; bertcuda needs the model's sizes",
             dir.display()
         ),
-    };
+        };
     if source.format == Format::NvidiaPt {
         // NVIDIA trains with the vocabulary padded to a multiple of 8 and may write the padded size into
         // bert_config.json; the real vocabulary is vocab.txt's.
@@ -482,14 +524,16 @@ pub fn load_pretrained(path: &Path, seed: u64) -> Result<(ModelConfig, Vec<f32>,
     let mut report = LoadReport::default();
     let params = match source.format {
         Format::Safetensors => {
-            let files = source.weights.iter().map(|p| safetensors::File::open(p)).collect::<Result<Vec<_>>>()?;
+            let files =
+                source.weights.iter().map(|p| safetensors::File::open(p)).collect::<Result<Vec<_>>>()?;
             report.format = format!("{} (safetensors)", describe(&source));
             let tensors = files.iter().map(|f| f.tensors()).collect::<Result<Vec<_>>>()?;
             let tensors: Vec<Stored> = tensors.into_iter().flatten().collect();
             assign(&config, seed, &tensors, false, &mut report)?
         }
         Format::TorchBin | Format::NvidiaPt => {
-            let files = source.weights.iter().map(|p| torch::TorchFile::open(p)).collect::<Result<Vec<_>>>()?;
+            let files =
+                source.weights.iter().map(|p| torch::TorchFile::open(p)).collect::<Result<Vec<_>>>()?;
             let mut tensors = Vec::new();
             let mut nested = None;
             for f in &files {
@@ -504,7 +548,10 @@ pub fn load_pretrained(path: &Path, seed: u64) -> Result<(ModelConfig, Vec<f32>,
             }
             let nvidia = source.format == Format::NvidiaPt || nested.is_some();
             report.format = match &nested {
-                Some(key) => format!("{} (torch training checkpoint, the model from its {key:?} entry)", describe(&source)),
+                Some(key) => format!(
+                    "{} (torch training checkpoint, the model from its {key:?} entry)",
+                    describe(&source)
+                ),
                 None => format!("{} (torch state dict)", describe(&source)),
             };
             assign(&config, seed, &tensors, nvidia, &mut report)?

@@ -238,7 +238,8 @@ impl<'a> Machine<'a> {
     fn line(&mut self) -> Result<&'a str, String> {
         let rest = &self.data[self.pos..];
         let n = rest.iter().position(|&b| b == b'\n').ok_or("the pickle ends inside a text opcode")?;
-        let s = std::str::from_utf8(&rest[..n]).map_err(|_| "a text opcode is not valid UTF-8".to_string())?;
+        let s =
+            std::str::from_utf8(&rest[..n]).map_err(|_| "a text opcode is not valid UTF-8".to_string())?;
         self.pos += n + 1;
         Ok(s)
     }
@@ -273,7 +274,8 @@ impl<'a> Machine<'a> {
         Ok(())
     }
     fn get(&mut self, i: usize) -> Result<(), String> {
-        let v = self.memo.get(i).cloned().flatten().ok_or_else(|| format!("memo entry {i} was never stored"))?;
+        let v =
+            self.memo.get(i).cloned().flatten().ok_or_else(|| format!("memo entry {i} was never stored"))?;
         self.stack.push(v);
         Ok(())
     }
@@ -709,9 +711,13 @@ mod tests {
 
     #[test]
     fn refuses_callables_outside_the_allowlist() {
-        for (module, name) in [("posix", "system"), ("builtins", "eval"), ("__builtin__", "exec"), ("mypkg", "Model")] {
-            let p = format!("\u{80}\u{2}c{module}\n{name}\nX\u{2}\u{0}\u{0}\u{0}ls\u{85}R.");
-            let err = load(p.as_bytes()).unwrap_err();
+        for (module, name) in
+            [("posix", "system"), ("builtins", "eval"), ("__builtin__", "exec"), ("mypkg", "Model")]
+        {
+            let mut p = vec![0x80, 2];
+            p.extend(format!("c{module}\n{name}\nX\u{2}\u{0}\u{0}\u{0}ls").as_bytes());
+            p.extend(b"\x85R.");
+            let err = load(&p).unwrap_err();
             assert!(err.contains(&format!("{module}.{name}")), "{err}");
         }
         // STACK_GLOBAL too.

@@ -24,7 +24,10 @@ impl File {
     /// Its tensors under transformers' names.
     pub fn tensors(&self) -> Result<Vec<Stored<'_>>> {
         let st = SafeTensors::deserialize(&self.map).map_err(|e| {
-            Error::corrupt(&self.path, format!("not a readable safetensors file (truncated or corrupt?): {e}"))
+            Error::corrupt(
+                &self.path,
+                format!("not a readable safetensors file (truncated or corrupt?): {e}"),
+            )
         })?;
         let mut out = Vec::new();
         for (raw, view) in st.tensors() {
@@ -39,7 +42,10 @@ impl File {
                     StDtype::F16 => Dtype::F16,
                     StDtype::BF16 => Dtype::Bf16,
                     other => {
-                        return Err(Error::corrupt(path, format!("tensor {name} has dtype {other:?}; expected a float type")))
+                        return Err(Error::corrupt(
+                            path,
+                            format!("tensor {name} has dtype {other:?}; expected a float type"),
+                        ))
                     }
                 };
                 decode(path, &name, dtype, data)

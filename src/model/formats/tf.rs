@@ -88,7 +88,8 @@ impl<'a> Bytes<'a> {
     }
     fn take(&mut self, n: u64) -> std::result::Result<&'a [u8], String> {
         let n = usize::try_from(n).map_err(|_| "a length beyond memory".to_string())?;
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.b.len()).ok_or("a field runs past its block")?;
+        let end =
+            self.pos.checked_add(n).filter(|&e| e <= self.b.len()).ok_or("a field runs past its block")?;
         let s = &self.b[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -143,8 +144,16 @@ fn parse_shape(b: &[u8]) -> std::result::Result<Vec<usize>, String> {
 }
 
 fn parse_entry(name: String, b: &[u8]) -> std::result::Result<Entry, String> {
-    let mut e =
-        Entry { name, dtype: 0, shape: Vec::new(), shard: 0, offset: 0, size: 0, crc32c: None, sliced: false };
+    let mut e = Entry {
+        name,
+        dtype: 0,
+        shape: Vec::new(),
+        shard: 0,
+        offset: 0,
+        size: 0,
+        crc32c: None,
+        sliced: false,
+    };
     let mut r = Bytes::new(b);
     while !r.done() {
         match r.field()? {
@@ -161,10 +170,16 @@ fn parse_entry(name: String, b: &[u8]) -> std::result::Result<Entry, String> {
     Ok(e)
 }
 
+/// A block's entries: each key (whole) and its value.
+type BlockEntries<'a> = Vec<(Vec<u8>, &'a [u8])>;
+
 /// The key/value entries of one SSTable block (its trailer checked).
-fn block_entries<'a>(file: &'a [u8], offset: u64, size: u64) -> std::result::Result<Vec<(Vec<u8>, &'a [u8])>, String> {
+fn block_entries(file: &[u8], offset: u64, size: u64) -> std::result::Result<BlockEntries<'_>, String> {
     let (offset, size) = (offset as usize, size as usize);
-    let end = offset.checked_add(size).filter(|&e| e + 5 <= file.len()).ok_or("a block runs past the end of the file (truncated?)")?;
+    let end = offset
+        .checked_add(size)
+        .filter(|&e| e + 5 <= file.len())
+        .ok_or("a block runs past the end of the file (truncated?)")?;
     let block = &file[offset..end];
     let trailer = &file[end..end + 5];
     match trailer[0] {
@@ -224,7 +239,8 @@ impl Bundle {
             return Err(bad("not a TensorFlow checkpoint index (no table magic number; truncated?)".into()));
         }
         let mut f = Bytes::new(&footer[..40]);
-        let parse = |f: &mut Bytes| -> std::result::Result<(u64, u64), String> { Ok((f.varint()?, f.varint()?)) };
+        let parse =
+            |f: &mut Bytes| -> std::result::Result<(u64, u64), String> { Ok((f.varint()?, f.varint()?)) };
         let _metaindex = parse(&mut f).map_err(&bad)?;
         let (io, is) = parse(&mut f).map_err(&bad)?;
         let mut entries = Vec::new();
@@ -240,14 +256,17 @@ impl Bundle {
                         match r.field().map_err(&bad)? {
                             (1, Field::Varint(n)) => shards = (n as usize).max(1),
                             (2, Field::Varint(1)) => {
-                                return Err(bad("a big-endian checkpoint; bertcuda reads little-endian ones".into()))
+                                return Err(bad(
+                                    "a big-endian checkpoint; bertcuda reads little-endian ones".into()
+                                ))
                             }
                             _ => {}
                         }
                     }
                     continue;
                 }
-                let name = String::from_utf8(key).map_err(|_| bad("a variable name that is not UTF-8".into()))?;
+                let name =
+                    String::from_utf8(key).map_err(|_| bad("a variable name that is not UTF-8".into()))?;
                 let e = parse_entry(name.clone(), value).map_err(|e| bad(format!("variable {name}: {e}")))?;
                 entries.push(e);
             }
@@ -280,9 +299,12 @@ impl Bundle {
             2 => Dtype::F64,
             19 => Dtype::F16,
             14 => Dtype::Bf16,
-            other => return Err(bad(format!("dtype {}; a parameter must be a float type", dtype_name(other)))),
+            other => {
+                return Err(bad(format!("dtype {}; a parameter must be a float type", dtype_name(other))))
+            }
         };
-        let (path, map) = self.shards.get(e.shard).ok_or_else(|| bad(format!("shard {} does not exist", e.shard)))?;
+        let (path, map) =
+            self.shards.get(e.shard).ok_or_else(|| bad(format!("shard {} does not exist", e.shard)))?;
         let bytes = e
             .offset
             .checked_add(e.size)
@@ -291,16 +313,27 @@ impl Bundle {
             .ok_or_else(|| {
                 Error::corrupt(
                     path,
-                    format!("variable {}: its {} bytes at {} run past the end of the file (truncated?)", e.name, e.size, e.offset),
+                    format!(
+                        "variable {}: its {} bytes at {} run past the end of the file (truncated?)",
+                        e.name, e.size, e.offset
+                    ),
                 )
             })?;
         let count: usize = e.shape.iter().product();
         if bytes.len() != count * dtype.size() {
-            return Err(bad(format!("{} bytes for a {:?} tensor of {}", bytes.len(), e.shape, dtype_name(e.dtype))));
+            return Err(bad(format!(
+                "{} bytes for a {:?} tensor of {}",
+                bytes.len(),
+                e.shape,
+                dtype_name(e.dtype)
+            )));
         }
         if let Some(masked) = e.crc32c {
             if crc32c::crc32c(bytes) != crc_unmask(masked) {
-                return Err(Error::corrupt(path, format!("variable {}: its bytes fail their checksum (corrupt file)", e.name)));
+                return Err(Error::corrupt(
+                    path,
+                    format!("variable {}: its bytes fail their checksum (corrupt file)", e.name),
+                ));
             }
         }
         decode(path, &e.name, dtype, bytes)
@@ -397,8 +430,16 @@ mod tests {
         let cases = [
             ("bert/embeddings/word_embeddings", "bert.embeddings.word_embeddings.weight", false),
             ("bert/embeddings/LayerNorm/gamma", "bert.embeddings.LayerNorm.weight", false),
-            ("bert/encoder/layer_11/attention/self/query/kernel", "bert.encoder.layer.11.attention.self.query.weight", true),
-            ("bert/encoder/layer_0/output/LayerNorm/beta", "bert.encoder.layer.0.output.LayerNorm.bias", false),
+            (
+                "bert/encoder/layer_11/attention/self/query/kernel",
+                "bert.encoder.layer.11.attention.self.query.weight",
+                true,
+            ),
+            (
+                "bert/encoder/layer_0/output/LayerNorm/beta",
+                "bert.encoder.layer.0.output.LayerNorm.bias",
+                false,
+            ),
             ("bert/pooler/dense/bias", "bert.pooler.dense.bias", false),
             ("cls/predictions/transform/dense/kernel", "cls.predictions.transform.dense.weight", true),
             ("cls/predictions/output_bias", "cls.predictions.bias", false),

@@ -62,7 +62,9 @@ impl TorchFile {
                 (true, Some(start)) => {
                     let (start, len) = (start as usize, len as usize);
                     if start.checked_add(len).is_none_or(|end| end > map.len()) {
-                        return Err(bad(format!("zip entry {name} runs past the end of the file (truncated?)")));
+                        return Err(bad(format!(
+                            "zip entry {name} runs past the end of the file (truncated?)"
+                        )));
                     }
                     Bytes::Mapped { start, len }
                 }
@@ -79,7 +81,8 @@ impl TorchFile {
             }
             entries.insert(name, bytes);
         }
-        let pkl = pickle_name.ok_or_else(|| bad("a zip archive without data.pkl: not a torch.save file".into()))?;
+        let pkl =
+            pickle_name.ok_or_else(|| bad("a zip archive without data.pkl: not a torch.save file".into()))?;
         let prefix = pkl.strip_suffix("data.pkl").unwrap_or_default().to_string();
         if let Some(order) = entries.get(&format!("{prefix}byteorder")) {
             let order = slice(&map, order);
@@ -119,7 +122,9 @@ impl TorchFile {
         }
         match next("the protocol version")? {
             Value::Int(1001) => {}
-            other => return Err(bad(format!("torch legacy protocol {other:?}; bertcuda reads version 1001"))),
+            other => {
+                return Err(bad(format!("torch legacy protocol {other:?}; bertcuda reads version 1001")))
+            }
         }
         let info = next("the system info")?;
         if let Some(entries) = info.dict_entries() {
@@ -146,7 +151,11 @@ impl TorchFile {
                 .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
                 .ok_or_else(|| bad(format!("storage {key}: the file ends before it (truncated?)")))?;
             pos += 8;
-            let elem = *sizes.get(&key).unwrap_or(&1);
+            let elem = *sizes.get(&key).ok_or_else(|| {
+                bad(format!(
+                    "storage {key} is listed but nothing in the saved object refers to it (corrupt file?)"
+                ))
+            })?;
             let len = (numel as usize)
                 .checked_mul(elem)
                 .filter(|&l| pos.checked_add(l).is_some_and(|e| e <= map.len()))
@@ -181,9 +190,11 @@ impl TorchFile {
             return Ok(Vec::new());
         }
         // The last element the view touches must lie inside the storage.
-        let last = t.shape.iter().zip(&t.strides).try_fold(t.offset, |acc, (&n, &s)| {
-            (n - 1).checked_mul(s).and_then(|x| acc.checked_add(x))
-        });
+        let last = t
+            .shape
+            .iter()
+            .zip(&t.strides)
+            .try_fold(t.offset, |acc, (&n, &s)| (n - 1).checked_mul(s).and_then(|x| acc.checked_add(x)));
         if last.is_none_or(|l| l >= have) {
             return Err(bad(format!(
                 "its view (offset {}, size {:?}, stride {:?}) reaches past its storage of {have} elements \
@@ -270,17 +281,19 @@ pub struct StateDict<'f> {
 /// checkpoint: NVIDIA's `ckpt_<step>.pt`, Lightning's `.ckpt`).
 pub fn state_dict(file: &TorchFile) -> Result<StateDict<'_>> {
     let entries = file.object.dict_entries().ok_or_else(|| {
-        Error::corrupt(&file.path, "the saved object is not a dict of tensors (a state dict); save model.state_dict()")
+        Error::corrupt(
+            &file.path,
+            "the saved object is not a dict of tensors (a state dict); save model.state_dict()",
+        )
     })?;
     let is_tensor = |v: &Value| matches!(v, Value::Tensor(_));
     let mut skipped = Vec::new();
     let mut nested_in = None;
     let mut dict = entries.clone();
     if !entries.iter().any(|(_, v)| is_tensor(v)) {
-        if let Some((key, inner)) = ["model", "state_dict", "module"]
-            .iter()
-            .find_map(|k| entries.iter().find(|(n, _)| n == k).and_then(|(n, v)| Some((n.clone(), v.dict_entries()?))))
-        {
+        if let Some((key, inner)) = ["model", "state_dict", "module"].iter().find_map(|k| {
+            entries.iter().find(|(n, _)| n == k).and_then(|(n, v)| Some((n.clone(), v.dict_entries()?)))
+        }) {
             for (n, _) in &entries {
                 if *n != key {
                     skipped.push(n.clone());
@@ -307,4 +320,3 @@ pub fn state_dict(file: &TorchFile) -> Result<StateDict<'_>> {
     }
     Ok(StateDict { tensors, skipped, ignored, nested_in })
 }
-
