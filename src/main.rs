@@ -626,7 +626,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Convert(a) => {
             let opts = LoadOptions { no_lowercase: a.no_lowercase };
             let report = bertcuda::model::hf::convert(&a.src, &a.dst, a.overwrite, opts)?;
-            eprintln!("{}: {}", a.src.display(), report.summary());
+            eprintln!("{}", report.summary());
             println!("wrote {}", a.dst.display());
             Ok(())
         }
