@@ -13,5 +13,7 @@ constexpr int PARTIAL_ROWS = 64;
 // Attention: query (or key) rows per block, one per thread; key (or query) rows per shared-memory tile.
 constexpr int ATTENTION_ROWS = 64;
 constexpr int ATTENTION_TILE = 32;
+// LAMB: parameter elements per chunk (one block of THREADS threads each; no chunk crosses a tensor's end).
+constexpr int LAMB_CHUNK = 8192;
 
 static_assert(WARP_ROWS * 32 == THREADS, "a row-per-warp block of THREADS threads holds WARP_ROWS rows");

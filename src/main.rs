@@ -312,9 +312,20 @@ struct TrainArgs {
     /// Warmup as a fraction of the steps.
     #[arg(long)]
     warmup_ratio: Option<f64>,
-    /// linear, cosine, constant or constant_with_warmup.
+    /// linear, cosine, constant, constant_with_warmup or polynomial.
     #[arg(long)]
     lr_scheduler: Option<String>,
+    /// The power of --lr-scheduler polynomial (1.0; NVIDIA's BERT uses 0.5).
+    #[arg(long)]
+    lr_power: Option<f64>,
+    /// adamw (torch's AdamW) or lamb (NVIDIA's FusedLAMB: per-tensor trust ratios, the gradient clipped
+    /// by its global norm inside the update; --adam-* set its β and ε).
+    #[arg(long)]
+    optim: Option<String>,
+    /// LAMB: the trust ratio for every tensor, biases and LayerNorm weights too (FusedLAMB's use_nvlamb).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
+    lamb_all_tensors: bool,
     /// Optimizer steps to train (or --num-train-epochs; default 3 epochs).
     #[arg(long)]
     max_steps: Option<u64>,

@@ -1,13 +1,15 @@
 //! The optimizer side of a step, exactly as torch and transformers do it: AdamW (torch semantics, decoupled
-//! decay, no decay for biases and LayerNorm weights), the learning-rate schedules of transformers
-//! (`get_linear_schedule_with_warmup`, cosine, constant), global gradient-norm clipping as
-//! `torch.nn.utils.clip_grad_norm_`, and the dynamic loss scaler of torch's GradScaler / apex amp.
+//! decay, no decay for biases and LayerNorm weights), LAMB as NVIDIA's FusedLAMB (their BERT's optimizer),
+//! the learning-rate schedules of transformers (`get_linear_schedule_with_warmup`, cosine, constant,
+//! polynomial), global gradient-norm clipping as `torch.nn.utils.clip_grad_norm_`, and the dynamic loss
+//! scaler of torch's GradScaler / apex amp.
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{AdamWStep, Backend, Buf, Ints, Kind};
+use crate::backend::{AdamWStep, Backend, Buf, Ints, Kind, LambLayout, LambStep};
 use crate::bail;
 use crate::error::Result;
+use crate::model::params::ParamInfo;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -20,6 +22,9 @@ pub enum Schedule {
     Constant,
     /// Linear warmup, then constant.
     ConstantWithWarmup,
+    /// Linear warmup, then (1 − progress)^power from the peak down to 1e-7 (transformers'
+    /// `get_polynomial_decay_schedule_with_warmup`; NVIDIA's BERT uses power 0.5).
+    Polynomial,
 }
 
 impl std::str::FromStr for Schedule {
@@ -30,19 +35,48 @@ impl std::str::FromStr for Schedule {
             "cosine" => Schedule::Cosine,
             "constant" => Schedule::Constant,
             "constant_with_warmup" => Schedule::ConstantWithWarmup,
-            _ => bail!("--lr-scheduler {s:?}: choose linear, cosine, constant or constant_with_warmup"),
+            "polynomial" => Schedule::Polynomial,
+            _ => bail!(
+                "--lr-scheduler {s:?}: choose linear, cosine, constant, constant_with_warmup or polynomial"
+            ),
         })
     }
 }
 
+/// The polynomial schedule's shape: the power, and the end as a fraction of the peak rate
+/// (transformers: lr_end 1e-7 over the peak).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Polynomial {
+    pub power: f64,
+    pub end_fraction: f64,
+}
+
+impl Polynomial {
+    /// transformers' defaults (power 1, lr_end 1e-7) for a peak rate.
+    pub fn for_peak(power: f64, peak: f64) -> Self {
+        Polynomial { power, end_fraction: if peak > 0.0 { 1e-7 / peak } else { 0.0 } }
+    }
+}
+
 /// The multiplier of the base learning rate for the update made at optimizer step `step` (0-based: the
-/// first update uses step 0), as transformers' schedule lambdas.
+/// first update uses step 0), as transformers' schedule lambdas (the polynomial one with power 1 and an
+/// end of 0; `lr_multiplier` takes its shape).
 pub fn lr_lambda(schedule: Schedule, step: u64, warmup: u64, total: u64) -> f64 {
+    lr_multiplier(schedule, step, warmup, total, Polynomial { power: 1.0, end_fraction: 0.0 })
+}
+
+/// `lr_lambda` with the polynomial schedule's shape.
+pub fn lr_multiplier(schedule: Schedule, step: u64, warmup: u64, total: u64, poly: Polynomial) -> f64 {
     let (s, w, t) = (step as f64, warmup as f64, total as f64);
     if schedule != Schedule::Constant && step < warmup {
         return s / w.max(1.0);
     }
     match schedule {
+        Schedule::Polynomial if step > total => poly.end_fraction,
+        Schedule::Polynomial => {
+            let remaining = 1.0 - (s - w) / (t - w);
+            (1.0 - poly.end_fraction) * remaining.powf(poly.power) + poly.end_fraction
+        }
         Schedule::Constant | Schedule::ConstantWithWarmup => 1.0,
         Schedule::Linear => ((t - s) / (t - w).max(1.0)).max(0.0),
         Schedule::Cosine => {
@@ -143,6 +177,156 @@ impl AdamW {
             step: self.steps,
         };
         be.adamw(params, grads, self.m, self.v, self.decay, &h)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LambConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Global-norm clipping of the gradient before the moments (0: none).
+    pub max_grad_norm: f64,
+    /// The trust ratio for every tensor, the no-decay group too (FusedLAMB's use_nvlamb).
+    pub all_tensors: bool,
+}
+
+/// LAMB's state on the backend: the two moments and the tensor layout of the trust ratios.
+pub struct Lamb {
+    pub config: LambConfig,
+    pub m: Buf,
+    pub v: Buf,
+    layout: LambLayout,
+    /// Updates made so far.
+    pub steps: u64,
+}
+
+impl Lamb {
+    /// `tensors` tile the flat buffer in order: the parameter table's, as transformers names them (query,
+    /// key and value apart).
+    pub fn new(be: &(impl Backend + ?Sized), config: LambConfig, tensors: &[ParamInfo]) -> Result<Self> {
+        let layout = LambLayout::new(be, tensors)?;
+        let n: usize = tensors.iter().map(|p| p.len).sum();
+        Ok(Lamb {
+            config,
+            m: be.alloc_kind(n, Kind::Stat)?,
+            v: be.alloc_kind(n, Kind::Stat)?,
+            layout,
+            steps: 0,
+        })
+    }
+
+    /// One update with learning rate `lr`, of gradients scaled by `loss_scale` whose true global norm is
+    /// `grad_norm`: the clipping and the unscaling are one division inside the update.
+    pub fn step(
+        &mut self,
+        be: &(impl Backend + ?Sized),
+        params: Buf,
+        grads: Buf,
+        lr: f64,
+        grad_norm: f64,
+        loss_scale: f64,
+    ) -> Result<()> {
+        self.steps += 1;
+        let c = self.config;
+        let clip = if c.max_grad_norm > 0.0 && grad_norm > c.max_grad_norm {
+            grad_norm / c.max_grad_norm
+        } else {
+            1.0
+        };
+        let h = LambStep {
+            lr: lr as f32,
+            beta1: c.beta1 as f32,
+            beta2: c.beta2 as f32,
+            eps: c.eps as f32,
+            weight_decay: c.weight_decay as f32,
+            step: self.steps,
+            grad_divisor: (clip * loss_scale) as f32,
+            all_tensors: c.all_tensors,
+        };
+        be.lamb(params, grads, self.m, self.v, &self.layout, &h)
+    }
+}
+
+impl LambLayout {
+    /// The chunk table of `tensors` (which tile the flat buffer in order), uploaded, and its scratch.
+    pub fn new(be: &(impl Backend + ?Sized), tensors: &[ParamInfo]) -> Result<Self> {
+        let total: usize = tensors.iter().map(|p| p.len).sum();
+        if total > i32::MAX as usize {
+            bail!("LAMB indexes parameters with 32-bit offsets: {total} parameters is too many");
+        }
+        let chunk = crate::backend::cuda::launch::LAMB_CHUNK as usize;
+        let (mut chunks, mut ranges) = (Vec::new(), Vec::new());
+        for (t, p) in tensors.iter().enumerate() {
+            let first = chunks.len() / 4;
+            for start in (p.offset..p.offset + p.len).step_by(chunk) {
+                let len = chunk.min(p.offset + p.len - start);
+                chunks.extend([start as i32, len as i32, t as i32, p.decay as i32]);
+            }
+            ranges.extend([first as i32, (chunks.len() / 4 - first) as i32]);
+        }
+        let n_chunks = chunks.len() / 4;
+        let table = be.alloc_ints(chunks.len() + ranges.len())?;
+        be.upload_ints(table, &[chunks, ranges].concat())?;
+        Ok(LambLayout {
+            table,
+            chunks: n_chunks,
+            tensors: tensors.len(),
+            partials: be.alloc_kind(2 * n_chunks, Kind::Stat)?,
+            norms: be.alloc_kind(2 * tensors.len(), Kind::Stat)?,
+        })
+    }
+}
+
+/// The run's optimizer.
+pub enum Optimizer {
+    AdamW(AdamW),
+    Lamb(Lamb),
+}
+
+impl Optimizer {
+    /// The two moments (torch's exp_avg and exp_avg_sq for AdamW; LAMB's, in the same layout).
+    pub fn moments(&self) -> (Buf, Buf) {
+        match self {
+            Optimizer::AdamW(a) => (a.m, a.v),
+            Optimizer::Lamb(l) => (l.m, l.v),
+        }
+    }
+
+    pub fn steps_mut(&mut self) -> &mut u64 {
+        match self {
+            Optimizer::AdamW(a) => &mut a.steps,
+            Optimizer::Lamb(l) => &mut l.steps,
+        }
+    }
+
+    /// One update. AdamW clips as `clip_grad_norm_` after unscaling; LAMB divides inside its update.
+    pub fn step(
+        &mut self,
+        be: &impl Backend,
+        params: Buf,
+        grads: Buf,
+        lr: f64,
+        grad_norm: f64,
+        loss_scale: f64,
+        max_grad_norm: f64,
+    ) -> Result<()> {
+        match self {
+            Optimizer::AdamW(a) => {
+                if loss_scale != 1.0 {
+                    be.scale(grads, (1.0 / loss_scale) as f32)?;
+                }
+                if max_grad_norm > 0.0 {
+                    let c = clip_coefficient(grad_norm, max_grad_norm);
+                    if c < 1.0 {
+                        be.scale(grads, c as f32)?;
+                    }
+                }
+                a.step(be, params, grads, lr)
+            }
+            Optimizer::Lamb(l) => l.step(be, params, grads, lr, grad_norm, loss_scale),
+        }
     }
 }
 

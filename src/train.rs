@@ -27,7 +27,9 @@ use crate::model::bert::{Bert, Inputs, LossNorm, Plan, StepOptions, Train};
 use crate::model::config::ModelConfig;
 use crate::model::hf::load_pretrained;
 use crate::model::params::ParamTable;
-use crate::optim::{clip_coefficient, lr_lambda, AdamW, AdamWConfig, LossScaler, Schedule};
+use crate::optim::{
+    lr_multiplier, AdamW, AdamWConfig, Lamb, LambConfig, LossScaler, Optimizer, Polynomial, Schedule,
+};
 use crate::progress::Progress;
 use crate::tensorboard::EventWriter;
 
@@ -53,6 +55,12 @@ pub struct TrainConfig {
     pub warmup_steps: Option<u64>,
     pub warmup_ratio: Option<f64>,
     pub lr_scheduler: String,
+    /// The power of the polynomial schedule (transformers' default 1; NVIDIA's BERT 0.5).
+    pub lr_power: f64,
+    /// "adamw" (torch's AdamW) or "lamb" (NVIDIA's FusedLAMB).
+    pub optim: String,
+    /// LAMB: the trust ratio for every tensor, the no-decay group too (FusedLAMB's use_nvlamb).
+    pub lamb_all_tensors: bool,
     pub max_steps: Option<u64>,
     pub num_train_epochs: Option<f64>,
     pub max_grad_norm: f64,
@@ -108,6 +116,9 @@ impl Default for TrainConfig {
             warmup_steps: None,
             warmup_ratio: None,
             lr_scheduler: "linear".into(),
+            lr_power: 1.0,
+            optim: "adamw".into(),
+            lamb_all_tensors: false,
             max_steps: None,
             num_train_epochs: None,
             max_grad_norm: 1.0,
@@ -206,6 +217,16 @@ impl TrainConfig {
         if self.adam_epsilon <= 0.0 || self.weight_decay < 0.0 || self.max_grad_norm < 0.0 {
             bail!("--adam-epsilon must be positive, --weight-decay and --max-grad-norm not negative");
         }
+        if !["adamw", "lamb"].contains(&self.optim.as_str()) {
+            bail!("--optim {:?}: choose adamw or lamb", self.optim);
+        }
+        if self.lamb_all_tensors && self.optim != "lamb" {
+            bail!("--lamb-all-tensors applies to --optim lamb");
+        }
+        if !(self.lr_power > 0.0 && self.lr_power.is_finite()) {
+            bail!("--lr-power {} must be positive", self.lr_power);
+        }
+        self.lr_scheduler.parse::<Schedule>()?;
         if self.warmup_steps.is_some() && self.warmup_ratio.is_some() {
             bail!("give --warmup-steps or --warmup-ratio, not both");
         }
@@ -320,11 +341,12 @@ struct ScheduleFor {
     warmup: u64,
     total: u64,
     base: f64,
+    poly: Polynomial,
 }
 
 impl ScheduleFor {
     fn lr(&self, update: u64) -> f64 {
-        self.base * lr_lambda(self.kind, update, self.warmup, self.total)
+        self.base * lr_multiplier(self.kind, update, self.warmup, self.total, self.poly)
     }
 }
 
@@ -412,6 +434,7 @@ fn resume_point(cfg: &TrainConfig) -> Result<Option<(PathBuf, TrainerState)>> {
 /// Refuse to resume with settings that would change the run (other than where it logs and saves).
 fn check_resume_config(saved: &serde_json::Value, cfg: &TrainConfig) -> Result<()> {
     let now = serde_json::to_value(cfg).expect("config serialises");
+    let defaults = serde_json::to_value(TrainConfig::default()).expect("config serialises");
     let (Some(a), Some(b)) = (saved.as_object(), now.as_object()) else { return Ok(()) };
     for (k, v) in b {
         if RESUMABLE_CHANGES.contains(&k.as_str())
@@ -419,7 +442,8 @@ fn check_resume_config(saved: &serde_json::Value, cfg: &TrainConfig) -> Result<(
         {
             continue;
         }
-        let old = a.get(k).cloned().unwrap_or(serde_json::Value::Null);
+        // A setting newer than the checkpoint's run had its default value there.
+        let old = a.get(k).or_else(|| defaults.get(k)).cloned().unwrap_or(serde_json::Value::Null);
         if &old != v {
             bail!(
                 "cannot resume: {k} was {old} in the checkpoint's run and is {v} now; resume with the same settings{}",
@@ -663,17 +687,32 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
     })?;
     model.set_params(&params)?;
     let table = &model.table;
-    let mut adamw = AdamW::new(
-        be,
-        AdamWConfig {
-            lr: cfg.learning_rate,
-            beta1: cfg.adam_beta1,
-            beta2: cfg.adam_beta2,
-            eps: cfg.adam_epsilon,
-            weight_decay: cfg.weight_decay,
-        },
-        &table.decay_mask(),
-    )?;
+    let mut optimizer = if cfg.optim == "lamb" {
+        Optimizer::Lamb(Lamb::new(
+            be,
+            LambConfig {
+                beta1: cfg.adam_beta1,
+                beta2: cfg.adam_beta2,
+                eps: cfg.adam_epsilon,
+                weight_decay: cfg.weight_decay,
+                max_grad_norm: cfg.max_grad_norm,
+                all_tensors: cfg.lamb_all_tensors,
+            },
+            &table.params,
+        )?)
+    } else {
+        Optimizer::AdamW(AdamW::new(
+            be,
+            AdamWConfig {
+                lr: cfg.learning_rate,
+                beta1: cfg.adam_beta1,
+                beta2: cfg.adam_beta2,
+                eps: cfg.adam_epsilon,
+                weight_decay: cfg.weight_decay,
+            },
+            &table.decay_mask(),
+        )?)
+    };
     let loader_cfg = LoaderConfig { rank: comm.rank(), world_size: world, ..cfg.loader() };
     loader_cfg.validate()?;
     let epoch0 = EpochPlan::new(&corpus, &loader_cfg, 0)?;
@@ -695,7 +734,13 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
     };
     let warmup =
         cfg.warmup_steps.unwrap_or_else(|| (cfg.warmup_ratio.unwrap_or(0.0) * total as f64).ceil() as u64);
-    let sched = ScheduleFor { kind: cfg.lr_scheduler.parse()?, warmup, total, base: cfg.learning_rate };
+    let sched = ScheduleFor {
+        kind: cfg.lr_scheduler.parse()?,
+        warmup,
+        total,
+        base: cfg.learning_rate,
+        poly: Polynomial::for_peak(cfg.lr_power, cfg.learning_rate),
+    };
 
     let mut state = TrainerState {
         version: STATE_VERSION,
@@ -713,9 +758,10 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
     };
     if let Some((dir, saved)) = &resume {
         let (m, v) = checkpoint::load_optimizer(dir, table.total)?;
-        be.upload(adamw.m, &m)?;
-        be.upload(adamw.v, &v)?;
-        adamw.steps = saved.updates;
+        let (bm, bv) = optimizer.moments();
+        be.upload(bm, &m)?;
+        be.upload(bv, &v)?;
+        *optimizer.steps_mut() = saved.updates;
         if saved.world_size != world {
             bail!(
                 "cannot resume from {}: it was trained with {} ranks and this run has {world}; the loader's order depends on the world size, so resume with {} ranks",
@@ -783,8 +829,8 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
         steps_per_epoch
     ));
     say(format!(
-        "  steps    {total} (warmup {warmup}, {} schedule, peak lr {}), batch {} × accumulation {} × {world} ranks = {effective} sequences per step",
-        cfg.lr_scheduler, cfg.learning_rate, cfg.per_device_batch_size, cfg.gradient_accumulation_steps
+        "  steps    {total} (warmup {warmup}, {} schedule, peak lr {}, {}), batch {} × accumulation {} × {world} ranks = {effective} sequences per step",
+        cfg.lr_scheduler, cfg.learning_rate, cfg.optim, cfg.per_device_batch_size, cfg.gradient_accumulation_steps
     ));
     // fp32 weights, gradients and two moments; activations in fp32, or bf16 (with a bf16 weight copy).
     let (act_bytes, copy_bytes) = if precision == "bf16" { (2, 2) } else { (4, 0) };
@@ -833,31 +879,33 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
     let buckets =
         crate::dist::buckets(table, ((cfg.bucket_size_mb * (1 << 20) as f64) / 4.0).max(1.0) as usize);
     // Rank 0 writes; the others wait at the barrier so no rank runs ahead of a checkpoint.
-    let save_now = |state: &TrainerState, model: &Bert<B>, adamw: &AdamW| -> Result<Option<PathBuf>> {
-        if !lead {
+    let save_now =
+        |state: &TrainerState, model: &Bert<B>, optimizer: &Optimizer| -> Result<Option<PathBuf>> {
+            if !lead {
+                comm.barrier()?;
+                return Ok(None);
+            }
+            let params = be.download(model.params)?;
+            let (bm, bv) = optimizer.moments();
+            let (m, v) = (be.download(bm)?, be.download(bv)?);
+            let pause =
+                (cfg.debug_pause_in_save_ms > 0).then(|| Duration::from_millis(cfg.debug_pause_in_save_ms));
+            let dir = checkpoint::save(
+                &cfg.output,
+                &CheckpointData {
+                    config: &config,
+                    params: &params,
+                    exp_avg: &m,
+                    exp_avg_sq: &v,
+                    tokenizer,
+                    state,
+                },
+                pause,
+            )?;
+            checkpoint::rotate(&cfg.output, cfg.save_total_limit, state.global_step)?;
             comm.barrier()?;
-            return Ok(None);
-        }
-        let params = be.download(model.params)?;
-        let (m, v) = (be.download(adamw.m)?, be.download(adamw.v)?);
-        let pause =
-            (cfg.debug_pause_in_save_ms > 0).then(|| Duration::from_millis(cfg.debug_pause_in_save_ms));
-        let dir = checkpoint::save(
-            &cfg.output,
-            &CheckpointData {
-                config: &config,
-                params: &params,
-                exp_avg: &m,
-                exp_avg_sq: &v,
-                tokenizer,
-                state,
-            },
-            pause,
-        )?;
-        checkpoint::rotate(&cfg.output, cfg.save_total_limit, state.global_step)?;
-        comm.barrier()?;
-        Ok(Some(dir))
-    };
+            Ok(Some(dir))
+        };
 
     while state.global_step < total {
         // A stop asked of any rank stops them all, at the same step.
@@ -955,16 +1003,7 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
         let lr = sched.lr(state.updates);
         if applied {
             state.consecutive_nonfinite = 0;
-            if scale != 1.0 {
-                be.scale(model.grads, (1.0 / scale) as f32)?;
-            }
-            if cfg.max_grad_norm > 0.0 {
-                let c = clip_coefficient(grad_norm, cfg.max_grad_norm);
-                if c < 1.0 {
-                    be.scale(model.grads, c as f32)?;
-                }
-            }
-            adamw.step(be, model.params, model.grads, lr)?;
+            optimizer.step(be, model.params, model.grads, lr, grad_norm, scale, cfg.max_grad_norm)?;
             state.updates += 1;
         } else {
             state.skipped_steps += 1;
@@ -1096,7 +1135,7 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
         }
         if state.global_step % cfg.save_steps == 0 && state.global_step < total {
             let t = Instant::now();
-            if let Some(dir) = save_now(&state, &model, &adamw)? {
+            if let Some(dir) = save_now(&state, &model, &optimizer)? {
                 tracing::info!("saved {}", dir.display());
             }
             save_seconds += t.elapsed().as_secs_f64();
@@ -1107,7 +1146,7 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
     drop(loader);
     progress.finish();
     if state.global_step != last_saved {
-        if let Some(dir) = save_now(&state, &model, &adamw)? {
+        if let Some(dir) = save_now(&state, &model, &optimizer)? {
             eprintln!("saved {}", dir.display());
         }
     }

@@ -16,7 +16,9 @@ use common::randn;
 use bertcuda::backend::cpu::Cpu;
 use bertcuda::backend::cuda::Cuda;
 use bertcuda::backend::device::emu::EmuOptions;
-use bertcuda::backend::{AdamWStep, Backend, Buf, Dropout, DropoutKey, Ints, Kind, IGNORE_INDEX};
+use bertcuda::backend::{
+    AdamWStep, Backend, Buf, Dropout, DropoutKey, Ints, Kind, LambLayout, LambStep, IGNORE_INDEX,
+};
 use bertcuda::data::rng::KeyedRng;
 use bertcuda::model::bert::{Bert, Inputs, Plan, StepOptions, Train};
 use bertcuda::model::config::{Activation, ModelConfig};
@@ -357,6 +359,52 @@ fn adamw_and_scale() {
         be.adamw(o[0], f[0], o[1], o[2], i[0], &h)?;
         be.scale(o[0], 0.5)
     });
+}
+
+/// LAMB over tensors of several chunks (launch.cuh's LAMB_CHUNK is 8192), a chunk-sized one, a bias and a
+/// tensor at zero, with and without the trust ratio on every tensor.
+fn lamb_over_chunked_tensors() {
+    use bertcuda::model::params::{Init, ParamInfo};
+    let sizes = [(20_000, true), (5, true), (777, false), (1_000, true), (8_192, true)];
+    let mut offset = 0;
+    let tensors: Vec<ParamInfo> = sizes
+        .iter()
+        .enumerate()
+        .map(|(k, &(len, decay))| {
+            let p =
+                ParamInfo { name: format!("t{k}"), shape: vec![len], offset, len, init: Init::Zeros, decay };
+            offset += len;
+            p
+        })
+        .collect();
+    let n = offset;
+    let mut params = randn(40, n, 0.05);
+    params[20_005 + 777..20_005 + 777 + 1_000].fill(0.0);
+    let c = Case {
+        floats: vec![randn(41, n, 0.3)],
+        ints: vec![],
+        outs: vec![
+            (n, Some(params)),
+            (n, Some(randn(42, n, 0.01))),
+            (n, Some(randn(43, n, 0.0001).iter().map(|x| x.abs()).collect())),
+        ],
+    };
+    for all_tensors in [false, true] {
+        let h = LambStep {
+            lr: 6e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-6,
+            weight_decay: 0.01,
+            step: 7,
+            grad_divisor: 3.5,
+            all_tensors,
+        };
+        same(&format!("lamb all_tensors={all_tensors}"), &c, 1e-7, 1e-5, &|be, f, _, o| {
+            let layout = LambLayout::new(be, &tensors)?;
+            be.lamb(o[0], f[0], o[1], o[2], &layout, &h)
+        });
+    }
 }
 
 fn small_model() -> ModelConfig {
@@ -792,6 +840,7 @@ on_both_devices!(
     attention_forward_and_backward_with_padding_and_dropout,
     embeddings_rows_cross_entropy_and_argmax,
     adamw_and_scale,
+    lamb_over_chunked_tensors,
     whole_model_loss_and_every_gradient_equal_the_cpu,
     bf16_activations_track_the_fp32_cpu_model,
     the_gpu_loss_has_the_gradient_the_gpu_backward_computes,

@@ -16,8 +16,11 @@ use bertcuda::data::prepare::{prepare, PrepareConfig};
 use bertcuda::data::tokenizer::BertTokenizer;
 use bertcuda::model::bert::{Bert, Inputs, Plan, StepOptions};
 use bertcuda::model::config::ModelConfig;
-use bertcuda::model::params::ParamTable;
-use bertcuda::optim::{clip_coefficient, lr_lambda, AdamW, AdamWConfig, LossScaler, Schedule};
+use bertcuda::model::params::{ParamInfo, ParamTable};
+use bertcuda::optim::{
+    clip_coefficient, lr_lambda, lr_multiplier, AdamW, AdamWConfig, Lamb, LambConfig, LossScaler, Polynomial,
+    Schedule,
+};
 use bertcuda::train::{train, StepMetrics, TrainConfig};
 
 fn root() -> PathBuf {
@@ -149,6 +152,84 @@ fn adamw_clipping_schedules_and_scaler_equal_torch() {
 }
 
 #[test]
+fn lamb_and_the_polynomial_schedule_equal_the_torch_reference() {
+    let e: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(root().join("tests/fixtures/optim/expected.json")).unwrap())
+            .unwrap();
+    // transformers' polynomial decay (power 0.5, lr_end 1e-7) with warmup, past its end too.
+    let p = &e["polynomial"];
+    let (w, t, peak) =
+        (p["warmup"].as_u64().unwrap(), p["total"].as_u64().unwrap(), p["lr"].as_f64().unwrap());
+    let poly = Polynomial::for_peak(p["power"].as_f64().unwrap(), peak);
+    for (k, want) in p["rates"].as_array().unwrap().iter().enumerate() {
+        let got = peak * lr_multiplier(Schedule::Polynomial, k as u64, w, t, poly);
+        assert!((got - want.as_f64().unwrap()).abs() <= 1e-12, "polynomial at {k}: {got} vs {want}");
+    }
+
+    // LAMB: decayed tensors, a bias, a decayed tensor at zero (norm 0: ratio 1), a clipped step.
+    let l = &e["lamb"];
+    let init: Vec<Vec<f32>> = serde_json::from_value(l["init"].clone()).unwrap();
+    let decay: Vec<bool> = serde_json::from_value(l["decay"].clone()).unwrap();
+    let mut offset = 0;
+    let tensors: Vec<ParamInfo> = init
+        .iter()
+        .zip(&decay)
+        .enumerate()
+        .map(|(k, (v, &d))| {
+            let p = ParamInfo {
+                name: format!("t{k}"),
+                shape: vec![v.len()],
+                offset,
+                len: v.len(),
+                init: bertcuda::model::params::Init::Zeros,
+                decay: d,
+            };
+            offset += v.len();
+            p
+        })
+        .collect();
+    let (lw, lt) = (l["warmup"].as_u64().unwrap(), l["total"].as_u64().unwrap());
+    let lpoly = Polynomial::for_peak(l["power"].as_f64().unwrap(), l["lr"].as_f64().unwrap());
+    for (key, all_tensors) in [("steps", false), ("steps_all_tensors", true)] {
+        let be = Cpu::<f32>::new();
+        let (p, g, sq) = (be.alloc(offset).unwrap(), be.alloc(offset).unwrap(), be.alloc(1).unwrap());
+        be.upload(p, &init.concat()).unwrap();
+        let config = LambConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-6,
+            weight_decay: l["weight_decay"].as_f64().unwrap(),
+            max_grad_norm: l["max_grad_norm"].as_f64().unwrap(),
+            all_tensors,
+        };
+        let mut lamb = Lamb::new(&be, config, &tensors).unwrap();
+        let mut clipped = false;
+        for (k, step) in l[key].as_array().unwrap().iter().enumerate() {
+            let grads: Vec<Vec<f32>> = serde_json::from_value(step["grads"].clone()).unwrap();
+            be.upload(g, &grads.concat()).unwrap();
+            let lr = l["lr"].as_f64().unwrap() * lr_multiplier(Schedule::Polynomial, k as u64, lw, lt, lpoly);
+            assert!((lr - step["lr"].as_f64().unwrap()).abs() < 1e-12, "lr at step {k}");
+            be.sum_squares(sq, g).unwrap();
+            let norm = be.download_f64(sq).unwrap()[0].sqrt();
+            assert!(
+                (norm - step["grad_norm"].as_f64().unwrap()).abs() < 1e-5 * norm,
+                "grad norm at step {k}"
+            );
+            clipped |= norm > 1.0;
+            lamb.step(&be, p, g, lr, norm, 1.0).unwrap();
+            let want: Vec<Vec<f32>> = serde_json::from_value(step["params"].clone()).unwrap();
+            for (j, (got, want)) in be.download(p).unwrap().iter().zip(want.concat()).enumerate() {
+                assert!(
+                    (got - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                    "{key} step {k} [{j}]: {got} vs {want}"
+                );
+            }
+        }
+        assert!(clipped, "the fixture has a clipped step");
+    }
+}
+
+#[test]
 fn the_tiny_model_overfits_fixed_batches() {
     let f = fixture();
     let corpus = open_corpus(std::slice::from_ref(&f.shards)).unwrap();
@@ -276,33 +357,47 @@ fn gradient_accumulation_equals_the_larger_batch() {
 #[test]
 fn a_resumed_run_is_bitwise_the_run_that_never_stopped() {
     let tmp = tempfile::tempdir().unwrap();
-    let a_out = tmp.path().join("a");
-    train(base_config(&a_out), never()).unwrap();
-    // B: a copy of A as it was after step 8 (its checkpoint 8 only), resumed.
-    let b_out = tmp.path().join("b");
-    fs::create_dir_all(&b_out).unwrap();
-    copy_dir(&a_out.join("checkpoint-000008"), &b_out.join("checkpoint-000008"));
-    let lines: Vec<String> =
-        fs::read_to_string(a_out.join("metrics.jsonl")).unwrap().lines().map(String::from).collect();
-    fs::write(b_out.join("metrics.jsonl"), lines[..8].join("\n") + "\n").unwrap();
-    let cfg = TrainConfig { resume: Some("auto".into()), ..base_config(&b_out) };
-    let s = train(cfg, never()).unwrap();
-    assert_eq!(s.steps, 12);
-    assert_eq!(
-        fs::read(a_out.join("model.safetensors")).unwrap(),
-        fs::read(b_out.join("model.safetensors")).unwrap()
-    );
-    let (ma, mb) = (metrics(&a_out), metrics(&b_out));
-    for (x, y) in ma[8..].iter().zip(&mb[8..]) {
+    let mut finals = Vec::new();
+    // AdamW with the linear schedule; LAMB with the polynomial one (NVIDIA's BERT recipe).
+    for (optim, schedule) in [("adamw", "linear"), ("lamb", "polynomial")] {
+        let config = |out: &Path| TrainConfig {
+            optim: optim.into(),
+            lr_scheduler: schedule.into(),
+            lr_power: 0.5,
+            ..base_config(out)
+        };
+        let a_out = tmp.path().join(format!("{optim}-a"));
+        train(config(&a_out), never()).unwrap();
+        // B: a copy of A as it was after step 8 (its checkpoint 8 only), resumed.
+        let b_out = tmp.path().join(format!("{optim}-b"));
+        fs::create_dir_all(&b_out).unwrap();
+        copy_dir(&a_out.join("checkpoint-000008"), &b_out.join("checkpoint-000008"));
+        let lines: Vec<String> =
+            fs::read_to_string(a_out.join("metrics.jsonl")).unwrap().lines().map(String::from).collect();
+        fs::write(b_out.join("metrics.jsonl"), lines[..8].join("\n") + "\n").unwrap();
+        let cfg = TrainConfig { resume: Some("auto".into()), ..config(&b_out) };
+        let s = train(cfg, never()).unwrap();
+        assert_eq!(s.steps, 12);
         assert_eq!(
-            (x.step, x.loss.to_bits(), x.grad_norm.to_bits()),
-            (y.step, y.loss.to_bits(), y.grad_norm.to_bits())
+            fs::read(a_out.join("model.safetensors")).unwrap(),
+            fs::read(b_out.join("model.safetensors")).unwrap(),
+            "{optim}"
         );
+        let (ma, mb) = (metrics(&a_out), metrics(&b_out));
+        for (x, y) in ma[8..].iter().zip(&mb[8..]) {
+            assert_eq!(
+                (x.step, x.loss.to_bits(), x.grad_norm.to_bits()),
+                (y.step, y.loss.to_bits(), y.grad_norm.to_bits())
+            );
+        }
+        assert_eq!(
+            fs::read(a_out.join("checkpoint-000012/optimizer.safetensors")).unwrap(),
+            fs::read(b_out.join("checkpoint-000012/optimizer.safetensors")).unwrap()
+        );
+        assert!(ma.iter().all(|m| m.loss.is_finite()), "{optim}");
+        finals.push(fs::read(a_out.join("model.safetensors")).unwrap());
     }
-    assert_eq!(
-        fs::read(a_out.join("checkpoint-000012/optimizer.safetensors")).unwrap(),
-        fs::read(b_out.join("checkpoint-000012/optimizer.safetensors")).unwrap()
-    );
+    assert_ne!(finals[0], finals[1], "--optim lamb trained the same weights as adamw");
 }
 
 fn copy_dir(from: &Path, to: &Path) {

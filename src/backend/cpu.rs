@@ -11,7 +11,7 @@ use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub, SubAssign};
 
 use rayon::prelude::*;
 
-use crate::backend::{philox, AdamWStep, Backend, Buf, Dropout, Ints, IGNORE_INDEX};
+use crate::backend::{philox, AdamWStep, Backend, Buf, Dropout, Ints, LambLayout, LambStep, IGNORE_INDEX};
 use crate::bail;
 use crate::error::{Error, Result};
 use crate::model::config::Activation;
@@ -845,6 +845,69 @@ impl<T: Real> Backend for Cpu<T> {
                 let denom = v.sqrt() / bc2s + epst;
                 *p -= step_size * (*m / denom);
             });
+        Ok(())
+    }
+
+    fn lamb(&self, params: Buf, grads: Buf, m: Buf, v: Buf, layout: &LambLayout, h: &LambStep) -> Result<()> {
+        self.check(&[params, m, v], &[grads])?;
+        let n = params.len;
+        if grads.len != n || m.len != n || v.len != n {
+            bail!("internal: lamb buffers of different lengths");
+        }
+        let table = self.ints(layout.table)?;
+        let (chunks, tensor_part) = table.split_at(4 * layout.chunks);
+        // Each tensor's range and decay flag, from its chunks.
+        let ranges: Vec<(usize, usize, bool)> = tensor_part
+            .chunks_exact(2)
+            .map(|t| {
+                let (first, count) = (t[0] as usize, t[1] as usize);
+                let (a, b) = (
+                    &chunks[4 * first..4 * first + 4],
+                    &chunks[4 * (first + count - 1)..4 * (first + count)],
+                );
+                (a[0] as usize, (b[0] + b[1]) as usize, a[3] != 0)
+            })
+            .collect();
+        let (p, g, mv, vv) = unsafe { (self.w(params), self.r(grads), self.w(m), self.w(v)) };
+        // Disjoint per-tensor slices, updated in parallel.
+        let mut parts = Vec::with_capacity(ranges.len());
+        let (mut p_rest, mut m_rest, mut v_rest, mut at) = (&mut p[..], &mut mv[..], &mut vv[..], 0usize);
+        for &(start, end, decays) in &ranges {
+            if start != at || end > n {
+                bail!("internal: lamb tensors do not tile the buffer");
+            }
+            let (p0, p1) = std::mem::take(&mut p_rest).split_at_mut(end - start);
+            let (m0, m1) = std::mem::take(&mut m_rest).split_at_mut(end - start);
+            let (v0, v1) = std::mem::take(&mut v_rest).split_at_mut(end - start);
+            parts.push((p0, &g[start..end], m0, v0, decays));
+            (p_rest, m_rest, v_rest, at) = (p1, m1, v1, end);
+        }
+        // FusedLAMB in the parameters' precision; the two norms accumulated in f64.
+        let c = |x: f64| T::from_f64(x);
+        let (b1, b2) = (h.beta1 as f64, h.beta2 as f64);
+        let (bc1, bc2) = (1.0 - b1.powi(h.step as i32), 1.0 - b2.powi(h.step as i32));
+        let (b1t, one_b1, b2t, one_b2) = (c(b1), c(1.0 - b1), c(b2), c(1.0 - b2));
+        let (bc1t, bc2t, eps, div) = (c(bc1), c(bc2), c(h.eps as f64), c(h.grad_divisor as f64));
+        parts.into_par_iter().for_each(|(p, g, m, v, decays)| {
+            let wd = c(if decays { h.weight_decay as f64 } else { 0.0 });
+            let (mut wn, mut un) = (0f64, 0f64);
+            for i in 0..p.len() {
+                let gi = g[i] / div;
+                m[i] = b1t * m[i] + one_b1 * gi;
+                v[i] = b2t * v[i] + one_b2 * gi * gi;
+                let u = (m[i] / bc1t) / ((v[i] / bc2t).sqrt() + eps) + wd * p[i];
+                wn += p[i].to_f64() * p[i].to_f64();
+                un += u.to_f64() * u.to_f64();
+            }
+            let (wn, un) = (wn.sqrt(), un.sqrt());
+            let trusted = h.all_tensors || (decays && h.weight_decay != 0.0);
+            let ratio = if trusted && wn > 0.0 && un > 0.0 { wn / un } else { 1.0 };
+            let step = c(h.lr as f64 * ratio);
+            for i in 0..p.len() {
+                let u = (m[i] / bc1t) / ((v[i] / bc2t).sqrt() + eps) + wd * p[i];
+                p[i] -= step * u;
+            }
+        });
         Ok(())
     }
 

@@ -15,7 +15,9 @@ pub use super::device::driver::{kernels_built, probe, NcclComm};
 use super::device::emu::{Emu, EmuOptions};
 use super::device::{Compute, Device, Elem, Gemm, Kernel, KernelArg, Launch, Mem};
 
-use crate::backend::{philox, AdamWStep, Backend, Buf, Dropout, Ints, Kind, IGNORE_INDEX};
+use crate::backend::{
+    philox, AdamWStep, Backend, Buf, Dropout, Ints, Kind, LambLayout, LambStep, IGNORE_INDEX,
+};
 use crate::bail;
 use crate::error::{Error, Result};
 use crate::model::config::Activation;
@@ -67,6 +69,28 @@ struct AdamWArgs {
     eps: f32,
 }
 impl KernelArg for AdamWArgs {
+    fn bytes(&self) -> &[u8] {
+        bytemuck::bytes_of(self)
+    }
+}
+
+/// adamw.cu's LambArgs.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct LambArgs {
+    beta1: f32,
+    one_minus_beta1: f32,
+    beta2: f32,
+    one_minus_beta2: f32,
+    bias_correction1: f32,
+    bias_correction2: f32,
+    eps: f32,
+    weight_decay: f32,
+    grad_divisor: f32,
+    lr: f32,
+    all_tensors: i32,
+}
+impl KernelArg for LambArgs {
     fn bytes(&self) -> &[u8] {
         bytemuck::bytes_of(self)
     }
@@ -129,6 +153,9 @@ struct Kernels {
     sum_squares_partial: Typed,
     sum_squares_final: Kernel,
     adamw: Kernel,
+    lamb_moments: Kernel,
+    lamb_norms: Kernel,
+    lamb_apply: Kernel,
     attention_bwd_d: Typed,
     residual_layernorm: Typed,
     residual_layernorm_bwd: Typed,
@@ -182,6 +209,9 @@ impl Kernels {
             sum_squares_partial: t("sum_squares_partial_fwd")?,
             sum_squares_final: f("sum_squares_final_fwd_f32")?,
             adamw: f("adamw_fwd_f32")?,
+            lamb_moments: f("lamb_moments_f32")?,
+            lamb_norms: f("lamb_norms_f32")?,
+            lamb_apply: f("lamb_apply_f32")?,
             attention_bwd_d: t("attention_bwd_d")?,
             residual_layernorm: t("residual_layernorm_fwd")?,
             residual_layernorm_bwd: t("residual_layernorm_bwd")?,
@@ -242,7 +272,7 @@ pub struct Cuda {
 
 /// The launch geometry the kernels assume (kernels/launch.cuh, as Rust constants made by build.rs).
 #[allow(dead_code)] // every constant of the header, used here or not
-mod launch {
+pub mod launch {
     include!(concat!(env!("OUT_DIR"), "/launch.rs"));
 }
 use launch::{ATTENTION_ROWS, PARTIAL_ROWS, THREADS, WARP_ROWS};
@@ -1289,6 +1319,44 @@ impl Backend for Cuda {
         // The bf16 copy the kernels and matrix products read follows the new master weights.
         let ([shadow], []) = self.ptrs_as(Dt::Bf16, [params], [])?;
         if shadow != pp {
+            self.launch(self.k.cast_bf16, (grid_for(n), 1, 1), THREADS, &[&shadow, &pp, &nn])?;
+        }
+        Ok(())
+    }
+
+    fn lamb(&self, params: Buf, grads: Buf, m: Buf, v: Buf, layout: &LambLayout, h: &LambStep) -> Result<()> {
+        self.need_f32("LAMB buffers", &[params, grads, m, v, layout.partials, layout.norms])?;
+        let n = params.len;
+        if grads.len != n || m.len != n || v.len != n {
+            bail!("internal: lamb buffers of different lengths");
+        }
+        let ([pp, pm, pv, ppart, pnorm], [pg]) =
+            self.ptrs([params, m, v, layout.partials, layout.norms], [grads])?;
+        let pt = self.iptr(layout.table)?;
+        let (b1, b2) = (h.beta1 as f64, h.beta2 as f64);
+        let args = LambArgs {
+            beta1: h.beta1,
+            one_minus_beta1: (1.0 - b1) as f32,
+            beta2: h.beta2,
+            one_minus_beta2: (1.0 - b2) as f32,
+            bias_correction1: (1.0 - b1.powi(h.step as i32)) as f32,
+            bias_correction2: (1.0 - b2.powi(h.step as i32)) as f32,
+            eps: h.eps,
+            weight_decay: h.weight_decay,
+            grad_divisor: h.grad_divisor,
+            lr: h.lr,
+            all_tensors: h.all_tensors as i32,
+        };
+        let chunks = layout.chunks as u32;
+        self.launch(self.k.lamb_moments, (chunks, 1, 1), THREADS, &[&pp, &pg, &pm, &pv, &pt, &ppart, &args])?;
+        let (c, t) = (layout.chunks as i32, layout.tensors as i32);
+        let blocks = layout.tensors.div_ceil(THREADS as usize) as u32;
+        self.launch(self.k.lamb_norms, (blocks, 1, 1), THREADS, &[&pt, &c, &t, &ppart, &pnorm])?;
+        self.launch(self.k.lamb_apply, (chunks, 1, 1), THREADS, &[&pp, &pm, &pv, &pt, &pnorm, &args])?;
+        // The bf16 copy the kernels and matrix products read follows the new master weights.
+        let ([shadow], []) = self.ptrs_as(Dt::Bf16, [params], [])?;
+        if shadow != pp {
+            let nn = n as i64;
             self.launch(self.k.cast_bf16, (grid_for(n), 1, 1), THREADS, &[&shadow, &pp, &nn])?;
         }
         Ok(())

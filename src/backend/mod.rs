@@ -102,6 +102,39 @@ pub struct AdamWStep {
     pub step: u64,
 }
 
+/// The numbers of one LAMB step (NVIDIA's FusedLAMB, adam_w_mode, bias correction, grad averaging).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LambStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// Of the decay group; the no-decay group has 0.
+    pub weight_decay: f32,
+    /// The step number t, from 1.
+    pub step: u64,
+    /// The gradients are divided by this: the loss scale times the global-norm clipping ratio
+    /// (‖g‖ / max_norm when ‖g‖ exceeds it, else 1).
+    pub grad_divisor: f32,
+    /// The trust ratio for every tensor (FusedLAMB's use_nvlamb), not only the decayed ones.
+    pub all_tensors: bool,
+}
+
+/// Where the tensors of the flat parameter buffer lie, for LAMB's per-tensor trust ratios: made once
+/// (`optim::Lamb::new`), resident on the backend.
+#[derive(Debug, Clone, Copy)]
+pub struct LambLayout {
+    /// Per chunk `[start, len, tensor, decays]` (chunks of at most `launch::LAMB_CHUNK` elements, none
+    /// across a tensor's end), then per tensor `[first chunk, chunks]`.
+    pub table: Ints,
+    pub chunks: usize,
+    pub tensors: usize,
+    /// Scratch: Σw² and Σu² per chunk (2 × chunks, chunk-major).
+    pub partials: Buf,
+    /// Scratch: ‖w‖² and ‖u‖² per tensor (2 × tensors).
+    pub norms: Buf,
+}
+
 /// Labels of rows that take no part in a loss.
 pub const IGNORE_INDEX: i32 = -100;
 
@@ -400,6 +433,11 @@ pub trait Backend {
     /// One AdamW update of the whole parameter buffer, torch semantics: p −= lr·wd·p where decay (1),
     /// m = β1·m + (1−β1)·g, v = β2·v + (1−β2)·g², p −= lr/(1−β1ᵗ) · m / (√v/√(1−β2ᵗ) + ε).
     fn adamw(&self, params: Buf, grads: Buf, m: Buf, v: Buf, decay: Ints, h: &AdamWStep) -> Result<()>;
+    /// One LAMB update, per tensor of `layout`: g' = g / divisor, m = β1·m + (1−β1)·g',
+    /// v = β2·v + (1−β2)·g'², u = (m/(1−β1ᵗ)) / (√(v/(1−β2ᵗ)) + ε) + wd·p (wd 0 outside the decay group),
+    /// r = ‖p‖/‖u‖ over the tensor (1 when either is 0, and for the no-decay group unless `all_tensors`),
+    /// p −= lr·r·u. The gradients are left as they were.
+    fn lamb(&self, params: Buf, grads: Buf, m: Buf, v: Buf, layout: &LambLayout, h: &LambStep) -> Result<()>;
 
     // ---- rows and losses ----------------------------------------------------------------------------
     /// out (m, c) = inp[rows] (inp (·, c)).
