@@ -111,6 +111,41 @@ enum TokenizerCmd {
         transformers' AutoTokenizer.from_pretrained(\"tok/\") loads them."
     )]
     Train(TokenizerTrainArgs),
+    /// Add a domain corpus's frequent whole words to a tokenizer's vocabulary (every existing id unchanged).
+    #[command(
+        after_help = "Example:\n  bertcuda tokenizer extend --tokenizer bert-base-uncased/ --input pubmed/ --add 2000 --output tok-bio/\n\n\
+        Finds the words of the corpus that the tokenizer splits into several pieces, appends up to --add of the\n\
+        most frequent (seen --min-frequency times at least) to its vocabulary, writes a transformers tokenizer\n\
+        directory and prints one JSON line per added word: {\"token\", \"id\", \"count\", \"pieces\"}.\n\
+        Then: bertcuda prepare --tokenizer tok-bio/ ...; bertcuda train --init-from bert-base-uncased/ ...\n\
+        (the new rows of the embeddings start as the mean of the word's old pieces)."
+    )]
+    Extend(TokenizerExtendArgs),
+}
+
+#[derive(Args)]
+struct TokenizerExtendArgs {
+    /// The tokenizer to extend: a model or tokenizer directory, a tokenizer.json or a vocab.txt.
+    #[arg(long)]
+    tokenizer: PathBuf,
+    /// The domain corpus: text files or directories (one sentence per line; .gz accepted).
+    #[arg(long, required = true, num_args = 1..)]
+    input: Vec<PathBuf>,
+    /// Words to add at most.
+    #[arg(long)]
+    add: usize,
+    /// Add only words seen at least this often.
+    #[arg(long, default_value_t = 10)]
+    min_frequency: u64,
+    /// Output directory.
+    #[arg(long)]
+    output: PathBuf,
+    /// With a bare vocab.txt: keep case.
+    #[arg(long)]
+    no_lowercase: bool,
+    /// Replace an existing output directory.
+    #[arg(long)]
+    overwrite: bool,
 }
 
 #[derive(Args)]
@@ -603,6 +638,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Tokenizer(TokenizerCmd::Train(a)) => tokenizer_train(a),
+        Command::Tokenizer(TokenizerCmd::Extend(a)) => tokenizer_extend(a),
         Command::Tokenize(a) => tokenize(a),
         Command::Prepare(a) => prepare_cmd(a),
         Command::DebugRendezvous { timeout_ms } => {
@@ -753,24 +789,69 @@ fn num_cpus() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
-fn tokenizer_train(a: TokenizerTrainArgs) -> Result<()> {
-    let files = list_input_files(&a.input)?;
-    let out = AtomicDir::create(&a.output, a.overwrite)?;
-    let mut reader = CorpusReader::new(files, DEFAULT_MAX_LINE_BYTES);
-    // Stream sentences into the trainer; a read error stops the stream and is reported after.
-    let mut failure = None;
-    let sentences = std::iter::from_fn(|| loop {
+/// The sentences of a corpus as one stream; a read error ends it and is left in `failure`, to report after.
+fn sentences<'a>(
+    reader: &'a mut CorpusReader,
+    failure: &'a mut Option<bertcuda::Error>,
+) -> impl Iterator<Item = String> + 'a {
+    std::iter::from_fn(move || loop {
         if failure.is_some() {
             return None;
         }
         match reader.next_document() {
             Ok(Some(doc)) => return Some(doc),
             Ok(None) => return None,
-            Err(e) => failure = Some(e),
+            Err(e) => *failure = Some(e),
         }
     })
-    .flatten();
-    let tok = BertTokenizer::train(sentences, a.vocab_size, a.min_frequency, !a.no_lowercase);
+    .flatten()
+}
+
+fn tokenizer_extend(a: TokenizerExtendArgs) -> Result<()> {
+    if a.add == 0 {
+        anyhow::bail!("--add 0 adds nothing; give the number of words to add");
+    }
+    let tok = BertTokenizer::load(&a.tokenizer, LoadOptions { no_lowercase: a.no_lowercase })?;
+    let files = list_input_files(&a.input)?;
+    let out = AtomicDir::create(&a.output, a.overwrite)?;
+    let mut reader = CorpusReader::new(files, DEFAULT_MAX_LINE_BYTES);
+    let mut failure = None;
+    let words = tok.frequent_split_words(sentences(&mut reader, &mut failure), a.add, a.min_frequency);
+    if let Some(e) = failure {
+        return Err(e.into());
+    }
+    let words = words?;
+    let extended = tok.extended(&words.iter().map(|w| w.word.clone()).collect::<Vec<_>>())?;
+    extended.save_hf(out.path())?;
+    let dir = out.commit()?;
+    for (k, w) in words.iter().enumerate() {
+        let line = serde_json::json!({"token": w.word, "id": tok.vocab_size + k, "count": w.count, "pieces": w.pieces});
+        println!("{line}");
+    }
+    eprintln!(
+        "added {} words (of --add {}, seen ≥{} times) to the {} tokens of {} → {} ({} tokens)",
+        words.len(),
+        a.add,
+        a.min_frequency,
+        tok.vocab_size,
+        a.tokenizer.display(),
+        dir.display(),
+        extended.vocab_size
+    );
+    Ok(())
+}
+
+fn tokenizer_train(a: TokenizerTrainArgs) -> Result<()> {
+    let files = list_input_files(&a.input)?;
+    let out = AtomicDir::create(&a.output, a.overwrite)?;
+    let mut reader = CorpusReader::new(files, DEFAULT_MAX_LINE_BYTES);
+    let mut failure = None;
+    let tok = BertTokenizer::train(
+        sentences(&mut reader, &mut failure),
+        a.vocab_size,
+        a.min_frequency,
+        !a.no_lowercase,
+    );
     if let Some(e) = failure {
         return Err(e.into());
     }

@@ -504,9 +504,21 @@ fn prepare_run(cfg: TrainConfig, lead: bool) -> Result<Prepared> {
         let has_tokenizer = ["tokenizer.json", "vocab.txt"].iter().any(|f| model_dir.join(f).is_file());
         let model_tokenizer =
             if has_tokenizer { Some(BertTokenizer::load(&model_dir, Default::default())?) } else { None };
+        let mut note = format!("continued pretraining from {}: {}", dir.display(), report.summary());
+        let (mut c, mut p) = (c, p);
         match model_tokenizer {
+            // Shards made with the checkpoint's tokenizer extended for the domain: the model grows with it.
+            Some(t) if crate::model::extend::extends(tokenizer, &t) => {
+                let added;
+                (c, p, added) = crate::model::extend::extend_vocabulary(&c, &p, &t, tokenizer)?;
+                note.push_str(&format!(
+                    "\n  vocabulary extended by {added} tokens to {}: their embedding rows (and decoder bias) start \
+                     as the mean of the rows of the pieces the checkpoint's tokenizer cuts them into",
+                    c.vocab_size
+                ));
+            }
             Some(t) if t.fingerprint() != fingerprint => bail!(
-                "the shards in {} were made with another tokenizer than {}'s ({} vs {}); run `bertcuda prepare --tokenizer {}` on your text first",
+                "the shards in {} were made with another tokenizer than {}'s ({} vs {}), not one that extends its vocabulary; run `bertcuda prepare --tokenizer {}` on your text first",
                 cfg.data[0].display(),
                 dir.display(),
                 fingerprint,
@@ -522,7 +534,7 @@ fn prepare_run(cfg: TrainConfig, lead: bool) -> Result<Prepared> {
             ),
             None => tracing::warn!("{} has no tokenizer files; the vocabulary sizes match, assuming the shards' tokenizer is the model's", dir.display()),
         }
-        (c, p, format!("continued pretraining from {}: {}", dir.display(), report.summary()))
+        (c, p, note)
     } else {
         let mut c = if Path::new(&cfg.model_config).is_file() || cfg.model_config.ends_with(".json") {
             ModelConfig::load(Path::new(&cfg.model_config))?

@@ -404,3 +404,127 @@ fn init_from_a_google_tf_checkpoint_continues_pretraining() {
         assert!(r.initialised.is_empty(), "{name}");
     }
 }
+
+#[test]
+fn vocabulary_extension_for_continued_pretraining() {
+    use bertcuda::data::prepare::{prepare, PrepareConfig};
+    use bertcuda::data::tokenizer::{BertTokenizer, LoadOptions};
+    use bertcuda::model::extend::extend_vocabulary;
+    use bertcuda::train::{train, TrainConfig};
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixtures().join("hf-zip");
+    // "ones" and "its" are cut into "one ##s" and "it ##s" by the fixture's vocabulary; "thes" is rare.
+    let text: String = (0..120)
+        .map(|i| {
+            format!(
+                "the ones of its {} are the ones it had\n{}",
+                ["one", "its", "thes"][i % 3],
+                if i % 4 == 3 { "\n" } else { "" }
+            )
+        })
+        .collect();
+    let corpus = tmp.path().join("domain.txt");
+    fs::write(&corpus, text).unwrap();
+    let ext_dir = tmp.path().join("tok-ext");
+    let out = bin()
+        .args([
+            "tokenizer",
+            "extend",
+            "--tokenizer",
+            model.to_str().unwrap(),
+            "--input",
+            corpus.to_str().unwrap(),
+        ])
+        .args(["--add", "2", "--min-frequency", "2", "--output", ext_dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let added: Vec<&str> = lines.iter().map(|l| l["token"].as_str().unwrap()).collect();
+    assert_eq!(added, ["ones", "its"], "{lines:?}");
+    assert_eq!(lines[0]["id"], 58);
+    assert_eq!(lines[0]["pieces"], serde_json::json!(["one", "##s"]));
+
+    let (old, new) = (
+        BertTokenizer::load(&model, LoadOptions::default()).unwrap(),
+        BertTokenizer::load(&ext_dir, LoadOptions::default()).unwrap(),
+    );
+    // Every old id unchanged; a new word is one id.
+    assert_eq!(new.vocab_size, 60);
+    assert_eq!(new.vocab_in_order()[..58], old.vocab_in_order()[..]);
+    assert_eq!(new.encode_ids("the of thes").unwrap(), old.encode_ids("the of thes").unwrap());
+    assert_eq!(new.encode_ids("the ones").unwrap(), [6, 58]);
+    assert_eq!(old.encode_ids("the ones").unwrap().len(), 3);
+
+    // The grown model: old rows kept, new rows the mean of their pieces' rows.
+    let (c, p, _) = load_pretrained(&model, 0).unwrap();
+    let (c2, p2, n) = extend_vocabulary(&c, &p, &old, &new).unwrap();
+    assert_eq!((n, c2.vocab_size), (2, 60));
+    let (t, t2) =
+        (bertcuda::model::params::ParamTable::new(&c), bertcuda::model::params::ParamTable::new(&c2));
+    let (w, w2) = (
+        t.get("bert.embeddings.word_embeddings.weight").unwrap(),
+        t2.get("bert.embeddings.word_embeddings.weight").unwrap(),
+    );
+    let h = c.hidden_size;
+    let row = |params: &[f32], off: usize, r: usize| params[off + r * h..off + (r + 1) * h].to_vec();
+    assert_eq!(p2[w2.offset..w2.offset + 58 * h], p[w.offset..w.offset + 58 * h]);
+    let (one, s) = (old.token_to_id("one").unwrap() as usize, old.token_to_id("##s").unwrap() as usize);
+    let mean: Vec<f32> =
+        row(&p, w.offset, one).iter().zip(row(&p, w.offset, s)).map(|(a, b)| (a + b) / 2.0).collect();
+    assert_eq!(row(&p2, w2.offset, 58), mean);
+    let (b, b2) = (t.get("cls.predictions.bias").unwrap(), t2.get("cls.predictions.bias").unwrap());
+    assert_eq!(p2[b2.offset + 58], (p[b.offset + one] + p[b.offset + s]) / 2.0);
+    let q = t.get("bert.encoder.layer.1.output.dense.weight").unwrap();
+    let q2 = t2.get("bert.encoder.layer.1.output.dense.weight").unwrap();
+    assert_eq!(p2[q2.offset..q2.offset + q2.len], p[q.offset..q.offset + q.len]);
+
+    // Continued pretraining on shards of the extended tokenizer: accepted, the model grown and saved so.
+    let shards = tmp.path().join("shards");
+    prepare(&PrepareConfig {
+        workers: 1,
+        ..PrepareConfig::new(vec![corpus.clone()], ext_dir.clone(), shards.clone())
+    })
+    .unwrap();
+    let run = |data: PathBuf, out: PathBuf| {
+        train(
+            TrainConfig {
+                data: vec![data],
+                output: out,
+                init_from: Some(model.clone()),
+                max_seq_len: 32,
+                per_device_batch_size: 2,
+                max_steps: Some(2),
+                save_steps: 100,
+                progress: false,
+                ..TrainConfig::default()
+            },
+            std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        )
+    };
+    let dapt = tmp.path().join("dapt");
+    let s = run(shards, dapt.clone()).unwrap();
+    assert_eq!(s.steps, 2);
+    let (c3, _, r3) = load_pretrained(&dapt, 0).unwrap();
+    assert_eq!(c3.vocab_size, 60);
+    assert!(r3.initialised.is_empty());
+    assert_eq!(BertTokenizer::load(&dapt, LoadOptions::default()).unwrap().fingerprint(), new.fingerprint());
+
+    // An unrelated vocabulary (not an extension of the checkpoint's) stays an error.
+    let other_dir = tmp.path().join("tok-other");
+    let words: Vec<String> = old.vocab_in_order().into_iter().rev().collect();
+    let mut reordered = words.clone();
+    reordered.sort();
+    fs::create_dir_all(&other_dir).unwrap();
+    fs::write(other_dir.join("vocab.txt"), reordered.join("\n") + "\n").unwrap();
+    fs::write(other_dir.join("tokenizer_config.json"), r#"{"do_lower_case": true}"#).unwrap();
+    let other_shards = tmp.path().join("other-shards");
+    prepare(&PrepareConfig {
+        workers: 1,
+        ..PrepareConfig::new(vec![corpus], other_dir, other_shards.clone())
+    })
+    .unwrap();
+    let e = run(other_shards, tmp.path().join("refused")).unwrap_err().to_string();
+    assert!(e.contains("another tokenizer"), "{e}");
+}

@@ -49,6 +49,14 @@ pub struct BertTokenizer {
     pub source: PathBuf,
 }
 
+/// A whole word a tokenizer cuts into pieces, with its count in a corpus.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SplitWord {
+    pub word: String,
+    pub count: u64,
+    pub pieces: Vec<String>,
+}
+
 /// How to read a bare vocab.txt (which carries no casing information of its own).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LoadOptions {
@@ -228,6 +236,108 @@ impl BertTokenizer {
         let path = PathBuf::from("<trained>");
         let inner = bert_pipeline(model, lowercase, &path)?;
         Self::finish(inner, lowercase, &path)
+    }
+
+    /// The whole words of `documents` (as this tokenizer normalizes and splits text) that it cuts into
+    /// several pieces, none unknown: those seen at least `min_frequency` times, most frequent first (ties
+    /// in byte order), at most `n` — the candidates a domain vocabulary extension adds.
+    pub fn frequent_split_words<I>(
+        &self,
+        documents: I,
+        n: usize,
+        min_frequency: u64,
+    ) -> Result<Vec<SplitWord>>
+    where
+        I: IntoIterator<Item = String>,
+    {
+        let unk = self.special.unk;
+        let mut counts: HashMap<String, (u64, Vec<String>)> = HashMap::new();
+        let mut batch: Vec<String> = Vec::new();
+        let mut flush = |batch: &mut Vec<String>| -> Result<()> {
+            let encodings = self.inner.encode_batch(std::mem::take(batch), false).map_err(|e| self.err(e))?;
+            for enc in encodings {
+                let (ids, tokens, words) = (enc.get_ids(), enc.get_tokens(), enc.get_word_ids());
+                let mut i = 0;
+                while i < ids.len() {
+                    let mut j = i + 1;
+                    while j < ids.len() && words[j].is_some() && words[j] == words[i] {
+                        j += 1;
+                    }
+                    if j - i >= 2 && words[i].is_some() && !ids[i..j].contains(&unk) {
+                        let word: String = tokens[i..j]
+                            .iter()
+                            .enumerate()
+                            .map(|(k, t)| if k == 0 { t.as_str() } else { t.strip_prefix("##").unwrap_or(t) })
+                            .collect();
+                        let e = counts.entry(word).or_insert_with(|| (0, tokens[i..j].to_vec()));
+                        e.0 += 1;
+                    }
+                    i = j;
+                }
+            }
+            Ok(())
+        };
+        for doc in documents {
+            batch.push(doc);
+            if batch.len() == 256 {
+                flush(&mut batch)?;
+            }
+        }
+        flush(&mut batch)?;
+        let mut words: Vec<SplitWord> = counts
+            .into_iter()
+            .filter(|(_, (c, _))| *c >= min_frequency)
+            .map(|(word, (count, pieces))| SplitWord { word, count, pieces })
+            .collect();
+        words.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.word.cmp(&b.word)));
+        words.truncate(n);
+        Ok(words)
+    }
+
+    /// This tokenizer with `words` appended to its WordPiece vocabulary (ids from `vocab_size` on; every
+    /// existing id, and the normalizer, pre-tokenizer and post-processor, unchanged): each then
+    /// tokenizes to one id where it stands as a whole word.
+    pub fn extended(&self, words: &[String]) -> Result<Self> {
+        let tokenizers::ModelWrapper::WordPiece(wp) = self.inner.get_model() else {
+            bail!(
+                "{}: not a WordPiece tokenizer; only a BERT WordPiece vocabulary can be extended",
+                self.source.display()
+            );
+        };
+        let mut by_id: Vec<(u32, String)> = wp.get_vocab().into_iter().map(|(t, id)| (id, t)).collect();
+        by_id.sort();
+        if by_id.iter().enumerate().any(|(k, (id, _))| *id as usize != k) || by_id.len() != self.vocab_size {
+            bail!(
+                "{}: the vocabulary's ids are not 0..{} in order; it cannot be extended",
+                self.source.display(),
+                self.vocab_size
+            );
+        }
+        let mut text: String = by_id.into_iter().map(|(_, t)| t + "\n").collect();
+        let mut seen = std::collections::HashSet::new();
+        for w in words {
+            if self.inner.token_to_id(w).is_some()
+                || !seen.insert(w)
+                || w.trim().is_empty()
+                || w.contains(char::is_whitespace)
+            {
+                bail!("{w:?} cannot be added to the vocabulary of {}: it is there already (or twice in the list), or not a word", self.source.display());
+            }
+            text.push_str(w);
+            text.push('\n');
+        }
+        let vocab =
+            WordPiece::read_bytes(text.as_bytes()).map_err(|e| Error::Invalid(format!("WordPiece: {e}")))?;
+        let model = WordPiece::builder()
+            .vocab(vocab)
+            .unk_token(wp.unk_token.clone())
+            .continuing_subword_prefix(wp.continuing_subword_prefix.clone())
+            .max_input_chars_per_word(wp.max_input_chars_per_word)
+            .build()
+            .map_err(|e| Error::Invalid(format!("WordPiece: {e}")))?;
+        let mut inner = self.inner.clone();
+        inner.with_model(model);
+        Self::finish(inner, self.do_lower_case, &self.source)
     }
 
     /// Word-piece ids of one text, without special tokens.

@@ -2,6 +2,7 @@
 
 pub mod bert;
 pub mod config;
+pub mod extend;
 pub mod formats;
 pub mod hf;
 pub mod params;
