@@ -45,6 +45,14 @@ pub struct TrainerState {
     pub tokenizer_fingerprint: String,
     /// The run's settings (a `TrainConfig` as JSON).
     pub config: serde_json::Value,
+    /// The phase running (0-based), the step it started at and the updates made before it (its schedule
+    /// and its optimizer's bias correction count from there).
+    #[serde(default)]
+    pub phase: usize,
+    #[serde(default)]
+    pub phase_start_step: u64,
+    #[serde(default)]
+    pub phase_start_updates: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -367,6 +367,28 @@ struct TrainArgs {
     /// Epochs to train (fractions allowed).
     #[arg(long)]
     num_train_epochs: Option<f64>,
+    /// A second phase after --max-steps steps (NVIDIA's 128 → 512 recipe), this many steps; the other
+    /// --phase2-* settings change the first phase's for it. More phases: `[[phases]]` in --config.
+    #[arg(long)]
+    phase2_steps: Option<u64>,
+    /// Phase 2: tokens per sequence.
+    #[arg(long)]
+    phase2_max_seq_len: Option<usize>,
+    /// Phase 2: sequences per device per micro-batch.
+    #[arg(long)]
+    phase2_per_device_batch_size: Option<usize>,
+    /// Phase 2: micro-batches per optimizer step.
+    #[arg(long)]
+    phase2_gradient_accumulation_steps: Option<usize>,
+    /// Phase 2: peak learning rate (its schedule runs over its own steps).
+    #[arg(long)]
+    phase2_learning_rate: Option<f64>,
+    /// Phase 2: warmup steps.
+    #[arg(long)]
+    phase2_warmup_steps: Option<u64>,
+    /// Phase 2: warmup as a fraction of its steps.
+    #[arg(long)]
+    phase2_warmup_ratio: Option<f64>,
     /// Global gradient-norm clipping; 0 turns it off (1.0).
     #[arg(long)]
     max_grad_norm: Option<f64>,

@@ -63,6 +63,17 @@ pub struct TrainConfig {
     pub lamb_all_tensors: bool,
     pub max_steps: Option<u64>,
     pub num_train_epochs: Option<f64>,
+    /// Phases run one after the other (NVIDIA's 128 → 512 recipe): each overrides the settings above for
+    /// its steps. Empty: one phase, the settings above.
+    pub phases: Vec<PhaseConfig>,
+    /// The two-phase case as flags: phase 1 is the settings above (--max-steps its steps), phase 2 these.
+    pub phase2_steps: Option<u64>,
+    pub phase2_max_seq_len: Option<usize>,
+    pub phase2_per_device_batch_size: Option<usize>,
+    pub phase2_gradient_accumulation_steps: Option<usize>,
+    pub phase2_learning_rate: Option<f64>,
+    pub phase2_warmup_steps: Option<u64>,
+    pub phase2_warmup_ratio: Option<f64>,
     pub max_grad_norm: f64,
     pub max_seq_len: usize,
     pub mlm_probability: f64,
@@ -97,6 +108,37 @@ pub struct TrainConfig {
     pub debug_pause_in_save_ms: u64,
 }
 
+/// One phase of a run: its steps, and the settings it changes (unset: the run's).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PhaseConfig {
+    pub max_steps: u64,
+    #[serde(default)]
+    pub max_seq_len: Option<usize>,
+    #[serde(default)]
+    pub per_device_batch_size: Option<usize>,
+    #[serde(default)]
+    pub gradient_accumulation_steps: Option<usize>,
+    #[serde(default)]
+    pub learning_rate: Option<f64>,
+    #[serde(default)]
+    pub warmup_steps: Option<u64>,
+    #[serde(default)]
+    pub warmup_ratio: Option<f64>,
+    /// Masked positions per sequence at most (NVIDIA: 20 at 128 tokens, 80 at 512).
+    #[serde(default)]
+    pub max_predictions_per_seq: Option<usize>,
+    /// At the phase's start: "keep" the optimizer's moments and restart its bias-correction count, as
+    /// NVIDIA's phase 2 does (their run_pretraining.py loads phase 1's optimizer state and sets its step to
+    /// 0), or "reset" them to zero. The first phase starts from zero either way.
+    #[serde(default = "keep")]
+    pub optimizer_state: String,
+}
+
+fn keep() -> String {
+    "keep".into()
+}
+
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
@@ -121,6 +163,14 @@ impl Default for TrainConfig {
             lamb_all_tensors: false,
             max_steps: None,
             num_train_epochs: None,
+            phases: vec![],
+            phase2_steps: None,
+            phase2_max_seq_len: None,
+            phase2_per_device_batch_size: None,
+            phase2_gradient_accumulation_steps: None,
+            phase2_learning_rate: None,
+            phase2_warmup_steps: None,
+            phase2_warmup_ratio: None,
             max_grad_norm: 1.0,
             max_seq_len: 128,
             mlm_probability: 0.15,
@@ -227,6 +277,9 @@ impl TrainConfig {
             bail!("--lr-power {} must be positive", self.lr_power);
         }
         self.lr_scheduler.parse::<Schedule>()?;
+        if !self.phases.is_empty() || self.phase2_steps.is_some() {
+            self.phase_configs()?;
+        }
         if self.warmup_steps.is_some() && self.warmup_ratio.is_some() {
             bail!("give --warmup-steps or --warmup-ratio, not both");
         }
@@ -269,6 +322,97 @@ impl TrainConfig {
         }
     }
 
+    /// The settings of each phase: this config with the phase's changes, `max_steps` its steps, and
+    /// whether the phase resets the optimizer's moments. One phase (this config) when the run has none.
+    pub fn phase_configs(&self) -> Result<Vec<(TrainConfig, bool)>> {
+        let flags = self.phase2_max_seq_len.is_some()
+            || self.phase2_per_device_batch_size.is_some()
+            || self.phase2_gradient_accumulation_steps.is_some()
+            || self.phase2_learning_rate.is_some()
+            || self.phase2_warmup_steps.is_some()
+            || self.phase2_warmup_ratio.is_some();
+        let phases: Vec<PhaseConfig> = match (self.phases.is_empty(), self.phase2_steps) {
+            (true, None) if flags => {
+                bail!("the --phase2-* settings need --phase2-steps (the second phase's steps)")
+            }
+            (true, None) => return Ok(vec![(self.clone(), false)]),
+            (false, Some(_)) => bail!("give phases in --config or --phase2-steps, not both"),
+            (false, None) if flags => bail!("give phases in --config or the --phase2-* settings, not both"),
+            (false, None) => self.phases.clone(),
+            (true, Some(steps)) => {
+                let Some(first) = self.max_steps else {
+                    bail!("--phase2-steps needs --max-steps, the first phase's steps");
+                };
+                let one = PhaseConfig {
+                    max_steps: first,
+                    max_seq_len: None,
+                    per_device_batch_size: None,
+                    gradient_accumulation_steps: None,
+                    learning_rate: None,
+                    warmup_steps: None,
+                    warmup_ratio: None,
+                    max_predictions_per_seq: None,
+                    optimizer_state: keep(),
+                };
+                let two = PhaseConfig {
+                    max_steps: steps,
+                    max_seq_len: self.phase2_max_seq_len,
+                    per_device_batch_size: self.phase2_per_device_batch_size,
+                    gradient_accumulation_steps: self.phase2_gradient_accumulation_steps,
+                    learning_rate: self.phase2_learning_rate,
+                    warmup_steps: self.phase2_warmup_steps,
+                    warmup_ratio: self.phase2_warmup_ratio,
+                    max_predictions_per_seq: None,
+                    optimizer_state: keep(),
+                };
+                vec![one, two]
+            }
+        };
+        if self.num_train_epochs.is_some() {
+            bail!("a run with phases counts steps: give each phase's steps, not --num-train-epochs");
+        }
+        phases
+            .iter()
+            .enumerate()
+            .map(|(k, p)| {
+                if p.max_steps == 0 {
+                    bail!("phase {}: max_steps is 0; a phase needs at least one step", k + 1);
+                }
+                if !["keep", "reset"].contains(&p.optimizer_state.as_str()) {
+                    bail!("phase {}: optimizer_state {:?}: choose keep or reset", k + 1, p.optimizer_state);
+                }
+                // A phase's warmup replaces the run's (steps or ratio, whichever it gives).
+                let (warmup_steps, warmup_ratio) = match (p.warmup_steps, p.warmup_ratio) {
+                    (None, None) => (self.warmup_steps, self.warmup_ratio),
+                    w => w,
+                };
+                let c = TrainConfig {
+                    max_steps: Some(p.max_steps),
+                    max_seq_len: p.max_seq_len.unwrap_or(self.max_seq_len),
+                    per_device_batch_size: p.per_device_batch_size.unwrap_or(self.per_device_batch_size),
+                    gradient_accumulation_steps: p
+                        .gradient_accumulation_steps
+                        .unwrap_or(self.gradient_accumulation_steps),
+                    learning_rate: p.learning_rate.unwrap_or(self.learning_rate),
+                    warmup_steps,
+                    warmup_ratio,
+                    max_predictions_per_seq: p.max_predictions_per_seq.or(self.max_predictions_per_seq),
+                    phases: vec![],
+                    phase2_steps: None,
+                    phase2_max_seq_len: None,
+                    phase2_per_device_batch_size: None,
+                    phase2_gradient_accumulation_steps: None,
+                    phase2_learning_rate: None,
+                    phase2_warmup_steps: None,
+                    phase2_warmup_ratio: None,
+                    ..self.clone()
+                };
+                c.validate().map_err(|e| Error::Invalid(format!("phase {}: {e}", k + 1)))?;
+                Ok((c, p.optimizer_state == "reset"))
+            })
+            .collect()
+    }
+
     pub fn loader(&self) -> LoaderConfig {
         LoaderConfig {
             examples: self.examples(),
@@ -308,6 +452,11 @@ pub struct StepMetrics {
     pub skipped_steps: u64,
     pub seq_per_s: f64,
     pub tokens_per_s: f64,
+    /// The phase (from 1) of a run with several, and the longest sequence of its last step.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub phase: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub longest_sequence: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub eval: Option<EvalResult>,
 }
@@ -554,12 +703,14 @@ fn prepare_run(cfg: TrainConfig, lead: bool) -> Result<Prepared> {
         let p = ParamTable::new(&c).init(&c, cfg.seed);
         (c, p, format!("a new {} model", cfg.model_config))
     };
-    if cfg.max_seq_len > config.max_position_embeddings {
-        bail!(
-            "--max-seq-len {} exceeds the model's max_position_embeddings {}",
-            cfg.max_seq_len,
-            config.max_position_embeddings
-        );
+    for (phase, _) in cfg.phase_configs()? {
+        if phase.max_seq_len > config.max_position_embeddings {
+            bail!(
+                "--max-seq-len {} exceeds the model's max_position_embeddings {}",
+                phase.max_seq_len,
+                config.max_position_embeddings
+            );
+        }
     }
 
     Ok(Prepared { cfg, resume, corpus, config, params, init_note, fingerprint })
@@ -680,6 +831,88 @@ pub fn choose_device(device: &str) -> Result<Device> {
     }
 }
 
+/// A count for people: 1234, 12.3 M, 59.0 G.
+fn count(n: f64) -> String {
+    match n {
+        n if n >= 1e9 => format!("{:.1} G", n / 1e9),
+        n if n >= 1e6 => format!("{:.1} M", n / 1e6),
+        n => format!("{n:.0}"),
+    }
+}
+
+/// One phase of a run, resolved against the data: its settings, loader, steps and schedule.
+struct PhasePlan {
+    cfg: TrainConfig,
+    /// Its start zeroes the optimizer's moments.
+    reset_optimizer: bool,
+    loader: LoaderConfig,
+    /// Sequences per epoch and steps per epoch (for the plan).
+    epoch_examples: usize,
+    steps_per_epoch: u64,
+    steps: u64,
+    warmup: u64,
+    sched: ScheduleFor,
+}
+
+impl PhasePlan {
+    fn new(cfg: &TrainConfig, reset_optimizer: bool, corpus: &Corpus, comm: &dyn Comm) -> Result<Self> {
+        let loader = LoaderConfig { rank: comm.rank(), world_size: comm.world(), ..cfg.loader() };
+        loader.validate()?;
+        let epoch0 = EpochPlan::new(corpus, &loader, 0)?;
+        let steps_per_epoch = epoch0.batches(&loader) / cfg.gradient_accumulation_steps as u64;
+        if steps_per_epoch == 0 {
+            bail!(
+                "an epoch has {} examples: fewer than one step of {} sequences (batch {} × accumulation {}); lower them or add data",
+                epoch0.epoch_examples(),
+                cfg.per_device_batch_size * cfg.gradient_accumulation_steps,
+                cfg.per_device_batch_size,
+                cfg.gradient_accumulation_steps
+            );
+        }
+        let steps = match (cfg.max_steps, cfg.num_train_epochs) {
+            (Some(s), _) => s,
+            (None, Some(e)) => ((e * steps_per_epoch as f64).ceil() as u64).max(1),
+            (None, None) => steps_per_epoch * 3,
+        };
+        let warmup = cfg
+            .warmup_steps
+            .unwrap_or_else(|| (cfg.warmup_ratio.unwrap_or(0.0) * steps as f64).ceil() as u64);
+        let sched = ScheduleFor {
+            kind: cfg.lr_scheduler.parse()?,
+            warmup,
+            total: steps,
+            base: cfg.learning_rate,
+            poly: Polynomial::for_peak(cfg.lr_power, cfg.learning_rate),
+        };
+        Ok(PhasePlan {
+            cfg: cfg.clone(),
+            reset_optimizer,
+            loader,
+            epoch_examples: epoch0.epoch_examples(),
+            steps_per_epoch,
+            steps,
+            warmup,
+            sched,
+        })
+    }
+
+    /// The model sized for this phase's batches, with `params`.
+    fn model<'a, B: Backend>(&self, be: &'a B, config: &ModelConfig, params: &[f32]) -> Result<Bert<'a, B>> {
+        let cfg = &self.cfg;
+        let model = Bert::new(be, config.clone(), Plan::new(cfg.per_device_batch_size, cfg.max_seq_len))
+            .map_err(|e| match e {
+                Error::OutOfMemory(m) => Error::OutOfMemory(format!(
+                "{m}: lower --per-device-batch-size {} (and raise --gradient-accumulation-steps to keep the \
+                 batch) or --max-seq-len {}, or choose a smaller --model-config",
+                cfg.per_device_batch_size, cfg.max_seq_len
+            )),
+                e => e,
+            })?;
+        model.set_params(params)?;
+        Ok(model)
+    }
+}
+
 fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) -> Result<TrainSummary> {
     let Prepared { cfg, resume, corpus, config, params, init_note, fingerprint } = p;
     // The backend settles the precision (fp16 always runs the dynamic loss scaler).
@@ -688,17 +921,8 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
     let lead = comm.rank() == 0;
     let world = comm.world();
     let tokenizer = &corpus.tokenizer;
-    let plan = Plan::new(cfg.per_device_batch_size, cfg.max_seq_len);
-    let model = Bert::new(be, config.clone(), plan).map_err(|e| match e {
-        Error::OutOfMemory(m) => Error::OutOfMemory(format!(
-            "{m}: lower --per-device-batch-size {} (and raise --gradient-accumulation-steps to keep the \
-             batch) or --max-seq-len {}, or choose a smaller --model-config",
-            cfg.per_device_batch_size, cfg.max_seq_len
-        )),
-        e => e,
-    })?;
-    model.set_params(&params)?;
-    let table = &model.table;
+    let phases = cfg.phase_configs()?;
+    let table = ParamTable::new(&config);
     let mut optimizer = if cfg.optim == "lamb" {
         Optimizer::Lamb(Lamb::new(
             be,
@@ -725,35 +949,16 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
             &table.decay_mask(),
         )?)
     };
-    let loader_cfg = LoaderConfig { rank: comm.rank(), world_size: world, ..cfg.loader() };
-    loader_cfg.validate()?;
-    let epoch0 = EpochPlan::new(&corpus, &loader_cfg, 0)?;
-    let batches_per_epoch = epoch0.batches(&loader_cfg);
-    let steps_per_epoch = batches_per_epoch / cfg.gradient_accumulation_steps as u64;
-    if steps_per_epoch == 0 {
-        bail!(
-            "an epoch has {} examples: fewer than one step of {} sequences (batch {} × accumulation {}); lower them or add data",
-            epoch0.epoch_examples(),
-            cfg.per_device_batch_size * cfg.gradient_accumulation_steps,
-            cfg.per_device_batch_size,
-            cfg.gradient_accumulation_steps
-        );
-    }
-    let total = match (cfg.max_steps, cfg.num_train_epochs) {
-        (Some(s), _) => s,
-        (None, Some(e)) => ((e * steps_per_epoch as f64).ceil() as u64).max(1),
-        (None, None) => steps_per_epoch * 3,
-    };
-    let warmup =
-        cfg.warmup_steps.unwrap_or_else(|| (cfg.warmup_ratio.unwrap_or(0.0) * total as f64).ceil() as u64);
-    let sched = ScheduleFor {
-        kind: cfg.lr_scheduler.parse()?,
-        warmup,
-        total,
-        base: cfg.learning_rate,
-        poly: Polynomial::for_peak(cfg.lr_power, cfg.learning_rate),
-    };
-
+    let sq_buf = be.alloc_kind(1, crate::backend::Kind::Stat)?;
+    // Each phase's model (its activations sized for the phase's batch and length) is allocated after this
+    // mark and released at the phase's end.
+    let mark = be.allocation_mark();
+    // Steps, loader and schedule of every phase; the total is theirs together.
+    let plans = phases
+        .iter()
+        .map(|(pc, reset)| PhasePlan::new(pc, *reset, &corpus, comm))
+        .collect::<Result<Vec<_>>>()?;
+    let total: u64 = plans.iter().map(|p| p.steps).sum();
     let mut state = TrainerState {
         version: STATE_VERSION,
         global_step: 0,
@@ -764,6 +969,9 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
         scaler: LossScaler::new(precision == "fp16"),
         skipped_steps: 0,
         consecutive_nonfinite: 0,
+        phase: 0,
+        phase_start_step: 0,
+        phase_start_updates: 0,
         world_size: world,
         tokenizer_fingerprint: fingerprint.clone(),
         config: serde_json::to_value(&cfg).expect("config serialises"),
@@ -773,7 +981,7 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
         let (bm, bv) = optimizer.moments();
         be.upload(bm, &m)?;
         be.upload(bv, &v)?;
-        *optimizer.steps_mut() = saved.updates;
+        *optimizer.steps_mut() = saved.updates - saved.phase_start_updates;
         if saved.world_size != world {
             bail!(
                 "cannot resume from {}: it was trained with {} ranks and this run has {world}; the loader's order depends on the world size, so resume with {} ranks",
@@ -783,6 +991,14 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
             );
         }
         state = TrainerState { config: state.config, ..saved.clone() };
+        if state.phase >= plans.len() {
+            bail!(
+                "cannot resume from {}: it is in phase {} and this run has {}",
+                dir.display(),
+                state.phase + 1,
+                plans.len()
+            );
+        }
     }
 
     // Every rank must start from rank 0's point (a rank that resumed elsewhere, or not at all, would
@@ -816,8 +1032,11 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
         }
     }
 
+    // The model of the phase the run is in.
+    let mut model = plans[state.phase].model(be, &config, &params)?;
+    drop(params);
+
     // The plan, printed once.
-    let effective = cfg.per_device_batch_size * cfg.gradient_accumulation_steps * world;
     let say = |line: String| {
         if lead {
             eprintln!("{line}");
@@ -833,22 +1052,34 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
         table.total as f64 / 1e6
     ));
     say(format!(
-        "  data     {} documents, {} tokens; {} sequences of ≤{} tokens per epoch, {} steps per epoch",
+        "  data     {} documents, {} tokens",
         corpus.documents,
-        corpus.sets.iter().map(|s| s.manifest.tokens).sum::<u64>(),
-        epoch0.epoch_examples(),
-        cfg.max_seq_len,
-        steps_per_epoch
+        corpus.sets.iter().map(|s| s.manifest.tokens).sum::<u64>()
     ));
-    say(format!(
-        "  steps    {total} (warmup {warmup}, {} schedule, peak lr {}, {}), batch {} × accumulation {} × {world} ranks = {effective} sequences per step",
-        cfg.lr_scheduler, cfg.learning_rate, cfg.optim, cfg.per_device_batch_size, cfg.gradient_accumulation_steps
-    ));
+    for (k, ph) in plans.iter().enumerate() {
+        let c = &ph.cfg;
+        let effective = c.per_device_batch_size * c.gradient_accumulation_steps * world;
+        let name = if plans.len() > 1 { format!("phase {}", k + 1) } else { "steps".into() };
+        say(format!(
+            "  {name:<8} {} steps (warmup {}, {} schedule, peak lr {}, {}), batch {} × accumulation {} × {world} ranks = {effective} sequences of ≤{} tokens per step, {} tokens at most; {} sequences, {} steps per epoch",
+            ph.steps,
+            ph.warmup,
+            c.lr_scheduler,
+            c.learning_rate,
+            c.optim,
+            c.per_device_batch_size,
+            c.gradient_accumulation_steps,
+            c.max_seq_len,
+            count((effective * c.max_seq_len) as f64 * ph.steps as f64),
+            ph.epoch_examples,
+            ph.steps_per_epoch
+        ));
+    }
     // fp32 weights, gradients and two moments; activations in fp32, or bf16 (with a bf16 weight copy).
     let (act_bytes, copy_bytes) = if precision == "bf16" { (2, 2) } else { (4, 0) };
     let mem = (table.total * (16 + copy_bytes) + model.activation_floats * act_bytes) as f64 / 1e6;
     say(format!(
-        "  device   {}, {precision}: about {mem:.0} MB for weights, gradients, AdamW state and activations",
+        "  device   {}, {precision}: about {mem:.0} MB for weights, gradients, optimizer state and activations",
         be.describe()
     ));
     say(format!(
@@ -871,9 +1102,10 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
     let mut progress = Progress::steps("train", total, cfg.progress && lead);
     progress.set(state.global_step);
 
-    let corpus_arc = corpus.clone();
-    let mut loader =
-        Loader::start(corpus_arc, loader_cfg.clone(), state.cursor, cfg.loader_threads, 4, None)?;
+    let start_loader = |ph: &PhasePlan, cursor: Cursor| {
+        Loader::start(corpus.clone(), ph.loader.clone(), cursor, cfg.loader_threads, 4, None)
+    };
+    let mut loader = start_loader(&plans[state.phase], state.cursor)?;
     let mut summary = TrainSummary {
         steps: state.global_step,
         last: None,
@@ -886,10 +1118,10 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
     let mut save_seconds = 0.0;
     let mut window = (Instant::now(), 0usize, 0usize); // since the last log: time, sequences, tokens
     let mut last_saved = state.global_step;
-    let mut labels: Vec<Vec<i32>> = vec![Vec::new(); cfg.gradient_accumulation_steps];
-    let sq_buf = be.alloc_kind(1, crate::backend::Kind::Stat)?;
+    let mut labels: Vec<Vec<i32>> = vec![Vec::new(); plans[state.phase].cfg.gradient_accumulation_steps];
     let buckets =
-        crate::dist::buckets(table, ((cfg.bucket_size_mb * (1 << 20) as f64) / 4.0).max(1.0) as usize);
+        crate::dist::buckets(&table, ((cfg.bucket_size_mb * (1 << 20) as f64) / 4.0).max(1.0) as usize);
+    let phase_end = |phase: usize| plans[..=phase].iter().map(|p| p.steps).sum::<u64>();
     // Rank 0 writes; the others wait at the barrier so no rank runs ahead of a checkpoint.
     let save_now =
         |state: &TrainerState, model: &Bert<B>, optimizer: &Optimizer| -> Result<Option<PathBuf>> {
@@ -920,6 +1152,38 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
         };
 
     while state.global_step < total {
+        // The next phase: its model, loader and schedule; the optimizer's moments kept or reset.
+        if state.global_step == phase_end(state.phase) {
+            let params = be.download(model.params)?;
+            drop(model);
+            drop(loader);
+            be.release_since(mark)?;
+            state.phase += 1;
+            state.phase_start_step = state.global_step;
+            state.phase_start_updates = state.updates;
+            state.cursor = Cursor::default();
+            let ph = &plans[state.phase];
+            *optimizer.steps_mut() = 0;
+            if ph.reset_optimizer {
+                let (m, v) = optimizer.moments();
+                be.fill(m, 0.0)?;
+                be.fill(v, 0.0)?;
+            }
+            model = ph.model(be, &config, &params)?;
+            loader = start_loader(ph, state.cursor)?;
+            labels = vec![Vec::new(); ph.cfg.gradient_accumulation_steps];
+            progress.println(&format!(
+                "phase {} of {} from step {}: ≤{} tokens, batch {} × accumulation {}, peak lr {}",
+                state.phase + 1,
+                plans.len(),
+                state.global_step,
+                ph.cfg.max_seq_len,
+                ph.cfg.per_device_batch_size,
+                ph.cfg.gradient_accumulation_steps,
+                ph.cfg.learning_rate
+            ));
+        }
+        let ph = &plans[state.phase];
         // A stop asked of any rank stops them all, at the same step.
         let mut stop_votes = [stop.load(Ordering::Relaxed) as u8 as f64];
         comm.all_reduce_sum_f64(&mut stop_votes)?;
@@ -928,8 +1192,8 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
             break;
         }
         // Gather the step's micro-batches; the loss denominators count all of them.
-        let mut batches = Vec::with_capacity(cfg.gradient_accumulation_steps);
-        for _ in 0..cfg.gradient_accumulation_steps {
+        let mut batches = Vec::with_capacity(ph.cfg.gradient_accumulation_steps);
+        for _ in 0..ph.cfg.gradient_accumulation_steps {
             match loader.next_batch() {
                 Some(b) => batches.push(b?),
                 None => bail!("internal: the loader ended"),
@@ -987,6 +1251,7 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
             window.1 += b.batch_size;
             window.2 += b.lengths.iter().map(|&x| x as usize).sum::<usize>();
         }
+        let longest = batches.iter().flat_map(|b| b.lengths.iter()).map(|&l| l as usize).max().unwrap_or(0);
         let last = batches.last().expect("at least one micro-batch").cursor;
         // The next batch; past the epoch's last one the loader moves on to the next epoch by itself
         // (epochs have different sizes, so the trainer does not roll the cursor over).
@@ -1012,7 +1277,7 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
         let finite = sq.is_finite() && loss.is_finite();
         let grad_norm = sq.sqrt() / scale;
         let applied = state.scaler.update(finite);
-        let lr = sched.lr(state.updates);
+        let lr = ph.sched.lr(state.updates - state.phase_start_updates);
         if applied {
             state.consecutive_nonfinite = 0;
             optimizer.step(be, model.params, model.grads, lr, grad_norm, scale, cfg.max_grad_norm)?;
@@ -1069,8 +1334,8 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
                     &model,
                     ec,
                     &LoaderConfig {
-                        examples: ExampleConfig { seed: 0, ..loader_cfg.examples.clone() },
-                        ..loader_cfg.clone()
+                        examples: ExampleConfig { seed: 0, ..ph.loader.examples.clone() },
+                        ..ph.loader.clone()
                     },
                     cfg.eval_batches,
                 )?),
@@ -1088,6 +1353,8 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
                 skipped_steps: state.skipped_steps,
                 seq_per_s: window.1 as f64 / secs,
                 tokens_per_s: window.2 as f64 / secs,
+                phase: (plans.len() > 1).then_some(state.phase + 1),
+                longest_sequence: (plans.len() > 1).then_some(longest),
                 eval,
             };
             let line = serde_json::to_string(&m).expect("metrics serialise");
@@ -1105,6 +1372,9 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
                 ("train/tokens_per_s", m.tokens_per_s as f32),
                 ("train/epoch", state.epoch as f32),
             ];
+            if plans.len() > 1 {
+                scalars.push(("train/phase", (state.phase + 1) as f32));
+            }
             if let Some(v) = mlm {
                 scalars.push(("train/mlm_loss", v as f32));
             }

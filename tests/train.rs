@@ -400,6 +400,154 @@ fn a_resumed_run_is_bitwise_the_run_that_never_stopped() {
     assert_ne!(finals[0], finals[1], "--optim lamb trained the same weights as adamw");
 }
 
+#[test]
+fn two_phases_switch_length_and_batch_and_resume_exactly_anywhere() {
+    use bertcuda::train::PhaseConfig;
+    let tmp = tempfile::tempdir().unwrap();
+    // Phase 1: 6 steps of ≤32 tokens, batch 8; phase 2: 6 steps of ≤64 tokens, batch 4 × 2, its own
+    // warmup and peak rate; LAMB with the polynomial schedule, as NVIDIA's recipe.
+    let config = |out: &Path| TrainConfig {
+        optim: "lamb".into(),
+        lr_scheduler: "polynomial".into(),
+        lr_power: 0.5,
+        max_steps: None,
+        save_steps: 2,
+        save_total_limit: 10,
+        phases: vec![
+            PhaseConfig {
+                max_steps: 6,
+                max_seq_len: None,
+                per_device_batch_size: None,
+                gradient_accumulation_steps: None,
+                learning_rate: None,
+                warmup_steps: None,
+                warmup_ratio: None,
+                max_predictions_per_seq: None,
+                optimizer_state: "keep".into(),
+            },
+            PhaseConfig {
+                max_steps: 6,
+                max_seq_len: Some(64),
+                per_device_batch_size: Some(4),
+                gradient_accumulation_steps: Some(2),
+                learning_rate: Some(1e-3),
+                warmup_steps: Some(1),
+                warmup_ratio: None,
+                max_predictions_per_seq: None,
+                optimizer_state: "keep".into(),
+            },
+        ],
+        ..base_config(out)
+    };
+    let a_out = tmp.path().join("a");
+    let s = train(config(&a_out), never()).unwrap();
+    assert_eq!(s.steps, 12);
+    let ma = metrics(&a_out);
+    assert_eq!(ma.len(), 12);
+    for m in &ma {
+        let (phase, longest) = (m.phase.unwrap(), m.longest_sequence.unwrap());
+        assert_eq!(phase, if m.step <= 6 { 1 } else { 2 }, "step {}", m.step);
+        if phase == 1 {
+            assert!(longest <= 32, "step {}: {longest}", m.step);
+        } else {
+            assert!(longest > 32 && longest <= 64, "step {}: {longest}", m.step);
+        }
+    }
+    // Each phase warms up from 0 to its own peak: the first step of phase 2 runs at lr 0.
+    assert_eq!(ma[6].learning_rate, 0.0);
+    assert!((ma[7].learning_rate - 1e-3).abs() < 1e-12, "{}", ma[7].learning_rate);
+
+    // Resumed mid-phase-1, at the switch and mid-phase-2: bitwise the run that never stopped.
+    let lines: Vec<String> =
+        fs::read_to_string(a_out.join("metrics.jsonl")).unwrap().lines().map(String::from).collect();
+    for at in [4u64, 6, 10] {
+        let b_out = tmp.path().join(format!("b{at}"));
+        fs::create_dir_all(&b_out).unwrap();
+        let ckpt = format!("checkpoint-{at:06}");
+        copy_dir(&a_out.join(&ckpt), &b_out.join(&ckpt));
+        fs::write(b_out.join("metrics.jsonl"), lines[..at as usize].join("\n") + "\n").unwrap();
+        let s = train(TrainConfig { resume: Some("auto".into()), ..config(&b_out) }, never()).unwrap();
+        assert_eq!(s.steps, 12);
+        assert_eq!(
+            fs::read(a_out.join("model.safetensors")).unwrap(),
+            fs::read(b_out.join("model.safetensors")).unwrap(),
+            "resumed at step {at}"
+        );
+        for (x, y) in ma.iter().zip(&metrics(&b_out)).skip(at as usize) {
+            assert_eq!(
+                (x.step, x.loss.to_bits(), x.learning_rate.to_bits()),
+                (y.step, y.loss.to_bits(), y.learning_rate.to_bits())
+            );
+        }
+    }
+
+    // The flags for the two-phase case make the same run.
+    let c_out = tmp.path().join("c");
+    let flags = TrainConfig {
+        phases: vec![],
+        max_steps: Some(6),
+        phase2_steps: Some(6),
+        phase2_max_seq_len: Some(64),
+        phase2_per_device_batch_size: Some(4),
+        phase2_gradient_accumulation_steps: Some(2),
+        phase2_learning_rate: Some(1e-3),
+        phase2_warmup_steps: Some(1),
+        ..config(&c_out)
+    };
+    train(flags, never()).unwrap();
+    assert_eq!(
+        fs::read(a_out.join("model.safetensors")).unwrap(),
+        fs::read(c_out.join("model.safetensors")).unwrap()
+    );
+
+    // Impossible phase settings are refused before anything runs.
+    let e =
+        train(TrainConfig { phase2_max_seq_len: Some(64), ..base_config(&tmp.path().join("x")) }, never())
+            .unwrap_err()
+            .to_string();
+    assert!(e.contains("--phase2-steps"), "{e}");
+    let mut bad = config(&tmp.path().join("y"));
+    bad.phases[1].max_seq_len = Some(100_000);
+    let e = train(bad, never()).unwrap_err().to_string();
+    assert!(e.contains("max_position_embeddings"), "{e}");
+}
+
+#[test]
+fn the_two_phase_recipe_resolves_and_runs_both_phases_with_lamb() {
+    let recipe = root().join("recipes/bert-base-two-phase.toml");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let flags = serde_json::json!({
+        "data": [fixture().shards],
+        "output": out,
+        "model_config": fixture().model_config,
+        "progress": false,
+    });
+    let mut cfg = TrainConfig::resolve(Some(TrainConfig::file_values(&recipe).unwrap()), flags).unwrap();
+    assert_eq!((cfg.optim.as_str(), cfg.lr_scheduler.as_str(), cfg.lr_power), ("lamb", "polynomial", 0.5));
+    let phases = cfg.phase_configs().unwrap();
+    let global: Vec<usize> =
+        phases.iter().map(|(p, _)| p.per_device_batch_size * p.gradient_accumulation_steps).collect();
+    assert_eq!(global, [65_536, 32_768]);
+    let shape: Vec<(u64, usize, f64)> =
+        phases.iter().map(|(p, _)| (p.max_steps.unwrap(), p.max_seq_len, p.learning_rate)).collect();
+    assert_eq!(shape, [(7038, 128, 6e-3), (1563, 512, 4e-3)]);
+    // The same recipe, shrunk to the fixture (a tiny model of 64 positions, a small corpus): both phases run.
+    for (k, p) in cfg.phases.iter_mut().enumerate() {
+        p.max_steps = 2;
+        p.max_seq_len = Some(32 * (k + 1));
+        p.per_device_batch_size = Some(4);
+        p.gradient_accumulation_steps = Some(1);
+    }
+    cfg.precision = "auto".into();
+    cfg.device = "cpu".into();
+    cfg.logging_steps = 1;
+    let s = train(cfg, never()).unwrap();
+    assert_eq!(s.steps, 4);
+    let phases: Vec<usize> = metrics(&out).iter().map(|m| m.phase.unwrap()).collect();
+    assert_eq!(phases, [1, 1, 2, 2]);
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     fs::create_dir_all(to).unwrap();
     for e in fs::read_dir(from).unwrap() {

@@ -11,7 +11,9 @@ use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub, SubAssign};
 
 use rayon::prelude::*;
 
-use crate::backend::{philox, AdamWStep, Backend, Buf, Dropout, Ints, LambLayout, LambStep, IGNORE_INDEX};
+use crate::backend::{
+    philox, AdamWStep, AllocationMark, Backend, Buf, Dropout, Ints, LambLayout, LambStep, IGNORE_INDEX,
+};
 use crate::bail;
 use crate::error::{Error, Result};
 use crate::model::config::Activation;
@@ -263,6 +265,26 @@ impl<T: Real> Backend for Cpu<T> {
         let ints = unsafe { &mut *self.ints.get() };
         ints.push(vec![0; len].into_boxed_slice());
         Ok(Ints { id: ints.len() as u32 - 1, off: 0, len })
+    }
+
+    fn allocation_mark(&self) -> AllocationMark {
+        // SAFETY: reading the lengths of the tables; no op is running (the backend is not Sync).
+        unsafe { AllocationMark { floats: (*self.floats.get()).len(), ints: (*self.ints.get()).len() } }
+    }
+
+    fn release_since(&self, mark: AllocationMark) -> Result<()> {
+        // SAFETY: no view is alive across calls; the released buffers' handles are not used again.
+        let (floats, ints) = unsafe { (&mut *self.floats.get(), &mut *self.ints.get()) };
+        if mark.floats > floats.len() || mark.ints > ints.len() {
+            bail!("internal: release to a mark past the allocations");
+        }
+        let bytes: usize =
+            floats[mark.floats..].iter().map(|b| b.len() * std::mem::size_of::<T>()).sum::<usize>()
+                + ints[mark.ints..].iter().map(|b| b.len() * 4).sum::<usize>();
+        floats.truncate(mark.floats);
+        ints.truncate(mark.ints);
+        self.allocated.set(self.allocated.get() - bytes as u64);
+        Ok(())
     }
 
     fn upload(&self, dst: Buf, src: &[f32]) -> Result<()> {

@@ -16,7 +16,7 @@ use super::device::emu::{Emu, EmuOptions};
 use super::device::{Compute, Device, Elem, Gemm, Kernel, KernelArg, Launch, Mem};
 
 use crate::backend::{
-    philox, AdamWStep, Backend, Buf, Dropout, Ints, Kind, LambLayout, LambStep, IGNORE_INDEX,
+    philox, AdamWStep, AllocationMark, Backend, Buf, Dropout, Ints, Kind, LambLayout, LambStep, IGNORE_INDEX,
 };
 use crate::bail;
 use crate::error::{Error, Result};
@@ -622,6 +622,22 @@ impl Backend for Cuda {
         let mut ints = self.ints.borrow_mut();
         ints.push(IntsBuf { mem, len, host: vec![0; len] });
         Ok(Ints { id: ints.len() as u32 - 1, off: 0, len })
+    }
+
+    fn allocation_mark(&self) -> AllocationMark {
+        AllocationMark { floats: self.floats.borrow().len(), ints: self.ints.borrow().len() }
+    }
+
+    fn release_since(&self, mark: AllocationMark) -> Result<()> {
+        let (mut floats, mut ints) = (self.floats.borrow_mut(), self.ints.borrow_mut());
+        if mark.floats > floats.len() || mark.ints > ints.len() {
+            bail!("internal: release to a mark past the allocations");
+        }
+        // Kernels queued on the stream may still read them: wait, then drop (each Mem frees itself).
+        self.dev.synchronize(self.sync_timeout.get())?;
+        floats.truncate(mark.floats);
+        ints.truncate(mark.ints);
+        Ok(())
     }
 
     fn upload(&self, dst: Buf, src: &[f32]) -> Result<()> {

@@ -135,6 +135,13 @@ pub struct LambLayout {
     pub norms: Buf,
 }
 
+/// The buffers allocated up to a point (`Backend::allocation_mark`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllocationMark {
+    pub floats: usize,
+    pub ints: usize,
+}
+
 /// Labels of rows that take no part in a loss.
 pub const IGNORE_INDEX: i32 = -100;
 
@@ -171,6 +178,11 @@ pub trait Backend {
     }
     /// A zeroed i32 buffer.
     fn alloc_ints(&self, len: usize) -> Result<Ints>;
+    /// How many float and int buffers exist: a mark for `release_since`.
+    fn allocation_mark(&self) -> AllocationMark;
+    /// Free every buffer allocated after `mark` (a model rebuilt for another shape: its activations);
+    /// their handles must not be used again.
+    fn release_since(&self, mark: AllocationMark) -> Result<()>;
     fn upload(&self, dst: Buf, src: &[f32]) -> Result<()>;
     fn upload_f64(&self, dst: Buf, src: &[f64]) -> Result<()>;
     fn download(&self, src: Buf) -> Result<Vec<f32>>;
