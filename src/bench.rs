@@ -412,6 +412,28 @@ pub fn bench_kernels() -> Result<(String, Vec<KernelBench>)> {
     let hstep = AdamWStep { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-6, weight_decay: 0.01, step: 1 };
     let ms = time(10, &mut || be.adamw(p, g, m1, m2, decay, &hstep))?;
     mem("adamw (110 M parameters)", 4.0 * 8.0 * np as f64, ms);
+    // LAMB over BERT-base's tensors: param, m, v read twice and written, gradient read.
+    let table =
+        crate::model::params::ParamTable::new(&crate::model::config::ModelConfig::preset("base", 30522)?);
+    let layout = crate::backend::LambLayout::new(&be, &table.params)?;
+    let lstep = crate::backend::LambStep {
+        lr: 1e-4,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-6,
+        weight_decay: 0.01,
+        step: 1,
+        grad_divisor: 1.0,
+        all_tensors: false,
+    };
+    let nt = table.total;
+    let ms =
+        time(10, &mut || be.lamb(p.prefix(nt), g.prefix(nt), m1.prefix(nt), m2.prefix(nt), &layout, &lstep))?;
+    mem(
+        &format!("lamb ({:.0} M parameters, {} tensors)", nt as f64 / 1e6, table.params.len()),
+        4.0 * 10.0 * nt as f64,
+        ms,
+    );
     let sq = be.alloc(1)?;
     let ms = time(10, &mut || be.sum_squares(sq, g))?;
     mem("gradient norm (110 M)", 4.0 * np as f64, ms);

@@ -895,22 +895,26 @@ impl PhasePlan {
             sched,
         })
     }
+}
 
-    /// The model sized for this phase's batches, with `params`.
-    fn model<'a, B: Backend>(&self, be: &'a B, config: &ModelConfig, params: &[f32]) -> Result<Bert<'a, B>> {
-        let cfg = &self.cfg;
-        let model = Bert::new(be, config.clone(), Plan::new(cfg.per_device_batch_size, cfg.max_seq_len))
-            .map_err(|e| match e {
-                Error::OutOfMemory(m) => Error::OutOfMemory(format!(
+/// The model sized for a phase's batches (`cfg`), with `params`.
+fn phase_model<'a, B: Backend>(
+    cfg: &TrainConfig,
+    be: &'a B,
+    config: &ModelConfig,
+    params: &[f32],
+) -> Result<Bert<'a, B>> {
+    let model = Bert::new(be, config.clone(), Plan::new(cfg.per_device_batch_size, cfg.max_seq_len))
+        .map_err(|e| match e {
+            Error::OutOfMemory(m) => Error::OutOfMemory(format!(
                 "{m}: lower --per-device-batch-size {} (and raise --gradient-accumulation-steps to keep the \
                  batch) or --max-seq-len {}, or choose a smaller --model-config",
                 cfg.per_device_batch_size, cfg.max_seq_len
             )),
-                e => e,
-            })?;
-        model.set_params(params)?;
-        Ok(model)
-    }
+            e => e,
+        })?;
+    model.set_params(params)?;
+    Ok(model)
 }
 
 fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) -> Result<TrainSummary> {
@@ -953,12 +957,6 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
     // Each phase's model (its activations sized for the phase's batch and length) is allocated after this
     // mark and released at the phase's end.
     let mark = be.allocation_mark();
-    // Steps, loader and schedule of every phase; the total is theirs together.
-    let plans = phases
-        .iter()
-        .map(|(pc, reset)| PhasePlan::new(pc, *reset, &corpus, comm))
-        .collect::<Result<Vec<_>>>()?;
-    let total: u64 = plans.iter().map(|p| p.steps).sum();
     let mut state = TrainerState {
         version: STATE_VERSION,
         global_step: 0,
@@ -991,12 +989,12 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
             );
         }
         state = TrainerState { config: state.config, ..saved.clone() };
-        if state.phase >= plans.len() {
+        if state.phase >= phases.len() {
             bail!(
                 "cannot resume from {}: it is in phase {} and this run has {}",
                 dir.display(),
                 state.phase + 1,
-                plans.len()
+                phases.len()
             );
         }
     }
@@ -1033,8 +1031,14 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
     }
 
     // The model of the phase the run is in.
-    let mut model = plans[state.phase].model(be, &config, &params)?;
+    let mut model = phase_model(&phases[state.phase].0, be, &config, &params)?;
     drop(params);
+    // Steps, loader and schedule of every phase; the total is theirs together.
+    let plans = phases
+        .iter()
+        .map(|(pc, reset)| PhasePlan::new(pc, *reset, &corpus, comm))
+        .collect::<Result<Vec<_>>>()?;
+    let total: u64 = plans.iter().map(|p| p.steps).sum();
 
     // The plan, printed once.
     let say = |line: String| {
@@ -1169,7 +1173,7 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
                 be.fill(m, 0.0)?;
                 be.fill(v, 0.0)?;
             }
-            model = ph.model(be, &config, &params)?;
+            model = phase_model(&ph.cfg, be, &config, &params)?;
             loader = start_loader(ph, state.cursor)?;
             labels = vec![Vec::new(); ph.cfg.gradient_accumulation_steps];
             progress.println(&format!(

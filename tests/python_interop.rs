@@ -321,3 +321,62 @@ pickle.loads(z.read([n for n in z.namelist() if n.endswith("data.pkl")][0]))
     assert!(marker.exists(), "Python did not run the payload");
     std::fs::remove_file(marker).unwrap();
 }
+
+#[test]
+#[ignore = "needs python3 with torch and transformers"]
+fn transformers_loads_a_model_continued_with_an_extended_vocabulary() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let model = root.join("tests/fixtures/formats/hf-zip");
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("domain.txt");
+    let text: String = (0..120)
+        .map(|i| format!("the ones of its one are the ones it had\n{}", if i % 4 == 3 { "\n" } else { "" }))
+        .collect();
+    std::fs::write(&corpus, text).unwrap();
+    let (tok, shards, out) = (tmp.path().join("tok"), tmp.path().join("shards"), tmp.path().join("dapt"));
+    let bin = env!("CARGO_BIN_EXE_bertcuda");
+    let run = |args: &[&str]| assert!(Command::new(bin).args(args).status().unwrap().success(), "{args:?}");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    run(&[
+        "tokenizer",
+        "extend",
+        "--tokenizer",
+        &s(&model),
+        "--input",
+        &s(&corpus),
+        "--add",
+        "2",
+        "--min-frequency",
+        "2",
+        "--output",
+        &s(&tok),
+    ]);
+    run(&["prepare", "--input", &s(&corpus), "--tokenizer", &s(&tok), "--output", &s(&shards)]);
+    run(&[
+        "train",
+        "--data",
+        &s(&shards),
+        "--init-from",
+        &s(&model),
+        "--output",
+        &s(&out),
+        "--max-steps",
+        "2",
+        "--per-device-batch-size",
+        "2",
+        "--max-seq-len",
+        "32",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]);
+    let code = r#"
+import sys
+from transformers import AutoTokenizer, BertForPreTraining
+m = BertForPreTraining.from_pretrained(sys.argv[1])
+t = AutoTokenizer.from_pretrained(sys.argv[1])
+print(m.config.vocab_size, m.bert.embeddings.word_embeddings.weight.shape[0], t("ones its")["input_ids"])
+"#;
+    let printed = run_python(code, &[&s(&out)]);
+    assert_eq!(printed.trim(), "60 60 [3, 58, 59, 4]");
+}
