@@ -25,6 +25,10 @@ pub enum Schedule {
     /// Linear warmup, then (1 − progress)^power from the peak down to 1e-7 (transformers'
     /// `get_polynomial_decay_schedule_with_warmup`; NVIDIA's BERT uses power 0.5).
     Polynomial,
+    /// NVIDIA's `PolyWarmUpScheduler` as their BERT steps it: update k (from 0) at progress
+    /// p = (k + 1)/total, the rate p/warmup_fraction during warmup, then (1 − p)^power — the decay counted
+    /// from step 0, not from the warmup's end.
+    PolyWarmup,
 }
 
 impl std::str::FromStr for Schedule {
@@ -36,8 +40,9 @@ impl std::str::FromStr for Schedule {
             "constant" => Schedule::Constant,
             "constant_with_warmup" => Schedule::ConstantWithWarmup,
             "polynomial" => Schedule::Polynomial,
+            "poly_warmup" => Schedule::PolyWarmup,
             _ => bail!(
-                "--lr-scheduler {s:?}: choose linear, cosine, constant, constant_with_warmup or polynomial"
+                "--lr-scheduler {s:?}: choose linear, cosine, constant, constant_with_warmup, polynomial or poly_warmup"
             ),
         })
     }
@@ -49,12 +54,15 @@ impl std::str::FromStr for Schedule {
 pub struct Polynomial {
     pub power: f64,
     pub end_fraction: f64,
+    /// poly_warmup: the warmup as a fraction of the steps, as given (`--warmup-ratio`); else
+    /// warmup steps / total.
+    pub warmup_fraction: Option<f64>,
 }
 
 impl Polynomial {
     /// transformers' defaults (power 1, lr_end 1e-7) for a peak rate.
     pub fn for_peak(power: f64, peak: f64) -> Self {
-        Polynomial { power, end_fraction: if peak > 0.0 { 1e-7 / peak } else { 0.0 } }
+        Polynomial { power, end_fraction: if peak > 0.0 { 1e-7 / peak } else { 0.0 }, warmup_fraction: None }
     }
 }
 
@@ -62,16 +70,32 @@ impl Polynomial {
 /// first update uses step 0), as transformers' schedule lambdas (the polynomial one with power 1 and an
 /// end of 0; `lr_multiplier` takes its shape).
 pub fn lr_lambda(schedule: Schedule, step: u64, warmup: u64, total: u64) -> f64 {
-    lr_multiplier(schedule, step, warmup, total, Polynomial { power: 1.0, end_fraction: 0.0 })
+    lr_multiplier(
+        schedule,
+        step,
+        warmup,
+        total,
+        Polynomial { power: 1.0, end_fraction: 0.0, warmup_fraction: None },
+    )
 }
 
 /// `lr_lambda` with the polynomial schedule's shape.
 pub fn lr_multiplier(schedule: Schedule, step: u64, warmup: u64, total: u64, poly: Polynomial) -> f64 {
     let (s, w, t) = (step as f64, warmup as f64, total as f64);
+    if schedule == Schedule::PolyWarmup {
+        let progress = (s + 1.0) / t.max(1.0);
+        let warmup_fraction = poly.warmup_fraction.unwrap_or(w / t.max(1.0));
+        return if progress < warmup_fraction {
+            progress / warmup_fraction
+        } else {
+            (1.0 - progress).max(0.0).powf(poly.power)
+        };
+    }
     if schedule != Schedule::Constant && step < warmup {
         return s / w.max(1.0);
     }
     match schedule {
+        Schedule::PolyWarmup => unreachable!("handled above"),
         Schedule::Polynomial if step > total => poly.end_fraction,
         Schedule::Polynomial => {
             let remaining = 1.0 - (s - w) / (t - w);

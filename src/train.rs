@@ -276,7 +276,13 @@ impl TrainConfig {
         if !(self.lr_power > 0.0 && self.lr_power.is_finite()) {
             bail!("--lr-power {} must be positive", self.lr_power);
         }
-        self.lr_scheduler.parse::<Schedule>()?;
+        let schedule = self.lr_scheduler.parse::<Schedule>()?;
+        if schedule == Schedule::Polynomial && self.learning_rate <= 1e-7 {
+            bail!(
+                "--lr-scheduler polynomial decays to 1e-7: --learning-rate {} must be above it",
+                self.learning_rate
+            );
+        }
         if !self.phases.is_empty() || self.phase2_steps.is_some() {
             self.phase_configs()?;
         }
@@ -370,6 +376,9 @@ impl TrainConfig {
         };
         if self.num_train_epochs.is_some() {
             bail!("a run with phases counts steps: give each phase's steps, not --num-train-epochs");
+        }
+        if !self.phases.is_empty() && self.max_steps.is_some() {
+            bail!("a run with [[phases]] takes each phase's max_steps; remove the run's own max_steps");
         }
         phases
             .iter()
@@ -652,7 +661,13 @@ fn prepare_run(cfg: TrainConfig, lead: bool) -> Result<Prepared> {
         let model_dir = crate::model::formats::Source::locate(dir)?.dir;
         let has_tokenizer = ["tokenizer.json", "vocab.txt"].iter().any(|f| model_dir.join(f).is_file());
         let model_tokenizer =
-            if has_tokenizer { Some(BertTokenizer::load(&model_dir, Default::default())?) } else { None };
+            // A bare vocab.txt says nothing of its casing: the shards' (chosen at `prepare`) decides.
+            if has_tokenizer {
+                let opts = crate::data::tokenizer::LoadOptions { no_lowercase: !tokenizer.do_lower_case };
+                Some(BertTokenizer::load(&model_dir, opts)?)
+            } else {
+                None
+            };
         let mut note = format!("continued pretraining from {}: {}", dir.display(), report.summary());
         let (mut c, mut p) = (c, p);
         match model_tokenizer {
@@ -882,7 +897,10 @@ impl PhasePlan {
             warmup,
             total: steps,
             base: cfg.learning_rate,
-            poly: Polynomial::for_peak(cfg.lr_power, cfg.learning_rate),
+            poly: Polynomial {
+                warmup_fraction: cfg.warmup_steps.is_none().then_some(cfg.warmup_ratio).flatten(),
+                ..Polynomial::for_peak(cfg.lr_power, cfg.learning_rate)
+            },
         };
         Ok(PhasePlan {
             cfg: cfg.clone(),
@@ -1126,6 +1144,19 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
     let buckets =
         crate::dist::buckets(&table, ((cfg.bucket_size_mb * (1 << 20) as f64) / 4.0).max(1.0) as usize);
     let phase_end = |phase: usize| plans[..=phase].iter().map(|p| p.steps).sum::<u64>();
+    // A checkpoint from this run's phase: inside it (a resume with other phase lengths is refused).
+    let phase_start = |phase: usize| plans[..phase].iter().map(|p| p.steps).sum::<u64>();
+    if state.phase_start_step != phase_start(state.phase) || state.global_step > phase_end(state.phase) {
+        bail!(
+            "cannot resume: the checkpoint is at step {} of phase {} (which began at step {}), but this run's phase {} spans steps {}..{}; resume with the phases it was trained with",
+            state.global_step,
+            state.phase + 1,
+            state.phase_start_step,
+            state.phase + 1,
+            phase_start(state.phase),
+            phase_end(state.phase)
+        );
+    }
     // Rank 0 writes; the others wait at the barrier so no rank runs ahead of a checkpoint.
     let save_now =
         |state: &TrainerState, model: &Bert<B>, optimizer: &Optimizer| -> Result<Option<PathBuf>> {
@@ -1158,6 +1189,13 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
     while state.global_step < total {
         // The next phase: its model, loader and schedule; the optimizer's moments kept or reset.
         if state.global_step == phase_end(state.phase) {
+            // The end of a phase is kept: a failure to start the next (its batches too large, say) loses nothing.
+            if state.global_step != last_saved {
+                if let Some(dir) = save_now(&state, &model, &optimizer)? {
+                    tracing::info!("saved {} at the end of phase {}", dir.display(), state.phase + 1);
+                }
+                last_saved = state.global_step;
+            }
             let params = be.download(model.params)?;
             drop(model);
             drop(loader);

@@ -322,6 +322,33 @@ fn bad_checkpoints_are_one_line_errors_naming_the_file_and_tensor() {
     assert!(load_error(&tmp.path().join("nope")).contains("no such model directory"));
 }
 
+#[test]
+fn hostile_pickles_end_in_errors_not_hangs_or_crashes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = copy_fixture(tmp.path(), "hf-zip", "hostile");
+    let bin = d.join("pytorch_model.bin");
+    // Legacy format: torch's magic number, protocol 1001, system info, then an object that is a set
+    // containing itself (EMPTY_SET, MEMOIZE, MARK, GET 0, ADDITEMS), then no storages.
+    let mut legacy = vec![0x80, 2, 0x8a, 10];
+    legacy.extend(&0x1950a86a20f9469cfc6c_u128.to_le_bytes()[..10]);
+    legacy.push(b'.');
+    legacy.extend(b"\x80\x02M\xe9\x03.\x80\x02}.");
+    legacy.extend(b"\x80\x04\x8f\x94(h\x00\x90.");
+    legacy.extend(b"\x80\x02].");
+    fs::write(&bin, &legacy).unwrap();
+    let e = load_error(&d);
+    assert!(e.contains("not a dict of tensors"), "{e}");
+    // A memo slot four billion away, a million nested tuples: one-line errors, no allocation of either.
+    for pkl in [
+        &b"\x80\x02N\x72\x00\x00\x00\xf0\xff"[..],
+        &[[0x80u8, 2, b'N'].as_slice(), &[0x85u8; 1_000_000][..], b"\xff"].concat()[..],
+    ] {
+        torch_zip(&bin, pkl, &[]);
+        let e = load_error(&d);
+        assert!(e.contains("pytorch_model.bin"), "{e}");
+    }
+}
+
 /// Where the fixture's payload would leave its mark if it ran.
 const MARKER: &str = "/tmp/bertcuda-pickle-payload-ran";
 

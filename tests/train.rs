@@ -166,6 +166,19 @@ fn lamb_and_the_polynomial_schedule_equal_the_torch_reference() {
         assert!((got - want.as_f64().unwrap()).abs() <= 1e-12, "polynomial at {k}: {got} vs {want}");
     }
 
+    // NVIDIA's PolyWarmUpScheduler as their BERT steps it (warmup given as a fraction).
+    let n = &e["poly_warmup"];
+    let poly = Polynomial {
+        power: n["power"].as_f64().unwrap(),
+        end_fraction: 0.0,
+        warmup_fraction: Some(n["warmup_fraction"].as_f64().unwrap()),
+    };
+    let t = n["total"].as_u64().unwrap();
+    for (k, want) in n["lambdas"].as_array().unwrap().iter().enumerate() {
+        let got = lr_multiplier(Schedule::PolyWarmup, k as u64, 0, t, poly);
+        assert!((got - want.as_f64().unwrap()).abs() <= 1e-12, "poly_warmup at {k}: {got} vs {want}");
+    }
+
     // LAMB: decayed tensors, a bias, a decayed tensor at zero (norm 0: ratio 1), a clipped step.
     let l = &e["lamb"];
     let init: Vec<Vec<f32>> = serde_json::from_value(l["init"].clone()).unwrap();
@@ -524,7 +537,7 @@ fn the_two_phase_recipe_resolves_and_runs_both_phases_with_lamb() {
         "progress": false,
     });
     let mut cfg = TrainConfig::resolve(Some(TrainConfig::file_values(&recipe).unwrap()), flags).unwrap();
-    assert_eq!((cfg.optim.as_str(), cfg.lr_scheduler.as_str(), cfg.lr_power), ("lamb", "polynomial", 0.5));
+    assert_eq!((cfg.optim.as_str(), cfg.lr_scheduler.as_str(), cfg.lr_power), ("lamb", "poly_warmup", 0.5));
     let phases = cfg.phase_configs().unwrap();
     let global: Vec<usize> =
         phases.iter().map(|(p, _)| p.per_device_batch_size * p.gradient_accumulation_steps).collect();

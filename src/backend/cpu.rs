@@ -881,6 +881,7 @@ impl<T: Real> Backend for Cpu<T> {
         // Each tensor's range and decay flag, from its chunks.
         let ranges: Vec<(usize, usize, bool)> = tensor_part
             .chunks_exact(2)
+            .filter(|t| t[1] > 0) // an empty tensor has no chunks and nothing to update
             .map(|t| {
                 let (first, count) = (t[0] as usize, t[1] as usize);
                 let (a, b) = (

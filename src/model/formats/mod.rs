@@ -58,6 +58,11 @@ pub fn decode(path: &Path, name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec
     })
 }
 
+/// The element count of a shape from a file (`None`: it overflows, no such tensor can exist).
+pub fn numel(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
+}
+
 /// A tensor of a checkpoint under transformers' name, its values read when asked for.
 pub struct Stored<'a> {
     pub name: String,
@@ -79,8 +84,13 @@ impl<'a> Stored<'a> {
 
     /// The values, checked to be as many as the shape says.
     pub fn values(&self) -> Result<Vec<f32>> {
+        let want = numel(&self.shape).ok_or_else(|| {
+            Error::corrupt(
+                &self.file,
+                format!("tensor {}: shape {:?} has more elements than memory", self.name, self.shape),
+            )
+        })?;
         let v = (self.read)()?;
-        let want: usize = self.shape.iter().product();
         if v.len() != want {
             return Err(Error::corrupt(
                 &self.file,
@@ -403,7 +413,11 @@ fn assign(
         }
         let mut shape = t.shape.clone();
         let rows = shape.first().copied().unwrap_or(0);
-        let cut = trim_vocab && VOCAB_ROWS.contains(&name) && rows > config.vocab_size;
+        // NVIDIA pads the vocabulary to a multiple of 8: those rows, and only those, are dropped.
+        let cut = trim_vocab
+            && VOCAB_ROWS.contains(&name)
+            && rows > config.vocab_size
+            && rows == config.vocab_size.div_ceil(8) * 8;
         if cut {
             trimmed = rows - config.vocab_size;
             shape[0] = config.vocab_size;
@@ -411,7 +425,7 @@ fn assign(
         let values = || -> Result<Vec<f32>> {
             let mut v = t.values()?;
             if cut {
-                v.truncate(shape.iter().product());
+                v.truncate(numel(&shape).unwrap_or(0));
             }
             Ok(v)
         };
@@ -427,6 +441,13 @@ fn assign(
             continue;
         }
         if name == "cls.predictions.decoder.bias" {
+            // Checked before reading: every tensor read has a size the config bounds.
+            if numel(&shape) != Some(config.vocab_size) {
+                return Err(Error::corrupt(
+                    &t.file,
+                    format!("tensor {name} has shape {shape:?}, the model needs [{}]", config.vocab_size),
+                ));
+            }
             decoder_bias = Some((t.file.clone(), values()?));
             continue;
         }

@@ -12,6 +12,7 @@
 //! same object (a pickle cannot blow up memory by fetching a big list many times: each fetch is a pointer).
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
 
 /// An element type of a torch storage.
@@ -99,6 +100,81 @@ pub enum Callable {
     StorageType(StorageDtype),
 }
 
+/// The items of a tuple, list or set. Dropped without recursion: a pickle nesting a million tuples (one
+/// opcode each) must not overflow the stack when its value is freed.
+#[derive(Debug, Default)]
+pub struct Items(pub Vec<Value>);
+
+/// The entries of a dict, in insertion order (a repeated key: the last one counts, see `dict_entries`).
+#[derive(Debug, Default)]
+pub struct Pairs(pub Vec<(Value, Value)>);
+
+impl std::ops::Deref for Items {
+    type Target = Vec<Value>;
+    fn deref(&self) -> &Vec<Value> {
+        &self.0
+    }
+}
+impl std::ops::DerefMut for Items {
+    fn deref_mut(&mut self) -> &mut Vec<Value> {
+        &mut self.0
+    }
+}
+impl std::ops::Deref for Pairs {
+    type Target = Vec<(Value, Value)>;
+    fn deref(&self) -> &Vec<(Value, Value)> {
+        &self.0
+    }
+}
+impl std::ops::DerefMut for Pairs {
+    fn deref_mut(&mut self) -> &mut Vec<(Value, Value)> {
+        &mut self.0
+    }
+}
+
+/// Free nested containers with a work list instead of recursion (only those this was the last owner of:
+/// a shared or cyclic one is left to its other owners).
+fn dismantle(mut work: Vec<Value>) {
+    while let Some(v) = work.pop() {
+        match v {
+            Value::Tuple(rc) => {
+                if let Ok(mut items) = Rc::try_unwrap(rc) {
+                    work.append(&mut items.0);
+                }
+            }
+            Value::List(rc) | Value::Set(rc) => {
+                if let Ok(cell) = Rc::try_unwrap(rc) {
+                    let mut items = cell.into_inner();
+                    work.append(&mut items.0);
+                }
+            }
+            Value::Dict(rc) => {
+                if let Ok(cell) = Rc::try_unwrap(rc) {
+                    let mut pairs = cell.into_inner();
+                    work.extend(std::mem::take(&mut pairs.0).into_iter().flat_map(|(k, v)| [k, v]));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Drop for Items {
+    fn drop(&mut self) {
+        if !self.0.is_empty() {
+            dismantle(std::mem::take(&mut self.0));
+        }
+    }
+}
+
+impl Drop for Pairs {
+    fn drop(&mut self) {
+        if !self.0.is_empty() {
+            dismantle(std::mem::take(&mut self.0).into_iter().flat_map(|(k, v)| [k, v]).collect());
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub enum Value {
     None,
@@ -109,17 +185,18 @@ pub enum Value {
     Float(f64),
     Str(Rc<str>),
     Bytes(Rc<[u8]>),
-    Tuple(Rc<Vec<Value>>),
-    List(Rc<RefCell<Vec<Value>>>),
-    Dict(Rc<RefCell<Vec<(Value, Value)>>>),
-    Set(Rc<RefCell<Vec<Value>>>),
+    Tuple(Rc<Items>),
+    List(Rc<RefCell<Items>>),
+    Dict(Rc<RefCell<Pairs>>),
+    Set(Rc<RefCell<Items>>),
     Callable(Callable),
     Storage(Rc<StorageRef>),
     Tensor(Rc<TensorRef>),
 }
 
 impl Value {
-    fn kind(&self) -> &'static str {
+    /// What it is, in a word (for messages: a value may contain itself, so it is never printed whole).
+    pub fn kind(&self) -> &'static str {
         match self {
             Value::None => "None",
             Value::Bool(_) => "a bool",
@@ -144,24 +221,27 @@ impl Value {
         }
     }
 
-    /// The entries of a dict (string keys only; other keys are shown as their kind).
+    /// The entries of a dict in insertion order, a repeated key holding its last value as in Python
+    /// (keys as text: strings and ints; others shown as their kind).
     pub fn dict_entries(&self) -> Option<Vec<(String, Value)>> {
-        match self {
-            Value::Dict(d) => Some(
-                d.borrow()
-                    .iter()
-                    .map(|(k, v)| {
-                        let key = match k {
-                            Value::Str(s) => s.to_string(),
-                            Value::Int(i) => i.to_string(),
-                            other => format!("<{}>", other.kind()),
-                        };
-                        (key, v.clone())
-                    })
-                    .collect(),
-            ),
-            _ => None,
+        let Value::Dict(d) = self else { return None };
+        let mut out: Vec<(String, Value)> = Vec::new();
+        let mut at: HashMap<String, usize> = HashMap::new();
+        for (k, v) in d.borrow().iter() {
+            let key = match k {
+                Value::Str(s) => s.to_string(),
+                Value::Int(i) => i.to_string(),
+                other => format!("<{}>", other.kind()),
+            };
+            match at.get(&key) {
+                Some(&i) => out[i].1 = v.clone(),
+                None => {
+                    at.insert(key.clone(), out.len());
+                    out.push((key, v.clone()));
+                }
+            }
         }
+        Some(out)
     }
 
     fn usize(&self, what: &str) -> Result<usize, String> {
@@ -195,7 +275,7 @@ fn allowed(module: &str, name: &str) -> Option<Callable> {
 /// Read one pickle from the start of `data`. Returns the value and the number of bytes it took.
 /// Errors are a sentence (the caller names the file).
 pub fn load(data: &[u8]) -> Result<(Value, usize), String> {
-    Machine { data, pos: 0, stack: Vec::new(), marks: Vec::new(), memo: Vec::new() }.run()
+    Machine { data, pos: 0, stack: Vec::new(), marks: Vec::new(), memo: HashMap::new() }.run()
 }
 
 struct Machine<'a> {
@@ -203,12 +283,9 @@ struct Machine<'a> {
     pos: usize,
     stack: Vec<Value>,
     marks: Vec<usize>,
-    memo: Vec<Option<Value>>,
+    /// Sparse: a pickle naming memo slot 4,000,000,000 costs one entry, not a table that long.
+    memo: HashMap<usize, Value>,
 }
-
-/// The memo is indexed by small integers; a pickle asking for a huge index is refused rather than
-/// allocated for.
-const MAX_MEMO: usize = 1 << 24;
 
 impl<'a> Machine<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
@@ -263,19 +340,12 @@ impl<'a> Machine<'a> {
         Ok(self.stack.split_off(m))
     }
     fn put(&mut self, i: usize) -> Result<(), String> {
-        if i >= MAX_MEMO {
-            return Err(format!("memo index {i} is out of range"));
-        }
         let v = self.top()?.clone();
-        if self.memo.len() <= i {
-            self.memo.resize(i + 1, None);
-        }
-        self.memo[i] = Some(v);
+        self.memo.insert(i, v);
         Ok(())
     }
     fn get(&mut self, i: usize) -> Result<(), String> {
-        let v =
-            self.memo.get(i).cloned().flatten().ok_or_else(|| format!("memo entry {i} was never stored"))?;
+        let v = self.memo.get(&i).cloned().ok_or_else(|| format!("memo entry {i} was never stored"))?;
         self.stack.push(v);
         Ok(())
     }
@@ -400,10 +470,10 @@ impl<'a> Machine<'a> {
                     self.stack.push(Value::Bytes(b.into()));
                 }
                 // Containers.
-                b')' => self.stack.push(Value::Tuple(Rc::new(Vec::new()))),
+                b')' => self.stack.push(Value::Tuple(Rc::new(Items::default()))),
                 b't' => {
                     let items = self.pop_mark()?;
-                    self.stack.push(Value::Tuple(Rc::new(items)));
+                    self.stack.push(Value::Tuple(Rc::new(Items(items))));
                 }
                 0x85..=0x87 => {
                     let n = (op - 0x84) as usize;
@@ -411,12 +481,12 @@ impl<'a> Machine<'a> {
                         return Err("a TUPLE opcode finds too few items (malformed)".into());
                     }
                     let items = self.stack.split_off(self.stack.len() - n);
-                    self.stack.push(Value::Tuple(Rc::new(items)));
+                    self.stack.push(Value::Tuple(Rc::new(Items(items))));
                 }
-                b']' => self.stack.push(Value::List(Rc::new(RefCell::new(Vec::new())))),
+                b']' => self.stack.push(Value::List(Rc::new(RefCell::new(Items::default())))),
                 b'l' => {
                     let items = self.pop_mark()?;
-                    self.stack.push(Value::List(Rc::new(RefCell::new(items))));
+                    self.stack.push(Value::List(Rc::new(RefCell::new(Items(items)))));
                 }
                 b'a' => {
                     let v = self.pop()?;
@@ -432,11 +502,11 @@ impl<'a> Machine<'a> {
                         other => return Err(format!("APPENDS to {}, not a list", other.kind())),
                     }
                 }
-                b'}' => self.stack.push(Value::Dict(Rc::new(RefCell::new(Vec::new())))),
+                b'}' => self.stack.push(Value::Dict(Rc::new(RefCell::new(Pairs::default())))),
                 b'd' => {
                     let items = self.pop_mark()?;
                     let d = pairs(items)?;
-                    self.stack.push(Value::Dict(Rc::new(RefCell::new(d))));
+                    self.stack.push(Value::Dict(Rc::new(RefCell::new(Pairs(d)))));
                 }
                 b's' => {
                     let v = self.pop()?;
@@ -447,7 +517,7 @@ impl<'a> Machine<'a> {
                     let items = pairs(self.pop_mark()?)?;
                     set_items(self.top()?, items)?;
                 }
-                0x8f => self.stack.push(Value::Set(Rc::new(RefCell::new(Vec::new())))),
+                0x8f => self.stack.push(Value::Set(Rc::new(RefCell::new(Items::default())))),
                 0x90 => {
                     let items = self.pop_mark()?;
                     match self.top()? {
@@ -457,7 +527,7 @@ impl<'a> Machine<'a> {
                 }
                 0x91 => {
                     let items = self.pop_mark()?;
-                    self.stack.push(Value::Set(Rc::new(RefCell::new(items))));
+                    self.stack.push(Value::Set(Rc::new(RefCell::new(Items(items)))));
                 }
                 // The memo.
                 b'q' => {
@@ -524,7 +594,7 @@ impl<'a> Machine<'a> {
                     match cls {
                         Value::Callable(Callable::OrderedDict) => {
                             let _ = args;
-                            self.stack.push(Value::Dict(Rc::new(RefCell::new(Vec::new()))));
+                            self.stack.push(Value::Dict(Rc::new(RefCell::new(Pairs::default()))));
                         }
                         other => return Err(format!("NEWOBJ of {}, which a state dict never needs", other.kind())),
                     }
@@ -599,16 +669,9 @@ fn pairs(items: Vec<Value>) -> Result<Vec<(Value, Value)>, String> {
 
 fn set_items(target: &mut Value, items: Vec<(Value, Value)>) -> Result<(), String> {
     match target {
+        // Appended; a repeated key's last value counts (`Value::dict_entries`), as in Python.
         Value::Dict(d) => {
-            let mut d = d.borrow_mut();
-            for (k, v) in items {
-                // Python dict semantics: a repeated key replaces the value in place.
-                let key = k.as_str().map(str::to_owned);
-                match d.iter_mut().find(|(ek, _)| key.is_some() && ek.as_str() == key.as_deref()) {
-                    Some(slot) => slot.1 = v,
-                    None => d.push((k, v)),
-                }
-            }
+            d.borrow_mut().extend(items);
             Ok(())
         }
         other => Err(format!("SETITEM on {}, not a dict", other.kind())),
@@ -639,7 +702,7 @@ fn reduce(f: Value, args: Value) -> Result<Value, String> {
                     .collect::<Result<_, _>>()?,
                 Some(other) => return Err(format!("OrderedDict built from {}", other.kind())),
             };
-            Ok(Value::Dict(Rc::new(RefCell::new(items))))
+            Ok(Value::Dict(Rc::new(RefCell::new(Pairs(items)))))
         }
         Value::Callable(Callable::RebuildTensorV2 | Callable::RebuildTensor) => {
             if args.len() < 4 {
@@ -685,6 +748,12 @@ fn persistent(pid: Value) -> Result<Value, String> {
         other => return Err(format!("a storage key that is {}", other.kind())),
     };
     let numel = t[4].usize("a storage's size")?;
+    if t.len() > 5 && !matches!(t[5], Value::None) {
+        return Err(
+            "a storage view (view_metadata, written by torch before 1.0), which this reader does not follow"
+                .into(),
+        );
+    }
     Ok(Value::Storage(Rc::new(StorageRef { dtype, key, numel })))
 }
 
@@ -732,6 +801,20 @@ mod tests {
         assert!(load(b"\x80\x02h\x05.").unwrap_err().contains("memo"));
         assert!(load(b"\x80\x02r\xff\xff\xff\x7f.").is_err());
         assert!(load(b"\xff").unwrap_err().contains("unknown pickle opcode"));
+    }
+
+    #[test]
+    fn deep_nesting_and_repeated_keys() {
+        // A million nested 1-tuples, then an error: freed without recursion (no stack overflow).
+        let mut p = vec![0x80, 2, b'N'];
+        p.extend(std::iter::repeat_n(0x85u8, 1_000_000));
+        p.push(0xff);
+        assert!(load(&p).unwrap_err().contains("unknown pickle opcode"));
+        // {"a": 1, "a": 2}: the last value counts.
+        let (v, _) = load(b"\x80\x02}(X\x01\x00\x00\x00aK\x01X\x01\x00\x00\x00aK\x02u.").unwrap();
+        let e = v.dict_entries().unwrap();
+        assert_eq!(e.len(), 1);
+        assert!(matches!(e[0].1, Value::Int(2)));
     }
 
     #[test]

@@ -17,6 +17,9 @@ use super::{decode, Dtype, Stored};
 use crate::error::{Error, IoContext, Result};
 
 const TABLE_MAGIC: u64 = 0xdb4775248b80fb57;
+/// A variable name's length at most, and the bytes of all keys of one block.
+const MAX_KEY: usize = 1 << 16;
+const MAX_KEY_BYTES: usize = 64 << 20;
 
 /// One tensor of the bundle, as its index entry describes it.
 #[derive(Debug, Clone)]
@@ -178,7 +181,7 @@ fn block_entries(file: &[u8], offset: u64, size: u64) -> std::result::Result<Blo
     let (offset, size) = (offset as usize, size as usize);
     let end = offset
         .checked_add(size)
-        .filter(|&e| e + 5 <= file.len())
+        .filter(|&e| e.checked_add(5).is_some_and(|t| t <= file.len()))
         .ok_or("a block runs past the end of the file (truncated?)")?;
     let block = &file[offset..end];
     let trailer = &file[end..end + 5];
@@ -202,6 +205,7 @@ fn block_entries(file: &[u8], offset: u64, size: u64) -> std::result::Result<Blo
         .ok_or("a block whose restart array is larger than the block")?;
     let mut r = Bytes::new(&block[..data_end]);
     let mut key: Vec<u8> = Vec::new();
+    let mut key_bytes = 0usize;
     let mut out = Vec::new();
     while !r.done() {
         let shared = r.varint()? as usize;
@@ -212,6 +216,11 @@ fn block_entries(file: &[u8], offset: u64, size: u64) -> std::result::Result<Blo
         }
         key.truncate(shared);
         key.extend_from_slice(r.take(unshared)?);
+        // Variable names are short; a block of ever longer shared keys would copy quadratically.
+        key_bytes += key.len();
+        if key.len() > MAX_KEY || key_bytes > MAX_KEY_BYTES {
+            return Err("keys longer than any variable name (corrupt index)".into());
+        }
         out.push((key.clone(), r.take(value_len)?));
     }
     Ok(out)
@@ -319,8 +328,8 @@ impl Bundle {
                     ),
                 )
             })?;
-        let count: usize = e.shape.iter().product();
-        if bytes.len() != count * dtype.size() {
+        let count = super::numel(&e.shape).and_then(|n| n.checked_mul(dtype.size()));
+        if count != Some(bytes.len()) {
             return Err(bad(format!(
                 "{} bytes for a {:?} tensor of {}",
                 bytes.len(),

@@ -4,7 +4,6 @@
 //! read by the safe reader in `pickle.rs`; tensors are strided views of the storages, read lazily.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
@@ -16,17 +15,17 @@ use crate::error::{Error, IoContext, Result};
 /// The magic number the legacy format starts with (a pickled 80-bit int).
 const LEGACY_MAGIC: u128 = 0x1950a86a20f9469cfc6c;
 
-/// One storage's bytes: a slice of the mapped file, or decompressed (a compressed zip entry).
-enum Bytes {
-    Mapped { start: usize, len: usize },
-    Owned(Vec<u8>),
+/// Where one entry's bytes lie in the mapped file.
+struct Span {
+    start: usize,
+    len: usize,
 }
 
 /// An opened torch file: its top-level object and its storages by key.
 pub struct TorchFile {
     pub path: PathBuf,
     map: Mmap,
-    storages: HashMap<String, Bytes>,
+    storages: HashMap<String, Span>,
     pub object: Value,
 }
 
@@ -50,7 +49,7 @@ impl TorchFile {
         let bad = |what: String| Error::corrupt(path, what);
         let mut zip = zip::ZipArchive::new(std::io::Cursor::new(&map[..]))
             .map_err(|e| bad(format!("not a readable zip archive (truncated?): {e}")))?;
-        let mut entries: HashMap<String, Bytes> = HashMap::new();
+        let mut entries: HashMap<String, Span> = HashMap::new();
         let mut pickle_name: Option<String> = None;
         for i in 0..zip.len() {
             let raw = zip.by_index_raw(i).map_err(|e| bad(format!("zip entry {i}: {e}")))?;
@@ -66,14 +65,14 @@ impl TorchFile {
                             "zip entry {name} runs past the end of the file (truncated?)"
                         )));
                     }
-                    Bytes::Mapped { start, len }
+                    Span { start, len }
                 }
+                // torch.save stores every entry uncompressed; a compressed one (possibly a decompression
+                // bomb) is not its output.
                 _ => {
-                    let mut v = Vec::new();
-                    zip.by_index(i)
-                        .and_then(|mut f| f.read_to_end(&mut v).map_err(Into::into))
-                        .map_err(|e| bad(format!("zip entry {name}: {e}")))?;
-                    Bytes::Owned(v)
+                    return Err(bad(format!(
+                        "zip entry {name} is compressed; torch.save writes entries uncompressed"
+                    )))
                 }
             };
             if name.ends_with("/data.pkl") || name == "data.pkl" {
@@ -123,7 +122,10 @@ impl TorchFile {
         match next("the protocol version")? {
             Value::Int(1001) => {}
             other => {
-                return Err(bad(format!("torch legacy protocol {other:?}; bertcuda reads version 1001")))
+                return Err(bad(format!(
+                    "torch legacy protocol {}; bertcuda reads version 1001",
+                    other.kind()
+                )))
             }
         }
         let info = next("the system info")?;
@@ -162,7 +164,7 @@ impl TorchFile {
                 .ok_or_else(|| {
                     bad(format!("storage {key}: {numel} elements of {elem} bytes run past the end of the file (truncated?)"))
                 })?;
-            storages.insert(key, Bytes::Mapped { start: pos, len });
+            storages.insert(key, Span { start: pos, len });
             pos += len;
         }
         Ok(TorchFile { path: path.to_path_buf(), map, storages, object })
@@ -185,7 +187,8 @@ impl TorchFile {
         };
         let elem = t.storage.dtype.size();
         let have = bytes.len() / elem;
-        let count: usize = t.shape.iter().product();
+        let count = super::numel(&t.shape)
+            .ok_or_else(|| bad(format!("shape {:?} has more elements than memory", t.shape)))?;
         if count == 0 {
             return Ok(Vec::new());
         }
@@ -225,11 +228,8 @@ impl TorchFile {
     }
 }
 
-fn slice<'m>(map: &'m Mmap, b: &'m Bytes) -> &'m [u8] {
-    match b {
-        Bytes::Mapped { start, len } => &map[*start..*start + *len],
-        Bytes::Owned(v) => v,
-    }
+fn slice<'m>(map: &'m Mmap, b: &Span) -> &'m [u8] {
+    &map[b.start..b.start + b.len]
 }
 
 fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
@@ -249,6 +249,7 @@ fn collect_storages(v: &Value, f: &mut dyn FnMut(&pickle::StorageRef)) {
             Value::List(l) => std::rc::Rc::as_ptr(l) as *const u8,
             Value::Dict(d) => std::rc::Rc::as_ptr(d) as *const u8,
             Value::Tuple(t) => std::rc::Rc::as_ptr(t) as *const u8,
+            Value::Set(l) => std::rc::Rc::as_ptr(l) as *const u8,
             _ => std::ptr::null(),
         };
         if !id.is_null() && !seen.insert(id) {
