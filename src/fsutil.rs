@@ -111,6 +111,47 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     sync_dir(&parent_of(path))
 }
 
+/// A directory moved aside while its replacement starts: `commit` (the replacement wrote its first
+/// result) deletes it; dropped without a commit, the replacement is removed and the directory put back.
+pub struct SetAside {
+    dir: PathBuf,
+    aside: PathBuf,
+    done: bool,
+}
+
+impl SetAside {
+    /// Move `dir` to a hidden sibling, `.NAME.replaced-PID`.
+    pub fn new(dir: &Path) -> Result<Self> {
+        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("out");
+        let aside = parent_of(dir).join(format!(".{name}.replaced-{}", std::process::id()));
+        if aside.exists() {
+            fs::remove_dir_all(&aside).at(&aside)?; // a leftover of an earlier process with this id
+        }
+        fs::rename(dir, &aside).at(dir)?;
+        Ok(SetAside { dir: dir.to_path_buf(), aside, done: false })
+    }
+
+    pub fn commit(mut self) -> Result<()> {
+        self.done = true;
+        fs::remove_dir_all(&self.aside).at(&self.aside)
+    }
+}
+
+impl Drop for SetAside {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = fs::remove_dir_all(&self.dir);
+            if let Err(e) = fs::rename(&self.aside, &self.dir) {
+                tracing::warn!(
+                    "could not put {} back in place from {}: {e}",
+                    self.dir.display(),
+                    self.aside.display()
+                );
+            }
+        }
+    }
+}
+
 /// fsync a directory (its entries).
 pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|f| f.sync_all()).at(dir)

@@ -617,13 +617,16 @@ fn check_resume_config(saved: &serde_json::Value, cfg: &TrainConfig) -> Result<(
 fn prepare_run(cfg: TrainConfig, lead: bool) -> Result<Prepared> {
     cfg.validate()?;
     let resume = resume_point(&cfg)?;
+    let mut replaced = None;
     if lead
         && resume.is_none()
         && cfg.output.exists()
         && std::fs::read_dir(&cfg.output).at(&cfg.output)?.next().is_some()
     {
         if cfg.overwrite_output {
-            std::fs::remove_dir_all(&cfg.output).at(&cfg.output)?;
+            // Moved aside, not deleted: a run that fails before its first checkpoint puts it back.
+            replaced =
+                Some(Arc::new(std::sync::Mutex::new(Some(crate::fsutil::SetAside::new(&cfg.output)?))));
         } else {
             bail!(
                 "{}: the output directory exists and is not empty; pass --resume auto to continue its run, or --overwrite-output to replace it",
@@ -728,7 +731,7 @@ fn prepare_run(cfg: TrainConfig, lead: bool) -> Result<Prepared> {
         }
     }
 
-    Ok(Prepared { cfg, resume, corpus, config, params, init_note, fingerprint })
+    Ok(Prepared { cfg, resume, corpus, config, params, init_note, fingerprint, replaced })
 }
 
 /// Run training to the end (or a stop signal), one process.
@@ -816,6 +819,8 @@ struct Prepared {
     params: Vec<f32>,
     init_note: String,
     fingerprint: String,
+    /// The old output `--overwrite-output` replaces, kept until this run's first checkpoint.
+    replaced: Option<Arc<std::sync::Mutex<Option<crate::fsutil::SetAside>>>>,
 }
 
 pub enum Device {
@@ -936,7 +941,14 @@ fn phase_model<'a, B: Backend>(
 }
 
 fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) -> Result<TrainSummary> {
-    let Prepared { cfg, resume, corpus, config, params, init_note, fingerprint } = p;
+    let Prepared { cfg, resume, corpus, config, params, init_note, fingerprint, replaced } = p;
+    // The replaced output goes once this run has a checkpoint of its own.
+    let checkpoint_written = || -> Result<()> {
+        if let Some(aside) = replaced.as_ref().and_then(|r| r.lock().ok()?.take()) {
+            aside.commit()?;
+        }
+        Ok(())
+    };
     // The backend settles the precision (fp16 always runs the dynamic loss scaler).
     let precision = be.set_precision(&cfg.precision)?;
     // Rank 0 alone prints, logs and writes checkpoints.
@@ -1192,6 +1204,7 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
             // The end of a phase is kept: a failure to start the next (its batches too large, say) loses nothing.
             if state.global_step != last_saved {
                 if let Some(dir) = save_now(&state, &model, &optimizer)? {
+                    checkpoint_written()?;
                     tracing::info!("saved {} at the end of phase {}", dir.display(), state.phase + 1);
                 }
                 last_saved = state.global_step;
@@ -1460,6 +1473,7 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
         if state.global_step % cfg.save_steps == 0 && state.global_step < total {
             let t = Instant::now();
             if let Some(dir) = save_now(&state, &model, &optimizer)? {
+                checkpoint_written()?;
                 tracing::info!("saved {}", dir.display());
             }
             save_seconds += t.elapsed().as_secs_f64();
@@ -1471,6 +1485,7 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
     progress.finish();
     if state.global_step != last_saved {
         if let Some(dir) = save_now(&state, &model, &optimizer)? {
+            checkpoint_written()?;
             eprintln!("saved {}", dir.display());
         }
     }

@@ -561,6 +561,40 @@ fn the_two_phase_recipe_resolves_and_runs_both_phases_with_lamb() {
     assert_eq!(phases, [1, 1, 2, 2]);
 }
 
+#[test]
+fn overwrite_output_keeps_the_old_output_until_the_new_run_has_a_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    fs::create_dir_all(out.join("checkpoint-000004")).unwrap();
+    fs::write(out.join("checkpoint-000004/precious.txt"), "the old run").unwrap();
+    let leftovers = || {
+        fs::read_dir(tmp.path())
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains(".replaced-"))
+            .count()
+    };
+    // Runs that fail to start, each after the output would have been deleted before: the old output stays.
+    let failing = [
+        TrainConfig { max_seq_len: 100, ..base_config(&out) },
+        TrainConfig { init_from: Some(tmp.path().join("no-such-model")), ..base_config(&out) },
+        TrainConfig { data: vec![tmp.path().join("no-such-shards")], ..base_config(&out) },
+    ];
+    for cfg in failing {
+        let e = train(TrainConfig { overwrite_output: true, ..cfg }, never()).unwrap_err().to_string();
+        assert_eq!(
+            fs::read_to_string(out.join("checkpoint-000004/precious.txt")).unwrap(),
+            "the old run",
+            "{e}"
+        );
+        assert_eq!(leftovers(), 0, "{e}");
+    }
+    // A run that starts replaces it.
+    train(TrainConfig { overwrite_output: true, max_steps: Some(4), ..base_config(&out) }, never()).unwrap();
+    assert!(!out.join("checkpoint-000004/precious.txt").exists());
+    assert!(out.join("checkpoint-000004/manifest.json").is_file());
+    assert_eq!(leftovers(), 0);
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     fs::create_dir_all(to).unwrap();
     for e in fs::read_dir(from).unwrap() {
