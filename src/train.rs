@@ -110,33 +110,38 @@ pub struct TrainConfig {
 
 /// One phase of a run: its steps, and the settings it changes (unset: the run's).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct PhaseConfig {
     pub max_steps: u64,
-    #[serde(default)]
     pub max_seq_len: Option<usize>,
-    #[serde(default)]
     pub per_device_batch_size: Option<usize>,
-    #[serde(default)]
     pub gradient_accumulation_steps: Option<usize>,
-    #[serde(default)]
     pub learning_rate: Option<f64>,
-    #[serde(default)]
     pub warmup_steps: Option<u64>,
-    #[serde(default)]
     pub warmup_ratio: Option<f64>,
     /// Masked positions per sequence at most (NVIDIA: 20 at 128 tokens, 80 at 512).
-    #[serde(default)]
     pub max_predictions_per_seq: Option<usize>,
     /// At the phase's start: "keep" the optimizer's moments and restart its bias-correction count, as
     /// NVIDIA's phase 2 does (their run_pretraining.py loads phase 1's optimizer state and sets its step to
     /// 0), or "reset" them to zero. The first phase starts from zero either way.
-    #[serde(default = "keep")]
     pub optimizer_state: String,
 }
 
-fn keep() -> String {
-    "keep".into()
+impl Default for PhaseConfig {
+    /// No steps (a phase must give them) and every setting the run's.
+    fn default() -> Self {
+        PhaseConfig {
+            max_steps: 0,
+            max_seq_len: None,
+            per_device_batch_size: None,
+            gradient_accumulation_steps: None,
+            learning_rate: None,
+            warmup_steps: None,
+            warmup_ratio: None,
+            max_predictions_per_seq: None,
+            optimizer_state: "keep".into(),
+        }
+    }
 }
 
 impl Default for TrainConfig {
@@ -349,17 +354,7 @@ impl TrainConfig {
                 let Some(first) = self.max_steps else {
                     bail!("--phase2-steps needs --max-steps, the first phase's steps");
                 };
-                let one = PhaseConfig {
-                    max_steps: first,
-                    max_seq_len: None,
-                    per_device_batch_size: None,
-                    gradient_accumulation_steps: None,
-                    learning_rate: None,
-                    warmup_steps: None,
-                    warmup_ratio: None,
-                    max_predictions_per_seq: None,
-                    optimizer_state: keep(),
-                };
+                let one = PhaseConfig { max_steps: first, ..PhaseConfig::default() };
                 let two = PhaseConfig {
                     max_steps: steps,
                     max_seq_len: self.phase2_max_seq_len,
@@ -368,8 +363,7 @@ impl TrainConfig {
                     learning_rate: self.phase2_learning_rate,
                     warmup_steps: self.phase2_warmup_steps,
                     warmup_ratio: self.phase2_warmup_ratio,
-                    max_predictions_per_seq: None,
-                    optimizer_state: keep(),
+                    ..PhaseConfig::default()
                 };
                 vec![one, two]
             }

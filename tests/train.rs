@@ -427,17 +427,7 @@ fn two_phases_switch_length_and_batch_and_resume_exactly_anywhere() {
         save_steps: 2,
         save_total_limit: 10,
         phases: vec![
-            PhaseConfig {
-                max_steps: 6,
-                max_seq_len: None,
-                per_device_batch_size: None,
-                gradient_accumulation_steps: None,
-                learning_rate: None,
-                warmup_steps: None,
-                warmup_ratio: None,
-                max_predictions_per_seq: None,
-                optimizer_state: "keep".into(),
-            },
+            PhaseConfig { max_steps: 6, ..PhaseConfig::default() },
             PhaseConfig {
                 max_steps: 6,
                 max_seq_len: Some(64),
@@ -445,9 +435,7 @@ fn two_phases_switch_length_and_batch_and_resume_exactly_anywhere() {
                 gradient_accumulation_steps: Some(2),
                 learning_rate: Some(1e-3),
                 warmup_steps: Some(1),
-                warmup_ratio: None,
-                max_predictions_per_seq: None,
-                optimizer_state: "keep".into(),
+                ..PhaseConfig::default()
             },
         ],
         ..base_config(out)
