@@ -592,6 +592,62 @@ fn training_on_the_gpu_tracks_the_cpu() {
     }
 }
 
+/// LAMB and a phase switch (the model rebuilt for longer sequences, the old activations released on the
+/// device) in a training run: the losses the CPU computes, step by step.
+fn lamb_and_a_phase_switch_track_the_cpu() {
+    use bertcuda::train::{train, PhaseConfig, TrainConfig};
+    use std::sync::{atomic::AtomicBool, Arc};
+    let root = repo_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(root.join("data/sample/rust-book.txt")).unwrap();
+    let part: String = text.lines().take(1500).map(|l| format!("{l}\n")).collect();
+    std::fs::write(tmp.path().join("part.txt"), &part).unwrap();
+    let tok = bertcuda::data::tokenizer::BertTokenizer::train(part.lines(), 500, 2, true).unwrap();
+    tok.save_hf(&tmp.path().join("tok")).unwrap();
+    bertcuda::data::prepare::prepare(&bertcuda::data::prepare::PrepareConfig::new(
+        vec![tmp.path().join("part.txt")],
+        tmp.path().join("tok"),
+        tmp.path().join("shards"),
+    ))
+    .unwrap();
+    let run = |device: &str| {
+        let cfg = TrainConfig {
+            data: vec![tmp.path().join("shards")],
+            output: tmp.path().join(device),
+            model_config: "tiny".into(),
+            device: device.into(),
+            precision: "fp32".into(),
+            optim: "lamb".into(),
+            lr_scheduler: "poly_warmup".into(),
+            lr_power: 0.5,
+            warmup_ratio: Some(0.34),
+            learning_rate: 2e-3,
+            per_device_batch_size: 4,
+            max_seq_len: 32,
+            phases: vec![
+                PhaseConfig { max_steps: 3, ..PhaseConfig::default() },
+                PhaseConfig {
+                    max_steps: 3,
+                    max_seq_len: Some(64),
+                    per_device_batch_size: Some(2),
+                    learning_rate: Some(1e-3),
+                    ..PhaseConfig::default()
+                },
+            ],
+            save_steps: 1000,
+            logging_steps: 1,
+            progress: false,
+            ..TrainConfig::default()
+        };
+        train(cfg, Arc::new(AtomicBool::new(false))).unwrap().losses
+    };
+    let (c, g) = (run("cpu"), run(device_name()));
+    assert_eq!((c.len(), g.len()), (6, 6));
+    for (k, (a, b)) in c.iter().zip(&g).enumerate() {
+        assert!((a - b).abs() <= 1e-3 * a.abs(), "step {k}: cpu {a} vs device {b}");
+    }
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU (and libnccl.so)"]
 fn nccl_with_world_size_one_through_the_whole_training_path() {
@@ -846,6 +902,7 @@ on_both_devices!(
     the_gpu_loss_has_the_gradient_the_gpu_backward_computes,
     the_same_seed_gives_bitwise_equal_gpu_losses_and_gradients,
     training_on_the_gpu_tracks_the_cpu,
+    lamb_and_a_phase_switch_track_the_cpu,
     bf16_ops_against_the_fp32_cpu,
     fused_forward_kernels_equal_the_unfused_cpu_ops,
     tensor_core_wrappers_follow_the_ptx_fragment_layouts,
