@@ -464,6 +464,57 @@ pub struct StepMetrics {
     pub eval: Option<EvalResult>,
 }
 
+impl StepMetrics {
+    /// The TensorBoard scalars of a logging step.
+    pub fn scalars(&self) -> Vec<(&'static str, f32)> {
+        let mut out: Vec<(&'static str, f32)> = vec![
+            ("train/loss", self.loss as f32),
+            ("train/learning_rate", self.learning_rate as f32),
+            ("train/grad_norm", self.grad_norm as f32),
+            ("train/loss_scale", self.loss_scale as f32),
+            ("train/skipped_steps", self.skipped_steps as f32),
+            ("train/seq_per_s", self.seq_per_s as f32),
+            ("train/tokens_per_s", self.tokens_per_s as f32),
+            ("train/epoch", self.epoch as f32),
+        ];
+        if let Some(p) = self.phase {
+            out.push(("train/phase", p as f32));
+        }
+        out.extend(self.mlm_loss.map(|v| ("train/mlm_loss", v as f32)));
+        out.extend(self.nsp_loss.map(|v| ("train/nsp_loss", v as f32)));
+        if let Some(e) = &self.eval {
+            for (k, v) in [
+                ("eval/mlm_loss", e.mlm_loss),
+                ("eval/mlm_accuracy", e.mlm_accuracy),
+                ("eval/perplexity", e.perplexity),
+                ("eval/nsp_loss", e.nsp_loss),
+                ("eval/nsp_accuracy", e.nsp_accuracy),
+            ] {
+                out.extend(v.map(|v| (k, v as f32)));
+            }
+        }
+        out
+    }
+
+    /// The line printed for a logging step.
+    pub fn progress_line(&self, total: u64) -> String {
+        format!(
+            "step {:>6}/{total}  loss {:.4}  mlm {}  nsp {}  lr {:.3e}  grad_norm {:.3}  {:.1} seq/s{}",
+            self.step,
+            self.loss,
+            self.mlm_loss.map_or("-".into(), |v| format!("{v:.4}")),
+            self.nsp_loss.map_or("-".into(), |v| format!("{v:.4}")),
+            self.learning_rate,
+            self.grad_norm,
+            self.seq_per_s,
+            self.eval
+                .as_ref()
+                .and_then(|e| e.mlm_loss)
+                .map_or(String::new(), |v| format!("  eval mlm {v:.4}"))
+        )
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct EvalResult {
     pub mlm_loss: Option<f64>,
@@ -934,24 +985,9 @@ fn phase_model<'a, B: Backend>(
     Ok(model)
 }
 
-fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) -> Result<TrainSummary> {
-    let Prepared { cfg, resume, corpus, config, params, init_note, fingerprint, replaced } = p;
-    // The replaced output goes once this run has a checkpoint of its own.
-    let checkpoint_written = || -> Result<()> {
-        if let Some(aside) = replaced.as_ref().and_then(|r| r.lock().ok()?.take()) {
-            aside.commit()?;
-        }
-        Ok(())
-    };
-    // The backend settles the precision (fp16 always runs the dynamic loss scaler).
-    let precision = be.set_precision(&cfg.precision)?;
-    // Rank 0 alone prints, logs and writes checkpoints.
-    let lead = comm.rank() == 0;
-    let world = comm.world();
-    let tokenizer = &corpus.tokenizer;
-    let phases = cfg.phase_configs()?;
-    let table = ParamTable::new(&config);
-    let mut optimizer = if cfg.optim == "lamb" {
+/// The run's optimizer (`--optim`), its state on the backend.
+fn new_optimizer<B: Backend>(be: &B, cfg: &TrainConfig, table: &ParamTable) -> Result<Optimizer> {
+    Ok(if cfg.optim == "lamb" {
         Optimizer::Lamb(Lamb::new(
             be,
             LambConfig {
@@ -976,7 +1012,152 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
             },
             &table.decay_mask(),
         )?)
+    })
+}
+
+/// Every rank must start from rank 0's point (a rank that resumed elsewhere, or not at all, would silently
+/// diverge): compare with rank 0's numbers, and stop together on any difference.
+fn check_ranks_agree(state: &TrainerState, comm: &dyn Comm) -> Result<()> {
+    if comm.world() > 1 {
+        let mine = [
+            state.global_step as f64,
+            state.updates as f64,
+            state.micro_step as f64,
+            state.cursor.epoch as f64,
+            state.cursor.batch as f64,
+        ];
+        let mut zero = if comm.rank() == 0 { mine } else { [0.0; 5] };
+        comm.all_reduce_sum_f64(&mut zero)?;
+        let mut differs = [(zero != mine) as u8 as f64];
+        comm.all_reduce_sum_f64(&mut differs)?;
+        if differs[0] > 0.0 {
+            bail!(
+                "rank {}: the ranks do not start from the same point (rank 0 at step {}, this rank at step {}); every rank must see rank 0's checkpoints (a shared --output)",
+                comm.rank(),
+                zero[0],
+                mine[0]
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The plan, printed once by rank 0: the model, the data, every phase, the device, the output.
+#[allow(clippy::too_many_arguments)]
+fn print_plan<B: Backend>(
+    be: &B,
+    init_note: &str,
+    corpus: &Corpus,
+    plans: &[PhasePlan],
+    precision: &str,
+    model: &Bert<B>,
+    cfg: &TrainConfig,
+    world: usize,
+) {
+    let (config, table) = (&model.config, &model.table);
+    let say = |line: String| eprintln!("{line}");
+    say(format!("bertcuda train: {init_note}"));
+    say(format!(
+        "  model    {} layers, hidden {}, {} heads, vocab {}: {:.1} M parameters",
+        config.num_hidden_layers,
+        config.hidden_size,
+        config.num_attention_heads,
+        config.vocab_size,
+        table.total as f64 / 1e6
+    ));
+    say(format!(
+        "  data     {} documents, {} tokens",
+        corpus.documents,
+        corpus.sets.iter().map(|s| s.manifest.tokens).sum::<u64>()
+    ));
+    for (k, ph) in plans.iter().enumerate() {
+        let c = &ph.cfg;
+        let effective = c.per_device_batch_size * c.gradient_accumulation_steps * world;
+        let name = if plans.len() > 1 { format!("phase {}", k + 1) } else { "steps".into() };
+        say(format!(
+            "  {name:<8} {} steps (warmup {}, {} schedule, peak lr {}, {}), batch {} × accumulation {} × {world} ranks = {effective} sequences of ≤{} tokens per step, {} tokens at most; {} sequences, {} steps per epoch",
+            ph.steps,
+            ph.warmup,
+            c.lr_scheduler,
+            c.learning_rate,
+            c.optim,
+            c.per_device_batch_size,
+            c.gradient_accumulation_steps,
+            c.max_seq_len,
+            count((effective * c.max_seq_len) as f64 * ph.steps as f64),
+            ph.epoch_examples,
+            ph.steps_per_epoch
+        ));
+    }
+    // fp32 weights, gradients and two moments; activations in fp32, or bf16 (with a bf16 weight copy).
+    let (act_bytes, copy_bytes) = if precision == "bf16" { (2, 2) } else { (4, 0) };
+    let mem = (table.total * (16 + copy_bytes) + model.activation_floats * act_bytes) as f64 / 1e6;
+    say(format!(
+        "  device   {}, {precision}: about {mem:.0} MB for weights, gradients, optimizer state and activations",
+        be.describe()
+    ));
+    say(format!(
+        "  output   {} (checkpoints every {} steps, metrics.jsonl, TensorBoard runs/)",
+        cfg.output.display(),
+        cfg.save_steps
+    ));
+}
+
+/// A step whose gradients are not finite: skipped and counted; with fp16 the scaler has halved the scale.
+/// The run stops when the scale falls below 1, or after `--max-nonfinite-steps` such steps in a row.
+fn count_skipped_step(state: &mut TrainerState, cfg: &TrainConfig) -> Result<()> {
+    state.skipped_steps += 1;
+    if state.scaler.enabled {
+        tracing::warn!(
+            "step {}: non-finite gradients; skipped, loss scale now {}",
+            state.global_step,
+            state.scaler.scale
+        );
+        if state.scaler.scale < 1.0 {
+            bail!(
+                "step {}: the fp16 loss scale fell below 1 (the gradients are not finite at any scale); stopping. The last good checkpoint in {} is intact: lower --learning-rate, or train in fp32",
+                state.global_step,
+                cfg.output.display()
+            );
+        }
+    } else {
+        state.consecutive_nonfinite += 1;
+        tracing::warn!(
+            "step {}: non-finite loss or gradients; step skipped ({} in a row)",
+            state.global_step,
+            state.consecutive_nonfinite
+        );
+        if state.consecutive_nonfinite >= cfg.max_nonfinite_steps {
+            bail!(
+                "step {}: {} non-finite steps in a row (--max-nonfinite-steps {}); stopping. The last good checkpoint in {} is intact: lower --learning-rate or check the data, then --resume auto",
+                state.global_step,
+                state.consecutive_nonfinite,
+                cfg.max_nonfinite_steps,
+                cfg.output.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) -> Result<TrainSummary> {
+    let Prepared { cfg, resume, corpus, config, params, init_note, fingerprint, replaced } = p;
+    // The replaced output goes once this run has a checkpoint of its own.
+    let checkpoint_written = || -> Result<()> {
+        if let Some(aside) = replaced.as_ref().and_then(|r| r.lock().ok()?.take()) {
+            aside.commit()?;
+        }
+        Ok(())
     };
+    // The backend settles the precision (fp16 always runs the dynamic loss scaler).
+    let precision = be.set_precision(&cfg.precision)?;
+    // Rank 0 alone prints, logs and writes checkpoints.
+    let lead = comm.rank() == 0;
+    let world = comm.world();
+    let tokenizer = &corpus.tokenizer;
+    let phases = cfg.phase_configs()?;
+    let table = ParamTable::new(&config);
+    let mut optimizer = new_optimizer(be, &cfg, &table)?;
     let sq_buf = be.alloc_kind(1, crate::backend::Kind::Stat)?;
     // Each phase's model (its activations sized for the phase's batch and length) is allocated after this
     // mark and released at the phase's end.
@@ -1023,29 +1204,7 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
         }
     }
 
-    // Every rank must start from rank 0's point (a rank that resumed elsewhere, or not at all, would
-    // silently diverge): compare with rank 0's numbers, and stop together on any difference.
-    if world > 1 {
-        let mine = [
-            state.global_step as f64,
-            state.updates as f64,
-            state.micro_step as f64,
-            state.cursor.epoch as f64,
-            state.cursor.batch as f64,
-        ];
-        let mut zero = if lead { mine } else { [0.0; 5] };
-        comm.all_reduce_sum_f64(&mut zero)?;
-        let mut differs = [(zero != mine) as u8 as f64];
-        comm.all_reduce_sum_f64(&mut differs)?;
-        if differs[0] > 0.0 {
-            bail!(
-                "rank {}: the ranks do not start from the same point (rank 0 at step {}, this rank at step {}); every rank must see rank 0's checkpoints (a shared --output)",
-                comm.rank(),
-                zero[0],
-                mine[0]
-            );
-        }
-    }
+    check_ranks_agree(&state, comm)?;
 
     let eval_corpus = if cfg.eval_data.is_empty() { None } else { Some(open_corpus(&cfg.eval_data)?) };
     if let Some(ec) = &eval_corpus {
@@ -1064,57 +1223,9 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
         .collect::<Result<Vec<_>>>()?;
     let total: u64 = plans.iter().map(|p| p.steps).sum();
 
-    // The plan, printed once.
-    let say = |line: String| {
-        if lead {
-            eprintln!("{line}");
-        }
-    };
-    say(format!("bertcuda train: {init_note}"));
-    say(format!(
-        "  model    {} layers, hidden {}, {} heads, vocab {}: {:.1} M parameters",
-        config.num_hidden_layers,
-        config.hidden_size,
-        config.num_attention_heads,
-        config.vocab_size,
-        table.total as f64 / 1e6
-    ));
-    say(format!(
-        "  data     {} documents, {} tokens",
-        corpus.documents,
-        corpus.sets.iter().map(|s| s.manifest.tokens).sum::<u64>()
-    ));
-    for (k, ph) in plans.iter().enumerate() {
-        let c = &ph.cfg;
-        let effective = c.per_device_batch_size * c.gradient_accumulation_steps * world;
-        let name = if plans.len() > 1 { format!("phase {}", k + 1) } else { "steps".into() };
-        say(format!(
-            "  {name:<8} {} steps (warmup {}, {} schedule, peak lr {}, {}), batch {} × accumulation {} × {world} ranks = {effective} sequences of ≤{} tokens per step, {} tokens at most; {} sequences, {} steps per epoch",
-            ph.steps,
-            ph.warmup,
-            c.lr_scheduler,
-            c.learning_rate,
-            c.optim,
-            c.per_device_batch_size,
-            c.gradient_accumulation_steps,
-            c.max_seq_len,
-            count((effective * c.max_seq_len) as f64 * ph.steps as f64),
-            ph.epoch_examples,
-            ph.steps_per_epoch
-        ));
+    if lead {
+        print_plan(be, &init_note, &corpus, &plans, precision, &model, &cfg, world);
     }
-    // fp32 weights, gradients and two moments; activations in fp32, or bf16 (with a bf16 weight copy).
-    let (act_bytes, copy_bytes) = if precision == "bf16" { (2, 2) } else { (4, 0) };
-    let mem = (table.total * (16 + copy_bytes) + model.activation_floats * act_bytes) as f64 / 1e6;
-    say(format!(
-        "  device   {}, {precision}: about {mem:.0} MB for weights, gradients, optimizer state and activations",
-        be.describe()
-    ));
-    say(format!(
-        "  output   {} (checkpoints every {} steps, metrics.jsonl, TensorBoard runs/)",
-        cfg.output.display(),
-        cfg.save_steps
-    ));
 
     let mut metrics_file = match lead {
         true => Some(
@@ -1332,37 +1443,7 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
             optimizer.step(be, model.params, model.grads, lr, grad_norm, scale, cfg.max_grad_norm)?;
             state.updates += 1;
         } else {
-            state.skipped_steps += 1;
-            if state.scaler.enabled {
-                tracing::warn!(
-                    "step {}: non-finite gradients; skipped, loss scale now {}",
-                    state.global_step,
-                    state.scaler.scale
-                );
-                if state.scaler.scale < 1.0 {
-                    bail!(
-                        "step {}: the fp16 loss scale fell below 1 (the gradients are not finite at any scale); stopping. The last good checkpoint in {} is intact: lower --learning-rate, or train in fp32",
-                        state.global_step,
-                        cfg.output.display()
-                    );
-                }
-            } else {
-                state.consecutive_nonfinite += 1;
-                tracing::warn!(
-                    "step {}: non-finite loss or gradients; step skipped ({} in a row)",
-                    state.global_step,
-                    state.consecutive_nonfinite
-                );
-                if state.consecutive_nonfinite >= cfg.max_nonfinite_steps {
-                    bail!(
-                        "step {}: {} non-finite steps in a row (--max-nonfinite-steps {}); stopping. The last good checkpoint in {} is intact: lower --learning-rate or check the data, then --resume auto",
-                        state.global_step,
-                        state.consecutive_nonfinite,
-                        cfg.max_nonfinite_steps,
-                        cfg.output.display()
-                    );
-                }
-            }
+            count_skipped_step(&mut state, &cfg)?;
         }
         state.global_step += 1;
         summary.losses.push(loss);
@@ -1411,56 +1492,11 @@ fn run<B: Backend>(be: &B, p: Prepared, stop: Arc<AtomicBool>, comm: &dyn Comm) 
                 // One write per line: a kill never leaves half a line for the resumed run to append to.
                 f.write_all(format!("{line}\n").as_bytes()).at(cfg.output.join("metrics.jsonl"))?;
             }
-            let mut scalars: Vec<(&str, f32)> = vec![
-                ("train/loss", loss as f32),
-                ("train/learning_rate", lr as f32),
-                ("train/grad_norm", grad_norm as f32),
-                ("train/loss_scale", scale as f32),
-                ("train/skipped_steps", state.skipped_steps as f32),
-                ("train/seq_per_s", m.seq_per_s as f32),
-                ("train/tokens_per_s", m.tokens_per_s as f32),
-                ("train/epoch", state.epoch as f32),
-            ];
-            if plans.len() > 1 {
-                scalars.push(("train/phase", (state.phase + 1) as f32));
-            }
-            if let Some(v) = mlm {
-                scalars.push(("train/mlm_loss", v as f32));
-            }
-            if let Some(v) = nsp {
-                scalars.push(("train/nsp_loss", v as f32));
-            }
-            if let Some(e) = &m.eval {
-                for (k, v) in [
-                    ("eval/mlm_loss", e.mlm_loss),
-                    ("eval/mlm_accuracy", e.mlm_accuracy),
-                    ("eval/perplexity", e.perplexity),
-                    ("eval/nsp_loss", e.nsp_loss),
-                    ("eval/nsp_accuracy", e.nsp_accuracy),
-                ] {
-                    if let Some(v) = v {
-                        scalars.push((k, v as f32));
-                    }
-                }
-            }
             if let Some(tb) = tb.as_mut() {
-                tb.scalars(state.global_step, &scalars)?;
+                tb.scalars(state.global_step, &m.scalars())?;
             }
             progress.set_message(&format!("loss {loss:.4} lr {lr:.2e} {:.0} seq/s", m.seq_per_s));
-            progress.println(&format!(
-                "step {:>6}/{total}  loss {:.4}  mlm {}  nsp {}  lr {:.3e}  grad_norm {:.3}  {:.1} seq/s{}",
-                state.global_step,
-                loss,
-                mlm.map_or("-".into(), |v| format!("{v:.4}")),
-                nsp.map_or("-".into(), |v| format!("{v:.4}")),
-                lr,
-                grad_norm,
-                m.seq_per_s,
-                m.eval
-                    .as_ref()
-                    .and_then(|e| e.mlm_loss)
-                    .map_or(String::new(), |v| format!("  eval mlm {v:.4}"))
-            ));
+            progress.println(&m.progress_line(total));
             summary.last = Some(m);
             window = (Instant::now(), 0, 0);
         }
