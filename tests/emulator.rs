@@ -11,7 +11,7 @@ use bertcuda::backend::cpu::Cpu;
 use bertcuda::backend::cuda::Cuda;
 use bertcuda::backend::device::emu::{self, BlockOrder, Emu, EmuOptions};
 use bertcuda::backend::device::{Device, Launch};
-use bertcuda::backend::{AdamWStep, Backend, Dropout, DropoutKey, IGNORE_INDEX};
+use bertcuda::backend::{AdamWStep, Backend, Dropout, DropoutKey, LambLayout, LambStep, IGNORE_INDEX};
 use bertcuda::model::config::Activation;
 use common::randn;
 
@@ -111,6 +111,45 @@ fn scenario(be: &dyn Backend, name: &str) -> bertcuda::Result<Vec<Vec<f32>>> {
             let d = upload_ints(be, &decay)?;
             let h = AdamWStep { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-6, weight_decay: 0.1, step: 3 };
             be.adamw(p, g, m, v, d, &h)?;
+            get(&[p, m, v])
+        }
+        "lamb" => {
+            // A tensor of two chunks (LAMB_CHUNK 8192), a short one, a bias, a decayed tensor at zero.
+            use bertcuda::model::params::{Init, ParamInfo};
+            let mut offset = 0;
+            let tensors: Vec<ParamInfo> = [(9_000, true), (5, true), (777, false), (300, true)]
+                .iter()
+                .enumerate()
+                .map(|(k, &(len, decay))| {
+                    let p = ParamInfo {
+                        name: format!("t{k}"),
+                        shape: vec![len],
+                        offset,
+                        len,
+                        init: Init::Zeros,
+                        decay,
+                    };
+                    offset += len;
+                    p
+                })
+                .collect();
+            let mut init = randn(14, offset, 0.1);
+            init[offset - 300..].fill(0.0);
+            let p = upload(be, &init)?;
+            let g = upload(be, &randn(15, offset, 1.0))?;
+            let (m, v) = (be.alloc(offset)?, be.alloc(offset)?);
+            let layout = LambLayout::new(be, &tensors)?;
+            let h = LambStep {
+                lr: 1e-2,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-6,
+                weight_decay: 0.01,
+                step: 1,
+                grad_divisor: 2.0,
+                all_tensors: false,
+            };
+            be.lamb(p, g, m, v, &layout, &h)?;
             get(&[p, m, v])
         }
         "scatter" => {
