@@ -237,11 +237,10 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]
 
 /// The tokenizer of a model directory.
 pub fn model_tokenizer(path: &Path) -> Result<BertTokenizer> {
-    let dir = crate::model::formats::Source::locate(path)?.dir;
-    BertTokenizer::load(&dir, LoadOptions::default()).map_err(|e| {
+    crate::model::formats::checkpoint_tokenizer(path, LoadOptions::default())?.ok_or_else(|| {
         Error::Invalid(format!(
-            "{e}\n(the model directory {} needs its tokenizer files: tokenizer.json or vocab.txt)",
-            dir.display()
+            "{}: no tokenizer beside the checkpoint; the model's folder needs tokenizer.json or vocab.txt",
+            path.display()
         ))
     })
 }

@@ -20,7 +20,6 @@ use crate::bail;
 use crate::checkpoint::{self, CheckpointData, TrainerState, STATE_VERSION};
 use crate::data::examples::{Corpus, ExampleConfig};
 use crate::data::loader::{open_corpus, Cursor, EpochPlan, Loader, LoaderConfig};
-use crate::data::tokenizer::BertTokenizer;
 use crate::dist::{Comm, InProcess, Single};
 use crate::error::{Error, IoContext, Result};
 use crate::model::bert::{Bert, Inputs, LossNorm, Plan, StepOptions, Train};
@@ -706,16 +705,9 @@ fn prepare_run(cfg: TrainConfig, lead: bool) -> Result<Prepared> {
         (c, p, format!("resumed from {} at step {}", dir.display(), state.global_step))
     } else if let Some(dir) = &cfg.init_from {
         let (c, p, report) = load_pretrained(dir, cfg.seed)?;
-        let model_dir = crate::model::formats::Source::locate(dir)?.dir;
-        let has_tokenizer = ["tokenizer.json", "vocab.txt"].iter().any(|f| model_dir.join(f).is_file());
-        let model_tokenizer =
-            // A bare vocab.txt says nothing of its casing: the shards' (chosen at `prepare`) decides.
-            if has_tokenizer {
-                let opts = crate::data::tokenizer::LoadOptions { no_lowercase: !tokenizer.do_lower_case };
-                Some(BertTokenizer::load(&model_dir, opts)?)
-            } else {
-                None
-            };
+        // A bare vocab.txt says nothing of its casing: the shards' (chosen at `prepare`) decides.
+        let opts = crate::data::tokenizer::LoadOptions { no_lowercase: !tokenizer.do_lower_case };
+        let model_tokenizer = crate::model::formats::checkpoint_tokenizer(dir, opts)?;
         let mut note = format!("continued pretraining from {}: {}", dir.display(), report.summary());
         let (mut c, mut p) = (c, p);
         match model_tokenizer {

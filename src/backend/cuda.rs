@@ -486,6 +486,18 @@ impl Cuda {
     }
 
     /// A device buffer of at least `n` floats for reduction partials.
+    /// After an optimizer update: the bf16 copy of the weights (under --precision bf16) that the kernels and
+    /// matrix products read follows the new fp32 master weights.
+    fn refresh_bf16_copy(&self, params: Buf) -> Result<()> {
+        let ([master], []) = self.ptrs([params], [])?;
+        let ([shadow], []) = self.ptrs_as(Dt::Bf16, [params], [])?;
+        if shadow != master {
+            let n = params.len as i64;
+            self.launch(self.k.cast_bf16, (grid_for(params.len), 1, 1), THREADS, &[&shadow, &master, &n])?;
+        }
+        Ok(())
+    }
+
     fn partials(&self, n: usize) -> Result<u64> {
         self.partials.borrow_mut().at_least(self.dev.as_ref(), 4 * n)
     }
@@ -1332,12 +1344,7 @@ impl Backend for Cuda {
         };
         let nn = n as i64;
         self.launch(self.k.adamw, (grid_for(n), 1, 1), THREADS, &[&pp, &pg, &pm, &pv, &pd, &nn, &args])?;
-        // The bf16 copy the kernels and matrix products read follows the new master weights.
-        let ([shadow], []) = self.ptrs_as(Dt::Bf16, [params], [])?;
-        if shadow != pp {
-            self.launch(self.k.cast_bf16, (grid_for(n), 1, 1), THREADS, &[&shadow, &pp, &nn])?;
-        }
-        Ok(())
+        self.refresh_bf16_copy(params)
     }
 
     fn lamb(&self, params: Buf, grads: Buf, m: Buf, v: Buf, layout: &LambLayout, h: &LambStep) -> Result<()> {
@@ -1369,13 +1376,7 @@ impl Backend for Cuda {
         let blocks = layout.tensors.div_ceil(THREADS as usize) as u32;
         self.launch(self.k.lamb_norms, (blocks, 1, 1), THREADS, &[&pt, &c, &t, &ppart, &pnorm])?;
         self.launch(self.k.lamb_apply, (chunks, 1, 1), THREADS, &[&pp, &pm, &pv, &pt, &pnorm, &args])?;
-        // The bf16 copy the kernels and matrix products read follows the new master weights.
-        let ([shadow], []) = self.ptrs_as(Dt::Bf16, [params], [])?;
-        if shadow != pp {
-            let nn = n as i64;
-            self.launch(self.k.cast_bf16, (grid_for(n), 1, 1), THREADS, &[&shadow, &pp, &nn])?;
-        }
-        Ok(())
+        self.refresh_bf16_copy(params)
     }
 
     fn gather_rows(&self, out: Buf, inp: Buf, rows: Ints, m: usize, c: usize) -> Result<()> {

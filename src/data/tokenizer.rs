@@ -157,12 +157,16 @@ impl BertTokenizer {
         } else {
             !cased_vocab
         };
-        Self::from_vocab_txt(path, lower)
+        Self::from_vocab_text(&text, lower, path)
     }
 
     fn from_vocab_txt(path: &Path, lowercase: bool) -> Result<Self> {
-        let text = read_vocab_text(path)?;
-        let model = wordpiece_from_vocab_text(&text)
+        Self::from_vocab_text(&read_vocab_text(path)?, lowercase, path)
+    }
+
+    /// The BERT pipeline over the vocabulary `text` (read from `path`).
+    fn from_vocab_text(text: &str, lowercase: bool, path: &Path) -> Result<Self> {
+        let model = wordpiece_from_vocab_text(text)
             .map_err(|e| Error::corrupt(path, format!("cannot build WordPiece from this vocab.txt: {e}")))?;
         let inner = bert_pipeline(model, lowercase, path)?;
         Self::finish(inner, lowercase, path)

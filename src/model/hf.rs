@@ -13,7 +13,7 @@ use std::path::Path;
 use safetensors::Dtype;
 
 use crate::bail;
-use crate::data::tokenizer::{BertTokenizer, LoadOptions};
+use crate::data::tokenizer::LoadOptions;
 use crate::error::{Error, IoContext, Result};
 use crate::model::config::ModelConfig;
 use crate::model::params::ParamTable;
@@ -62,14 +62,12 @@ pub fn save_pretrained(dir: &Path, config: &ModelConfig, params: &[f32]) -> Resu
 /// failed conversion leaves nothing that looks complete.
 pub fn convert(src: &Path, dst: &Path, overwrite: bool, tokenizer: LoadOptions) -> Result<LoadReport> {
     let (config, params, mut report) = load_pretrained(src, 0)?;
-    let dir = crate::model::formats::Source::locate(src)?.dir;
-    let has_vocab = ["tokenizer.json", "vocab.txt"].iter().any(|f| dir.join(f).is_file());
-    let tok = if has_vocab { Some(BertTokenizer::load(&dir, tokenizer)?) } else { None };
+    let tok = crate::model::formats::checkpoint_tokenizer(src, tokenizer)?;
     if let Some(t) = &tok {
         if t.vocab_size != config.vocab_size {
             bail!(
                 "{}: the tokenizer has {} tokens but the model's vocabulary is {}; they do not belong together",
-                dir.display(),
+                src.display(),
                 t.vocab_size,
                 config.vocab_size
             );
@@ -85,7 +83,7 @@ pub fn convert(src: &Path, dst: &Path, overwrite: bool, tokenizer: LoadOptions) 
         Some(t) => t.save_hf(out.path())?,
         None => report
             .notes
-            .push(format!("{}: no tokenizer files beside the checkpoint; none written", dir.display())),
+            .push(format!("{}: no tokenizer files beside the checkpoint; none written", src.display())),
     }
     if !report.initialised.is_empty() {
         report

@@ -18,6 +18,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use crate::bail;
+use crate::data::tokenizer::{BertTokenizer, LoadOptions};
 use crate::error::{Error, IoContext, Result};
 use crate::model::config::ModelConfig;
 use crate::model::params::ParamTable;
@@ -535,6 +536,16 @@ fn load_config(source: &Source) -> Result<ModelConfig> {
         }
     }
     Ok(config)
+}
+
+/// The tokenizer beside a checkpoint (`tokenizer.json` or `vocab.txt` in its folder), if it has one.
+pub fn checkpoint_tokenizer(path: &Path, opts: LoadOptions) -> Result<Option<BertTokenizer>> {
+    let dir = Source::locate(path)?.dir;
+    if ["tokenizer.json", "vocab.txt"].iter().any(|f| dir.join(f).is_file()) {
+        Ok(Some(BertTokenizer::load(&dir, opts)?))
+    } else {
+        Ok(None)
+    }
 }
 
 /// Load a checkpoint (see `Source::locate` for what `path` may be): its config and every parameter
