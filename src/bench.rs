@@ -151,12 +151,12 @@ pub struct ModelBench {
 pub fn bench_model(preset: &str, batch: usize, seq: usize, steps: usize) -> Result<ModelBench> {
     use crate::backend::cpu::Cpu;
     use crate::data::rng::KeyedRng;
-    use crate::model::bert::{Bert, Inputs, Plan, StepOptions, Train};
+    use crate::model::bert::{Bert, Capacity, Inputs, StepOptions, Train};
     use crate::model::config::ModelConfig;
     use crate::model::params::ParamTable;
     let config = ModelConfig::preset(preset, 30522)?;
     let be = Cpu::<f32>::new();
-    let model = Bert::new(&be, config.clone(), Plan::new(batch, seq))?;
+    let model = Bert::new(&be, config.clone(), Capacity::new(batch, seq))?;
     let table = ParamTable::new(&config);
     model.set_params(&table.init(&config, 0))?;
     let n = batch * seq;
@@ -218,24 +218,25 @@ pub struct TrainBench {
 pub fn bench_train(
     data: &[PathBuf],
     preset: &str,
-    device: &str,
-    precision: &str,
+    device: crate::backend::choice::Device,
+    precision: crate::backend::choice::Precision,
     batch: usize,
     seq: usize,
     steps: u64,
 ) -> Result<TrainBench> {
+    use crate::backend::choice::on_backend;
     use crate::backend::Backend;
     use crate::data::loader::open_corpus;
     use crate::model::config::ModelConfig;
     use crate::model::params::ParamTable;
-    use crate::train::{choose_device, train, Device, TrainConfig};
+    use crate::train::{train, TrainConfig};
     let out = std::env::temp_dir().join(format!("bertcuda-bench-train-{}", std::process::id()));
     let cfg = TrainConfig {
         data: data.to_vec(),
         output: out.clone(),
         model_config: preset.into(),
-        device: device.into(),
-        precision: precision.into(),
+        device,
+        precision,
         per_device_batch_size: batch,
         max_seq_len: seq,
         max_steps: Some(steps),
@@ -257,15 +258,9 @@ pub fn bench_train(
             as f64;
     let flops_per_token =
         6.0 * n_encoder + 12.0 * (config.num_hidden_layers * config.hidden_size * seq) as f64;
-    let (model_seq_per_s, memory_bytes, device_name) = match choose_device(device)? {
-        Device::Cpu => {
-            let be = crate::backend::cpu::Cpu::<f32>::new();
-            (model_alone(&be, &cfg, &corpus, &config, steps)?, None, be.describe())
-        }
-        Device::Cuda(be) => {
-            (model_alone(&*be, &cfg, &corpus, &config, steps)?, be.memory_used(), be.describe())
-        }
-    };
+    let (model_seq_per_s, memory_bytes, device_name) = on_backend!(device.open()?, be => {
+        (model_alone(be, &cfg, &corpus, &config, steps)?, be.memory_used(), be.describe())
+    });
     Ok(TrainBench {
         device: device_name,
         steps,
@@ -287,10 +282,10 @@ fn model_alone<B: crate::backend::Backend>(
     steps: u64,
 ) -> Result<f64> {
     use crate::data::loader::EpochPlan;
-    use crate::model::bert::{Bert, Inputs, Plan, StepOptions, Train};
+    use crate::model::bert::{Bert, Capacity, Inputs, StepOptions, Train};
     use crate::model::params::ParamTable;
-    be.set_precision(&cfg.precision)?;
-    let model = Bert::new(be, config.clone(), Plan::new(cfg.per_device_batch_size, cfg.max_seq_len))?;
+    be.set_precision(&crate::backend::choice::name(cfg.precision))?;
+    let model = Bert::new(be, config.clone(), Capacity::new(cfg.per_device_batch_size, cfg.max_seq_len))?;
     model.set_params(&ParamTable::new(config).init(config, 0))?;
     let loader = cfg.loader();
     let b = EpochPlan::new(corpus, &loader, 0)?.batch(corpus, &loader, 0);

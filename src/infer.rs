@@ -5,30 +5,14 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::backend::cpu::Cpu;
+use crate::backend::choice::{on_backend, Device};
 use crate::backend::Backend;
 use crate::bail;
 use crate::data::tokenizer::{BertTokenizer, LoadOptions};
 use crate::error::{Error, IoContext, Result};
-use crate::model::bert::{Bert, Inputs, Losses, Plan, StepOptions};
+use crate::model::bert::{Bert, Capacity, Inputs, Losses, StepOptions};
 use crate::model::config::ModelConfig;
 use crate::model::hf::{load_pretrained, LoadReport};
-
-/// Run `$body` with `$be` bound to the backend `--device` names (cpu, cuda, or auto).
-macro_rules! on_device {
-    ($device:expr, $be:ident => $body:expr) => {
-        match crate::train::choose_device($device)? {
-            crate::train::Device::Cpu => {
-                let $be = &Cpu::<f32>::new();
-                $body
-            }
-            crate::train::Device::Cuda(c) => {
-                let $be = &*c;
-                $body
-            }
-        }
-    };
-}
 
 /// A model directory loaded for inference.
 pub struct LoadedModel {
@@ -54,7 +38,7 @@ impl LoadedModel {
     }
 
     fn model<'a, B: Backend>(&self, be: &'a B, batch: usize, seq: usize) -> Result<Bert<'a, B>> {
-        let m = Bert::new(be, self.config.clone(), Plan::new(batch.max(1), seq.max(1)))?;
+        let m = Bert::new(be, self.config.clone(), Capacity::new(batch.max(1), seq.max(1)))?;
         m.set_params(&self.params)?;
         Ok(m)
     }
@@ -310,9 +294,11 @@ fn fill_mask_on<B: Backend>(
     Ok(out)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `embed --pooling`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Pooling {
-    /// BertPooler: tanh(W·h[CLS] + b).
+    /// BertPooler's output: tanh(W·h[CLS] + b).
+    #[default]
     Pooler,
     /// The [CLS] hidden state.
     Cls,
@@ -392,18 +378,18 @@ fn evaluate_on<B: Backend>(
 
 /// `bertcuda forward` on `device` (cpu, cuda or auto).
 pub fn forward(
-    device: &str,
+    device: Device,
     model: &LoadedModel,
     fb: &FlatBatch,
     outputs: bool,
     grads: bool,
 ) -> Result<ForwardResult> {
-    on_device!(device, be => forward_on(be, model, fb, outputs, grads))
+    on_backend!(device.open()?, be => forward_on(be, model, fb, outputs, grads))
 }
 
 /// `bertcuda fill-mask` on `device`.
 pub fn fill_mask(
-    device: &str,
+    device: Device,
     model: &LoadedModel,
     tok: &BertTokenizer,
     text: &str,
@@ -418,12 +404,12 @@ pub fn fill_mask(
              weights; fill-mask needs a BertForPreTraining or BertForMaskedLM checkpoint"
         );
     }
-    on_device!(device, be => fill_mask_on(be, model, tok, text, top_k))
+    on_backend!(device.open()?, be => fill_mask_on(be, model, tok, text, top_k))
 }
 
 /// `bertcuda embed` on `device`.
 pub fn embed(
-    device: &str,
+    device: Device,
     model: &LoadedModel,
     tok: &BertTokenizer,
     texts: &[String],
@@ -432,16 +418,16 @@ pub fn embed(
     if pooling == Pooling::Pooler && model.lacks("bert.pooler.") {
         bail!("the checkpoint has no pooler (bert.pooler.*): use --pooling cls or --pooling mean");
     }
-    on_device!(device, be => embed_on(be, model, tok, texts, pooling))
+    on_backend!(device.open()?, be => embed_on(be, model, tok, texts, pooling))
 }
 
 /// `bertcuda eval` on `device`.
 pub fn evaluate(
-    device: &str,
+    device: Device,
     model: &LoadedModel,
     corpus: &crate::data::examples::Corpus,
     cfg: &crate::data::loader::LoaderConfig,
     max_batches: usize,
 ) -> Result<crate::train::EvalResult> {
-    on_device!(device, be => evaluate_on(be, model, corpus, cfg, max_batches))
+    on_backend!(device.open()?, be => evaluate_on(be, model, corpus, cfg, max_batches))
 }

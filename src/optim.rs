@@ -11,10 +11,13 @@ use crate::bail;
 use crate::error::Result;
 use crate::model::params::ParamInfo;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// `--lr-scheduler`: the learning rate's shape over a run (or a phase).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 pub enum Schedule {
     /// Linear warmup from 0, then linear decay to 0 at the last step.
+    #[default]
     Linear,
     /// Linear warmup, then half a cosine down to 0.
     Cosine,
@@ -31,21 +34,19 @@ pub enum Schedule {
     PolyWarmup,
 }
 
-impl std::str::FromStr for Schedule {
-    type Err = crate::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        Ok(match s {
-            "linear" => Schedule::Linear,
-            "cosine" => Schedule::Cosine,
-            "constant" => Schedule::Constant,
-            "constant_with_warmup" => Schedule::ConstantWithWarmup,
-            "polynomial" => Schedule::Polynomial,
-            "poly_warmup" => Schedule::PolyWarmup,
-            _ => bail!(
-                "--lr-scheduler {s:?}: choose linear, cosine, constant, constant_with_warmup, polynomial or poly_warmup"
-            ),
-        })
-    }
+/// `--optim`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize, Deserialize)]
+pub enum OptimizerKind {
+    /// torch's AdamW.
+    #[default]
+    #[value(name = "adamw")]
+    #[serde(rename = "adamw")]
+    AdamW,
+    /// NVIDIA's FusedLAMB: per-tensor trust ratios, the gradient clipped by its global norm inside the
+    /// update.
+    #[value(name = "lamb")]
+    #[serde(rename = "lamb")]
+    Lamb,
 }
 
 /// The polynomial schedule's shape: the power, and the end as a fraction of the peak rate

@@ -62,7 +62,7 @@ fn minilm_embeddings_equal_transformers() {
         assert_eq!(ids, want[..ids.len()]);
     }
     for (key, pooling) in [("pooler", Pooling::Pooler), ("cls", Pooling::Cls), ("mean", Pooling::Mean)] {
-        let got = embed("cpu", &model, &tok, &texts, pooling).unwrap();
+        let got = embed(bertcuda::backend::choice::Device::Cpu, &model, &tok, &texts, pooling).unwrap();
         let want: Vec<Vec<f32>> = serde_json::from_value(expected[key].clone()).unwrap();
         for (g, w) in got.iter().zip(&want) {
             let err = g.iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
@@ -175,7 +175,10 @@ fn loads_masked_lm_bare_model_and_legacy_checkpoints() {
     // No pooler in the checkpoint: embedding with it is refused, naming the alternatives.
     let model = LoadedModel::load(&mlm).unwrap();
     let tok = bertcuda::infer::model_tokenizer(&minilm_dir()).unwrap();
-    let err = embed("cpu", &model, &tok, &["a".to_string()], Pooling::Pooler).unwrap_err().to_string();
+    let err =
+        embed(bertcuda::backend::choice::Device::Cpu, &model, &tok, &["a".to_string()], Pooling::Pooler)
+            .unwrap_err()
+            .to_string();
     assert!(err.contains("no pooler") && err.contains("--pooling cls"), "{err}");
 
     // Bare BertModel with legacy LayerNorm names and no "bert." prefix.

@@ -45,7 +45,7 @@ fn max_error(got: &[f32], want: &[f32]) -> f32 {
 fn check_outputs(label: &str, model: &LoadedModel, want: &serde_json::Value) {
     let batch: BatchFile = serde_json::from_value(expected()["batch"].clone()).unwrap();
     let fb = batch.flatten(Path::new("expected.json")).unwrap();
-    let r = forward("cpu", model, &fb, true, false).unwrap();
+    let r = forward(bertcuda::backend::choice::Device::Cpu, model, &fb, true, false).unwrap();
     let tensor = |name: &str| &r.tensors.iter().find(|t| t.0 == name).unwrap().2;
     for name in ["prediction_logits", "seq_relationship_logits", "pooler_output"] {
         let err = max_error(tensor(name), &floats(&want[name]));

@@ -20,7 +20,7 @@ use bertcuda::backend::{
     AdamWStep, Backend, Buf, Dropout, DropoutKey, Ints, Kind, LambLayout, LambStep, IGNORE_INDEX,
 };
 use bertcuda::data::rng::KeyedRng;
-use bertcuda::model::bert::{Bert, Inputs, Plan, StepOptions, Train};
+use bertcuda::model::bert::{Bert, Capacity, Inputs, StepOptions, Train};
 use bertcuda::model::config::{Activation, ModelConfig};
 use bertcuda::model::params::ParamTable;
 
@@ -460,7 +460,7 @@ fn inputs(b: &Batch) -> Inputs<'_> {
 /// Losses and every gradient of the small model on a backend.
 fn model_grads<Bk: Backend>(be: &Bk, train: Option<Train>) -> (f64, Vec<f32>) {
     let c = small_model();
-    let mut plan = Plan::new(B, T);
+    let mut plan = Capacity::new(B, T);
     plan.logit_rows = 7;
     let m = Bert::new(be, c.clone(), plan).unwrap();
     m.set_params(&ParamTable::new(&c).init(&c, 11)).unwrap();
@@ -515,7 +515,7 @@ fn the_gpu_loss_has_the_gradient_the_gpu_backward_computes() {
     // Central differences of the GPU loss along the GPU gradient, fp32: d/dε L(θ + ε·g) at 0 = |g|².
     let c = small_model();
     let be = gpu();
-    let m = Bert::new(&be, c.clone(), Plan::new(B, T)).unwrap();
+    let m = Bert::new(&be, c.clone(), Capacity::new(B, T)).unwrap();
     let p0 = ParamTable::new(&c).init(&c, 11);
     m.set_params(&p0).unwrap();
     m.zero_grads().unwrap();
@@ -542,6 +542,7 @@ fn the_same_seed_gives_bitwise_equal_gpu_losses_and_gradients() {
 }
 
 fn training_on_the_gpu_tracks_the_cpu() {
+    use bertcuda::backend::choice::parse;
     use bertcuda::train::{train, TrainConfig};
     use std::sync::{atomic::AtomicBool, Arc};
     let root = repo_root();
@@ -566,8 +567,8 @@ fn training_on_the_gpu_tracks_the_cpu() {
             data: vec![tmp.path().join("shards")],
             output: tmp.path().join(format!("{device}-{precision}")),
             model_config: "tiny".into(),
-            device: device.into(),
-            precision: precision.into(),
+            device: parse(device).unwrap(),
+            precision: parse(precision).unwrap(),
             per_device_batch_size: batch,
             max_seq_len: seq,
             learning_rate: 1e-3,
@@ -595,6 +596,8 @@ fn training_on_the_gpu_tracks_the_cpu() {
 /// LAMB and a phase switch (the model rebuilt for longer sequences, the old activations released on the
 /// device) in a training run: the losses the CPU computes, step by step.
 fn lamb_and_a_phase_switch_track_the_cpu() {
+    use bertcuda::backend::choice::{parse, Precision};
+    use bertcuda::optim::{OptimizerKind, Schedule};
     use bertcuda::train::{train, PhaseConfig, TrainConfig};
     use std::sync::{atomic::AtomicBool, Arc};
     let root = repo_root();
@@ -615,10 +618,10 @@ fn lamb_and_a_phase_switch_track_the_cpu() {
             data: vec![tmp.path().join("shards")],
             output: tmp.path().join(device),
             model_config: "tiny".into(),
-            device: device.into(),
-            precision: "fp32".into(),
-            optim: "lamb".into(),
-            lr_scheduler: "poly_warmup".into(),
+            device: parse(device).unwrap(),
+            precision: Precision::Fp32,
+            optim: OptimizerKind::Lamb,
+            lr_scheduler: Schedule::PolyWarmup,
             lr_power: 0.5,
             warmup_ratio: Some(0.34),
             learning_rate: 2e-3,
@@ -651,6 +654,7 @@ fn lamb_and_a_phase_switch_track_the_cpu() {
 #[test]
 #[ignore = "needs a CUDA GPU (and libnccl.so)"]
 fn nccl_with_world_size_one_through_the_whole_training_path() {
+    use bertcuda::backend::choice::Device;
     use bertcuda::dist::RankInfo;
     use bertcuda::train::{train_distributed, TrainConfig};
     use std::sync::{atomic::AtomicBool, Arc};
@@ -670,7 +674,7 @@ fn nccl_with_world_size_one_through_the_whole_training_path() {
         data: vec![tmp.path().join("shards")],
         output: tmp.path().join("out"),
         model_config: "tiny".into(),
-        device: "cuda".into(),
+        device: Device::Cuda,
         per_device_batch_size: 8,
         max_steps: Some(5),
         save_steps: 5,

@@ -7,7 +7,7 @@ mod common;
 use bertcuda::backend::cpu::Cpu;
 use bertcuda::backend::{Backend, Buf, Dropout, DropoutKey, IGNORE_INDEX};
 use bertcuda::data::rng::KeyedRng;
-use bertcuda::model::bert::{Bert, Inputs, Plan, StepOptions, Train};
+use bertcuda::model::bert::{Bert, Capacity, Inputs, StepOptions, Train};
 use bertcuda::model::config::{Activation, ModelConfig};
 use bertcuda::model::params::ParamTable;
 
@@ -345,7 +345,7 @@ fn inputs(b: &TestBatch) -> Inputs<'_> {
 fn whole_model_gradients_match_finite_differences() {
     let c = small_config();
     let be = Cpu::<f64>::new();
-    let mut plan = Plan::new(3, 7);
+    let mut plan = Capacity::new(3, 7);
     plan.logit_rows = 4; // the decoder in two chunks
     let model = Bert::new(&be, c.clone(), plan).unwrap();
     let table = ParamTable::new(&c);
@@ -396,7 +396,7 @@ fn whole_model_gradients_match_finite_differences() {
 fn gradients_accumulate_and_loss_scale_scales_them() {
     let c = small_config();
     let be = Cpu::<f64>::new();
-    let model = Bert::new(&be, c.clone(), Plan::new(3, 7)).unwrap();
+    let model = Bert::new(&be, c.clone(), Capacity::new(3, 7)).unwrap();
     let table = ParamTable::new(&c);
     be.upload(model.params, &table.init(&c, 1)).unwrap();
     let batch = test_batch();

@@ -8,18 +8,19 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use bertcuda::backend::choice::{Device, Precision};
 use bertcuda::backend::cpu::Cpu;
 use bertcuda::backend::Backend;
 use bertcuda::checkpoint;
 use bertcuda::data::loader::{open_corpus, EpochPlan, LoaderConfig};
 use bertcuda::data::prepare::{prepare, PrepareConfig};
 use bertcuda::data::tokenizer::BertTokenizer;
-use bertcuda::model::bert::{Bert, Inputs, Plan, StepOptions};
+use bertcuda::model::bert::{Bert, Capacity, Inputs, StepOptions};
 use bertcuda::model::config::ModelConfig;
 use bertcuda::model::params::{ParamInfo, ParamTable};
 use bertcuda::optim::{
-    clip_coefficient, lr_lambda, lr_multiplier, AdamW, AdamWConfig, Lamb, LambConfig, LossScaler, Polynomial,
-    Schedule,
+    clip_coefficient, lr_lambda, lr_multiplier, AdamW, AdamWConfig, Lamb, LambConfig, LossScaler,
+    OptimizerKind, Polynomial, Schedule,
 };
 use bertcuda::train::{train, StepMetrics, TrainConfig};
 
@@ -258,7 +259,7 @@ fn the_tiny_model_overfits_fixed_batches() {
     let plan = EpochPlan::new(&corpus, &cfg, 0).unwrap();
     let batches = [plan.batch(&corpus, &cfg, 0), plan.batch(&corpus, &cfg, 1)];
     let be = Cpu::<f32>::new();
-    let model = Bert::new(&be, config.clone(), Plan::new(4, 32)).unwrap();
+    let model = Bert::new(&be, config.clone(), Capacity::new(4, 32)).unwrap();
     let table = ParamTable::new(&config);
     model.set_params(&table.init(&config, 0)).unwrap();
     let mut opt = AdamW::new(
@@ -372,17 +373,15 @@ fn a_resumed_run_is_bitwise_the_run_that_never_stopped() {
     let tmp = tempfile::tempdir().unwrap();
     let mut finals = Vec::new();
     // AdamW with the linear schedule; LAMB with the polynomial one (NVIDIA's BERT recipe).
-    for (optim, schedule) in [("adamw", "linear"), ("lamb", "polynomial")] {
-        let config = |out: &Path| TrainConfig {
-            optim: optim.into(),
-            lr_scheduler: schedule.into(),
-            lr_power: 0.5,
-            ..base_config(out)
-        };
-        let a_out = tmp.path().join(format!("{optim}-a"));
+    for (optim, schedule) in
+        [(OptimizerKind::AdamW, Schedule::Linear), (OptimizerKind::Lamb, Schedule::Polynomial)]
+    {
+        let config =
+            |out: &Path| TrainConfig { optim, lr_scheduler: schedule, lr_power: 0.5, ..base_config(out) };
+        let a_out = tmp.path().join(format!("{optim:?}-a"));
         train(config(&a_out), never()).unwrap();
         // B: a copy of A as it was after step 8 (its checkpoint 8 only), resumed.
-        let b_out = tmp.path().join(format!("{optim}-b"));
+        let b_out = tmp.path().join(format!("{optim:?}-b"));
         fs::create_dir_all(&b_out).unwrap();
         copy_dir(&a_out.join("checkpoint-000008"), &b_out.join("checkpoint-000008"));
         let lines: Vec<String> =
@@ -394,7 +393,7 @@ fn a_resumed_run_is_bitwise_the_run_that_never_stopped() {
         assert_eq!(
             fs::read(a_out.join("model.safetensors")).unwrap(),
             fs::read(b_out.join("model.safetensors")).unwrap(),
-            "{optim}"
+            "{optim:?}"
         );
         let (ma, mb) = (metrics(&a_out), metrics(&b_out));
         for (x, y) in ma[8..].iter().zip(&mb[8..]) {
@@ -407,7 +406,7 @@ fn a_resumed_run_is_bitwise_the_run_that_never_stopped() {
             fs::read(a_out.join("checkpoint-000012/optimizer.safetensors")).unwrap(),
             fs::read(b_out.join("checkpoint-000012/optimizer.safetensors")).unwrap()
         );
-        assert!(ma.iter().all(|m| m.loss.is_finite()), "{optim}");
+        assert!(ma.iter().all(|m| m.loss.is_finite()), "{optim:?}");
         finals.push(fs::read(a_out.join("model.safetensors")).unwrap());
     }
     assert_ne!(finals[0], finals[1], "--optim lamb trained the same weights as adamw");
@@ -420,8 +419,8 @@ fn two_phases_switch_length_and_batch_and_resume_exactly_anywhere() {
     // Phase 1: 6 steps of ≤32 tokens, batch 8; phase 2: 6 steps of ≤64 tokens, batch 4 × 2, its own
     // warmup and peak rate; LAMB with the polynomial schedule, as NVIDIA's recipe.
     let config = |out: &Path| TrainConfig {
-        optim: "lamb".into(),
-        lr_scheduler: "polynomial".into(),
+        optim: OptimizerKind::Lamb,
+        lr_scheduler: Schedule::Polynomial,
         lr_power: 0.5,
         max_steps: None,
         save_steps: 2,
@@ -525,7 +524,7 @@ fn the_two_phase_recipe_resolves_and_runs_both_phases_with_lamb() {
         "progress": false,
     });
     let mut cfg = TrainConfig::resolve(Some(TrainConfig::file_values(&recipe).unwrap()), flags).unwrap();
-    assert_eq!((cfg.optim.as_str(), cfg.lr_scheduler.as_str(), cfg.lr_power), ("lamb", "poly_warmup", 0.5));
+    assert_eq!((cfg.optim, cfg.lr_scheduler, cfg.lr_power), (OptimizerKind::Lamb, Schedule::PolyWarmup, 0.5));
     let phases = cfg.phase_configs().unwrap();
     let global: Vec<usize> =
         phases.iter().map(|(p, _)| p.per_device_batch_size * p.gradient_accumulation_steps).collect();
@@ -540,8 +539,8 @@ fn the_two_phase_recipe_resolves_and_runs_both_phases_with_lamb() {
         p.per_device_batch_size = Some(4);
         p.gradient_accumulation_steps = Some(1);
     }
-    cfg.precision = "auto".into();
-    cfg.device = "cpu".into();
+    cfg.precision = Precision::Auto;
+    cfg.device = Device::Cpu;
     cfg.logging_steps = 1;
     let s = train(cfg, never()).unwrap();
     assert_eq!(s.steps, 4);
@@ -651,7 +650,7 @@ fn non_finite_steps_skip_with_fp16_and_stop_fp32_runs() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("fp16");
     let cfg = TrainConfig {
-        precision: "fp16".into(),
+        precision: Precision::Fp16,
         max_steps: Some(6),
         debug_nonfinite_steps: vec![2, 3],
         ..base_config(&out)
@@ -688,11 +687,11 @@ fn bad_settings_and_inputs_get_clear_messages() {
     let err = |cfg: TrainConfig| train(cfg, never()).unwrap_err().to_string();
     let e = err(TrainConfig { data: vec![tmp.path().join("missing")], ..base_config(&out) });
     assert!(e.contains("missing") && e.contains("bertcuda prepare"), "{e}");
-    let e = err(TrainConfig { precision: "bf16".into(), ..base_config(&out) });
+    let e = err(TrainConfig { precision: Precision::Bf16, ..base_config(&out) });
     assert!(e.contains("bf16") && e.contains("fp32"), "{e}");
     if bertcuda::backend::cuda::probe().is_err() {
         // No GPU here: --device cuda says why (and auto falls back to the CPU, tested by every other run).
-        let e = err(TrainConfig { device: "cuda".into(), ..base_config(&out) });
+        let e = err(TrainConfig { device: Device::Cuda, ..base_config(&out) });
         assert!(e.starts_with("--device cuda: "), "{e}");
     }
     let e = err(TrainConfig { warmup_ratio: Some(0.1), ..base_config(&out) });
@@ -704,8 +703,9 @@ fn bad_settings_and_inputs_get_clear_messages() {
     // Activations past the machine's memory: an error naming the settings, not an abort.
     let e = err(TrainConfig { per_device_batch_size: 1 << 32, ..base_config(&out) });
     assert!(e.contains("out of memory") && e.contains("--per-device-batch-size 4294967296"), "{e}");
-    let e = err(TrainConfig { lr_scheduler: "wavy".into(), ..base_config(&out) });
-    assert!(e.contains("wavy"), "{e}");
+    // A choice outside its list, in a config file (flags are checked by clap).
+    let e = TrainConfig::resolve(None, serde_json::json!({"lr_scheduler": "wavy"})).unwrap_err().to_string();
+    assert!(e.contains("wavy") && e.contains("polynomial"), "{e}");
     let e = err(TrainConfig { model_config: "huge".into(), ..base_config(&out) });
     assert!(e.contains("huge"), "{e}");
     fs::create_dir_all(&out).unwrap();
@@ -1000,4 +1000,38 @@ fn rotation_keeps_the_new_checkpoint_and_ignores_an_abandoned_continuation() {
     checkpoint::clean_leftovers(&out).unwrap();
     assert!(!out.join(".checkpoint-000014.tmp-99999").exists());
     checkpoint::verify(&out.join("checkpoint-000012")).unwrap();
+}
+
+#[test]
+fn flags_win_over_the_config_file_even_at_their_default_values() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let cfg_path = tmp.path().join("train.json");
+    // The file sets a seed and steps; the command line gives --seed at its default value, and steps.
+    write_config(
+        &cfg_path,
+        &TrainConfig { seed: 7, max_steps: Some(5), save_steps: 100, ..base_config(&out) },
+    );
+    let child = bin()
+        .args([
+            "train",
+            "--config",
+            cfg_path.to_str().unwrap(),
+            "--quiet",
+            "--seed",
+            "42",
+            "--max-steps",
+            "2",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(child.status.success(), "{}", String::from_utf8_lossy(&child.stderr));
+    let state = checkpoint::verify(&out.join("checkpoint-000002")).unwrap();
+    let saved: TrainConfig = serde_json::from_value(state.config).unwrap();
+    assert_eq!((saved.seed, saved.max_steps), (42, Some(2)), "the flags' values");
+    // What neither gave is the default; what only the file gave is the file's.
+    assert_eq!((saved.weight_decay, saved.per_device_batch_size), (TrainConfig::default().weight_decay, 8));
+    assert!(!saved.progress, "--quiet");
 }

@@ -9,6 +9,7 @@
 //! activation gradients are written (`=`)** unless an argument says otherwise. Shapes are row-major and
 //! given in the comments: N = batch·seq rows, H hidden, I intermediate, V vocabulary, M head rows.
 
+pub mod choice;
 pub mod cpu;
 pub mod cuda;
 pub mod device;
