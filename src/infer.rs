@@ -27,13 +27,23 @@ impl LoadedModel {
         Ok(LoadedModel { config, params, report })
     }
 
-    /// Whether the checkpoint lacked the pretraining heads (they run initialised).
-    pub fn heads_initialised(&self) -> bool {
-        self.lacks("cls.") || self.lacks("bert.pooler.")
+    /// The checkpoint has the MLM head (`cls.predictions.*`; without it, it runs initialised).
+    pub fn has_mlm_head(&self) -> bool {
+        !self.lacks("cls.predictions.")
+    }
+
+    /// The checkpoint has the NSP head (`cls.seq_relationship.*`).
+    pub fn has_nsp_head(&self) -> bool {
+        !self.lacks("cls.seq_relationship.")
+    }
+
+    /// The checkpoint has the pooler (`bert.pooler.*`).
+    pub fn has_pooler(&self) -> bool {
+        !self.lacks("bert.pooler.")
     }
 
     /// Whether the checkpoint lacked the parameters under `prefix` (they run initialised).
-    pub fn lacks(&self, prefix: &str) -> bool {
+    fn lacks(&self, prefix: &str) -> bool {
         self.report.initialised.iter().any(|n| n.starts_with(prefix))
     }
 
@@ -398,7 +408,7 @@ pub fn fill_mask(
     if top_k == 0 {
         bail!("--top-k 0 asks for no predictions; give 1 or more");
     }
-    if model.lacks("cls.predictions.") {
+    if !model.has_mlm_head() {
         bail!(
             "the checkpoint has no MLM head (cls.predictions.*): its predictions would come from random \
              weights; fill-mask needs a BertForPreTraining or BertForMaskedLM checkpoint"
@@ -415,7 +425,7 @@ pub fn embed(
     texts: &[String],
     pooling: Pooling,
 ) -> Result<Vec<Vec<f32>>> {
-    if pooling == Pooling::Pooler && model.lacks("bert.pooler.") {
+    if pooling == Pooling::Pooler && !model.has_pooler() {
         bail!("the checkpoint has no pooler (bert.pooler.*): use --pooling cls or --pooling mean");
     }
     on_backend!(device.open()?, be => embed_on(be, model, tok, texts, pooling))

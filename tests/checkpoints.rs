@@ -12,9 +12,8 @@ use bertcuda::model::hf::{load_pretrained, safetensors_bytes, save_pretrained};
 use bertcuda::model::params::ParamTable;
 use safetensors::SafeTensors;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+mod common;
+use common::root;
 
 /// all-MiniLM-L6-v2, fetched by scripts/fetch-test-models.sh (the README's test command runs it).
 fn minilm_dir() -> PathBuf {
@@ -30,12 +29,7 @@ fn minilm_dir() -> PathBuf {
 }
 
 fn small_config() -> ModelConfig {
-    let mut c = ModelConfig::preset("tiny", 31).unwrap();
-    c.hidden_size = 16;
-    c.num_attention_heads = 4;
-    c.intermediate_size = 24;
-    c.max_position_embeddings = 20;
-    c
+    common::small_model(31, 16, 4, 24, 20)
 }
 
 #[test]
@@ -49,7 +43,7 @@ fn minilm_embeddings_equal_transformers() {
     assert_eq!(model.config.hidden_size, 384);
     assert_eq!(model.config.num_hidden_layers, 6);
     // A bare BertModel: the heads are initialised, the encoder and pooler loaded.
-    assert!(model.heads_initialised());
+    assert!(!model.has_mlm_head() && !model.has_nsp_head(), "a bare BertModel: its heads run initialised");
     assert!(model.report.initialised.iter().all(|n| n.starts_with("cls.")), "{:?}", model.report.initialised);
     assert_eq!(model.report.loaded.len(), 103);
     assert!(model.report.ignored.iter().any(|n| n.contains("position_ids")));

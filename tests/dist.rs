@@ -8,40 +8,22 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bertcuda::data::prepare::{prepare, PrepareConfig};
-use bertcuda::data::tokenizer::BertTokenizer;
 use bertcuda::dist::{buckets, rendezvous, Comm, InProcess, RankInfo, ID_BYTES};
 use bertcuda::model::config::ModelConfig;
 use bertcuda::model::params::ParamTable;
 use bertcuda::train::{train, train_in_process, TrainConfig, TrainSummary};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+mod common;
 
 fn shards_and_config(dir: &Path) -> (PathBuf, PathBuf) {
-    let text = fs::read_to_string(root().join("data/sample/rust-book.txt")).unwrap();
-    let corpus = dir.join("c.txt");
-    fs::write(&corpus, text.lines().take(1200).map(|l| format!("{l}\n")).collect::<String>()).unwrap();
-    let tok = BertTokenizer::train(text.lines().take(1200), 500, 2, true).unwrap();
-    tok.save_hf(&dir.join("tok")).unwrap();
-    let shards = dir.join("shards");
-    prepare(&PrepareConfig {
-        workers: 1,
-        ..PrepareConfig::new(vec![corpus], dir.join("tok"), shards.clone())
-    })
-    .unwrap();
-    let mut c = ModelConfig::preset("tiny", tok.vocab_size).unwrap();
-    c.hidden_size = 32;
-    c.num_attention_heads = 2;
-    c.intermediate_size = 64;
-    c.max_position_embeddings = 64;
+    let tok = common::sample_shards(dir, 1200, 500);
+    let mut c = common::small_model(tok.vocab_size, 32, 2, 64, 64);
     // Dropout masks are keyed by position in a rank's batch: compare with dropout off.
     c.hidden_dropout_prob = 0.0;
     c.attention_probs_dropout_prob = 0.0;
     let config = dir.join("config.json");
     c.save(&config).unwrap();
-    (shards, config)
+    (dir.join("shards"), config)
 }
 
 fn read_f32s(path: &Path) -> Vec<(String, Vec<f32>)> {

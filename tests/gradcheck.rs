@@ -281,12 +281,8 @@ fn embeddings_gather_and_cross_entropy_gradients() {
 }
 
 fn small_config() -> ModelConfig {
-    let mut c = ModelConfig::preset("tiny", 23).unwrap();
-    c.hidden_size = 12;
-    c.num_attention_heads = 3;
+    let mut c = common::small_model(23, 12, 3, 20, 16);
     c.num_hidden_layers = 2;
-    c.intermediate_size = 20;
-    c.max_position_embeddings = 16;
     c.initializer_range = 0.4;
     c
 }

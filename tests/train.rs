@@ -14,7 +14,6 @@ use bertcuda::backend::Backend;
 use bertcuda::checkpoint;
 use bertcuda::data::loader::{open_corpus, EpochPlan, LoaderConfig};
 use bertcuda::data::prepare::{prepare, PrepareConfig};
-use bertcuda::data::tokenizer::BertTokenizer;
 use bertcuda::model::bert::{Bert, Capacity, Inputs, StepOptions};
 use bertcuda::model::config::ModelConfig;
 use bertcuda::model::params::{ParamInfo, ParamTable};
@@ -24,9 +23,8 @@ use bertcuda::optim::{
 };
 use bertcuda::train::{train, StepMetrics, TrainConfig};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+mod common;
+use common::root;
 
 /// Shards of the first part of the sample corpus with a 600-token vocabulary, and a small model config
 /// for them; made once for all tests.
@@ -40,23 +38,10 @@ fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
-        let text = fs::read_to_string(root().join("data/sample/rust-book.txt")).unwrap();
-        let part: String = text.lines().take(1500).map(|l| format!("{l}\n")).collect();
-        let corpus = dir.path().join("corpus.txt");
-        fs::write(&corpus, part).unwrap();
-        let tok = BertTokenizer::train(text.lines().take(1500), 600, 2, true).unwrap();
-        let tok_dir = dir.path().join("tok");
-        tok.save_hf(&tok_dir).unwrap();
+        let tok = common::sample_shards(dir.path(), 1500, 600);
         let shards = dir.path().join("shards");
-        prepare(&PrepareConfig { workers: 1, ..PrepareConfig::new(vec![corpus], tok_dir, shards.clone()) })
-            .unwrap();
-        let mut c = ModelConfig::preset("tiny", tok.vocab_size).unwrap();
-        c.hidden_size = 32;
-        c.num_attention_heads = 2;
-        c.intermediate_size = 64;
-        c.max_position_embeddings = 64;
         let model_config = dir.path().join("config.json");
-        c.save(&model_config).unwrap();
+        common::small_model(tok.vocab_size, 32, 2, 64, 64).save(&model_config).unwrap();
         Fixture { _dir: dir, shards, model_config }
     })
 }

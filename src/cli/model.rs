@@ -130,7 +130,7 @@ pub fn embed(a: EmbedArgs) -> Result<()> {
 
 pub fn eval(a: EvalArgs) -> Result<()> {
     let model = LoadedModel::load(&a.model)?;
-    if model.lacks("cls.seq_relationship") && model.lacks("cls.predictions") {
+    if !model.has_nsp_head() && !model.has_mlm_head() {
         bail!(
             "{}: the checkpoint has neither an MLM nor an NSP head (a bare BertModel), so there is nothing to \
              evaluate; continue pretraining it first: bertcuda train --init-from {0} ...",
@@ -144,11 +144,11 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let cfg = a.data.loader(a.seed, a.batch_size);
     cfg.validate()?;
     let mut r = bertcuda::infer::evaluate(a.device, &model, &corpus, &cfg, a.max_batches)?;
-    if model.lacks("cls.seq_relationship") {
+    if !model.has_nsp_head() {
         eprintln!("{}: no NSP head in the checkpoint; NSP results omitted", a.model.display());
         (r.nsp_loss, r.nsp_accuracy) = (None, None);
     }
-    if model.lacks("cls.predictions") {
+    if !model.has_mlm_head() {
         eprintln!("{}: no MLM head in the checkpoint; MLM results omitted", a.model.display());
         (r.mlm_loss, r.mlm_accuracy, r.perplexity) = (None, None, None);
     }

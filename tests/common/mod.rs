@@ -18,3 +18,46 @@ pub fn randn_f64(stream: u64, seed: u64, n: usize, std: f64) -> Vec<f64> {
 pub fn randn(seed: u64, n: usize, std: f32) -> Vec<f32> {
     randn_f64(3, seed, n, std as f64).into_iter().map(|x| x as f32).collect()
 }
+
+/// The repository (the sample corpus, fixtures, the test checkpoint's cache).
+pub fn root() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The tiny preset with these sizes (the rest as the preset).
+pub fn small_model(
+    vocab: usize,
+    hidden: usize,
+    heads: usize,
+    intermediate: usize,
+    positions: usize,
+) -> bertcuda::model::config::ModelConfig {
+    let mut c = bertcuda::model::config::ModelConfig::preset("tiny", vocab).unwrap();
+    c.hidden_size = hidden;
+    c.num_attention_heads = heads;
+    c.intermediate_size = intermediate;
+    c.max_position_embeddings = positions;
+    c
+}
+
+/// Shards of the sample corpus's first `lines` lines in `dir`/shards, with a WordPiece vocabulary of
+/// `vocab` trained on them in `dir`/tok; the tokenizer.
+pub fn sample_shards(
+    dir: &std::path::Path,
+    lines: usize,
+    vocab: usize,
+) -> bertcuda::data::tokenizer::BertTokenizer {
+    use bertcuda::data::prepare::{prepare, PrepareConfig};
+    let text = std::fs::read_to_string(root().join("data/sample/rust-book.txt")).unwrap();
+    let part: String = text.lines().take(lines).map(|l| format!("{l}\n")).collect();
+    let corpus = dir.join("corpus.txt");
+    std::fs::write(&corpus, &part).unwrap();
+    let tok = bertcuda::data::tokenizer::BertTokenizer::train(part.lines(), vocab, 2, true).unwrap();
+    tok.save_hf(&dir.join("tok")).unwrap();
+    prepare(&PrepareConfig {
+        workers: 1,
+        ..PrepareConfig::new(vec![corpus], dir.join("tok"), dir.join("shards"))
+    })
+    .unwrap();
+    tok
+}
