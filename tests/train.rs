@@ -9,7 +9,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bertcuda::backend::cpu::Cpu;
-use bertcuda::backend::Backend;
+use bertcuda::backend::{Memory, Optim};
 use bertcuda::checkpoint;
 use bertcuda::data::loader::{open_corpus, EpochPlan, LoaderConfig};
 use bertcuda::data::prepare::{prepare, PrepareConfig};
