@@ -208,9 +208,9 @@ pub trait Memory {
         comm.all_reduce_sum(&mut h)?;
         self.upload(buf, &h)
     }
+
     /// Wait, on the compute side, for every `all_reduce_sum` queued so far (the CUDA backend runs them on
     /// a communication stream, overlapping the backward pass).
-
     fn all_reduce_wait(&self) -> Result<()> {
         Ok(())
     }

@@ -117,17 +117,20 @@ impl Driver {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         let comm_stream = map_driver_error(ctx.new_stream())?;
-        let module = map_driver_error(ctx.load_module(cudarc::nvrtc::Ptx::from_binary(FATBIN.to_vec()))).map_err(|e| {
-            Error::Invalid(format!(
-                "{e}: the kernels do not load on this GPU (built for sm_80, sm_90 and PTX 9.0)"
-            ))
-        })?;
+        let module = map_driver_error(ctx.load_module(cudarc::nvrtc::Ptx::from_binary(FATBIN.to_vec())))
+            .map_err(|e| {
+                Error::Invalid(format!(
+                    "{e}: the kernels do not load on this GPU (built for sm_80, sm_90 and PTX 9.0)"
+                ))
+            })?;
         let handle = map_driver_error(blas::create_handle())?;
         // SAFETY: the handle is new and the stream lives as long as self.
         unsafe {
             map_driver_error(blas::set_stream(handle, stream.cu_stream() as blas_sys::cudaStream_t))?;
             // fp32 SGEMM, no TF32: held to the CPU reference whatever the library's default.
-            map_driver_error(blas_sys::cublasSetMathMode(handle, blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH).result())?;
+            map_driver_error(
+                blas_sys::cublasSetMathMode(handle, blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH).result(),
+            )?;
         }
         Ok(Driver {
             ctx,
