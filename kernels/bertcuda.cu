@@ -1,11 +1,11 @@
 // The one translation unit build.rs compiles: every kernel family, so the binary embeds one fatbin and
-// the CUDA backend loads one module.
-#include "adamw.cu"
+// the CUDA backend loads one module. Each family's launchers and CPU reference are in src/ops/<family>.rs.
+#include "activation.cu"
 #include "attention.cu"
-#include "cross_entropy.cu"
-#include "elementwise.cu"
 #include "embedding.cu"
-#include "fused.cu"
-#include "layernorm.cu"
-#include "rows.cu"
+#include "linear.cu"
+#include "loss.cu"
+#include "norm.cu"
+#include "optim.cu"
+#include "tensor.cu"
 #include "mma_check.cu"

@@ -125,7 +125,29 @@ __device__ __forceinline__ float gelu_grad_f(float x, int approx) {
     return cdf + x * pdf;
 }
 
+// ---- LayerNorm of one row (norm.cu's fused LayerNorms, embedding.cu's embeddings + LayerNorm) ---------
+// LayerNorm of the row already stored in `src` (fp32 statistics), written to `dst`.
+template <typename T>
+__device__ void layernorm_row(T* dst, float* mean, float* rstd, const T* src, const T* w, const T* b, int row, int c,
+                              float eps, float sum) {
+    const int lane = threadIdx.x & 31;
+    const float mu = warp_sum(sum) / c;
+    float v = 0.f;
+    for (int j = lane; j < c; j += 32) {
+        const float d = to_f32(src[j]) - mu;
+        v += d * d;
+    }
+    const float rs = rsqrtf(warp_sum(v) / c + eps);
+    for (int j = lane; j < c; j += 32) dst[j] = from_f32<T>((to_f32(src[j]) - mu) * rs * to_f32(w[j]) + to_f32(b[j]));
+    if (lane == 0) {
+        mean[row] = mu;
+        rstd[row] = rs;
+    }
+}
+
+// The storage types every kernel template is instantiated for: fp32 and bf16 (the CUDA backend stores
+// activations in fp32, or bf16 under --precision bf16; fp16 runs fp32 storage with fp16 tensor-core
+// matrix products, so no kernel has an fp16 instantiation).
 #define BERTCUDA_INSTANTIATE_FLOAT_TYPES(MACRO) \
     MACRO(float, f32)                           \
-    MACRO(__nv_bfloat16, bf16)                  \
-    MACRO(__half, f16)
+    MACRO(__nv_bfloat16, bf16)

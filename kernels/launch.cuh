@@ -1,6 +1,7 @@
 // Launch geometry: what the kernels assume about how they are launched, in one place for both sides.
 // The kernels include this header; build.rs turns each `constexpr int NAME = VALUE;` line into a Rust
-// constant (src/backend/cuda.rs, `launch::NAME`), so a kernel and its launcher cannot disagree.
+// constant (`crate::backend::cuda::launch::NAME`, read by the launchers in src/ops/<family>.rs), so a
+// kernel and its launcher cannot disagree.
 #pragma once
 
 // Threads per block of the 1-D kernels.
@@ -13,6 +14,10 @@ constexpr int PARTIAL_ROWS = 64;
 // Attention: query (or key) rows per block, one per thread; key (or query) rows per shared-memory tile.
 constexpr int ATTENTION_ROWS = 64;
 constexpr int ATTENTION_TILE = 32;
+// Sum of squares (optim.cu): the first stage's blocks take about SUM_SQUARES_CHUNK elements each, at most
+// SUM_SQUARES_BLOCKS blocks, whose partials the final stage adds in order on one thread.
+constexpr int SUM_SQUARES_CHUNK = 16384;
+constexpr int SUM_SQUARES_BLOCKS = 1024;
 // LAMB: parameter elements per chunk (one block of THREADS threads each; no chunk crosses a tensor's end).
 constexpr int LAMB_CHUNK = 8192;
 

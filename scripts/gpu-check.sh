@@ -4,9 +4,10 @@
 #   scripts/gpu-check.sh OUTDIR
 # The parts run in order of value, each under its own timeout, and each appends its result and the tail
 # of its log to OUTDIR/report.md as it ends, so a run killed part-way still says what it saw:
-#   1. the GPU tests in fp32 (held to the CPU reference), 2. the GPU tests with bf16 activations,
+#   0. the op families' GPU tests (src/ops), 1. the whole-model GPU tests in fp32 (held to the CPU
+#   reference), 2. the whole-model GPU tests with bf16 activations,
 #   3. `bertcuda bench kernels`, 4. BERT-base training at seq 128 in bf16, bertcuda then transformers on the
-#   same shapes, 5. the default training run, 6. compute-sanitizer memcheck and racecheck on the kernel
+#   same shapes, 5. the default training run, 6. compute-sanitizer memcheck and racecheck on the op
 #   tests only. A part is skipped when less of the total budget (TOTAL_S, default 460 s) is left than its
 #   timeout. Each part runs even when an earlier one failed; the report says which failed.
 set -uo pipefail
@@ -57,10 +58,13 @@ nccl=$(find /usr/local /opt /usr/lib -name 'libnccl.so.2*' 2>/dev/null | sort -V
 echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}" > "$out/env.txt"
 echo "nccl: ${nccl:-not found}" >> "$out/env.txt"
 tests=.gpu/tests/gpu
-kernel_tests=(gpu:: --ignored --test-threads=1 --skip training --skip whole_model --skip same_seed --skip gpu_loss --skip nccl)
-part "GPU tests, fp32 (every op, whole model, 200 training steps in fp32/bf16/fp16, NCCL world 1)" 150 gpu-tests-fp32.log \
+# The op families' tests (src/ops/<family>.rs, the library's test executable): every op against the CPU.
+ops=.gpu/tests/ops
+kernel_tests=(ops:: --ignored --test-threads=1)
+part "GPU op tests (every op family, fp32 and bf16 activations)" 60 gpu-tests-ops.log $ops "${kernel_tests[@]}"
+part "GPU tests, fp32 (whole model, 200 training steps in fp32/bf16/fp16, NCCL world 1)" 120 gpu-tests-fp32.log \
   $tests gpu:: --ignored --test-threads=1 --skip bf16
-part "GPU tests, bf16 activations (each op family, whole model)" 45 gpu-tests-bf16.log $tests gpu::bf16 --ignored --test-threads=1
+part "GPU tests, bf16 activations (whole model)" 30 gpu-tests-bf16.log $tests gpu::bf16 --ignored --test-threads=1
 part "bench kernels (fp32 and bf16, with the copy and GEMM limits)" 50 bench-kernels.log .gpu/bertcuda bench kernels
 part "sample shards" 20 prepare.log bash -c ".gpu/bertcuda tokenizer train --input data/sample --vocab-size 8000 --output '$out/tok' --overwrite && .gpu/bertcuda prepare --input data/sample --tokenizer '$out/tok' --output '$out/shards' --overwrite --quiet"
 part "bench train: bertcuda BERT-base, seq 128, batch 32, bf16" 45 bench-train-base-bf16.log \
@@ -68,7 +72,7 @@ part "bench train: bertcuda BERT-base, seq 128, batch 32, bf16" 45 bench-train-b
 part "transformers BERT-base on the same shapes (seq 128, batch 32, bf16 autocast, SDPA)" 60 torch-train-base-bf16.log \
   python3 benches/torch_train_gpu.py --preset base --seq 128 --batch-size 32 --steps 10 --precision bf16
 part "default training run (no arguments)" 30 default-run.log .gpu/bertcuda train --quiet
-part "compute-sanitizer memcheck (kernel tests)" 45 memcheck.log compute-sanitizer --tool memcheck --error-exitcode 1 $tests "${kernel_tests[@]}"
-part "compute-sanitizer racecheck (kernel tests)" 45 racecheck.log compute-sanitizer --tool racecheck --error-exitcode 1 $tests "${kernel_tests[@]}"
+part "compute-sanitizer memcheck (op tests)" 45 memcheck.log compute-sanitizer --tool memcheck --error-exitcode 1 $ops "${kernel_tests[@]}"
+part "compute-sanitizer racecheck (op tests)" 45 racecheck.log compute-sanitizer --tool racecheck --error-exitcode 1 $ops "${kernel_tests[@]}"
 echo "- total: $SECONDS s" >> "$report"
 cat "$report"

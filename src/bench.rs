@@ -225,7 +225,7 @@ pub fn bench_train(
     steps: u64,
 ) -> Result<TrainBench> {
     use crate::backend::choice::on_backend;
-    use crate::backend::Backend;
+    use crate::backend::Memory;
     use crate::data::loader::open_corpus;
     use crate::model::config::ModelConfig;
     use crate::model::params::ParamTable;
@@ -329,7 +329,7 @@ impl KernelBench {
 
 /// Milliseconds per call of `f` on `be`'s stream: one warm-up call, then `reps` timed ones.
 fn time_cuda(be: &crate::backend::cuda::Cuda, reps: usize, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
-    use crate::backend::Backend;
+    use crate::backend::Memory;
     f()?;
     be.synchronize()?;
     let start = Instant::now();
@@ -344,7 +344,9 @@ fn time_cuda(be: &crate::backend::cuda::Cuda, reps: usize, f: &mut dyn FnMut() -
 /// against the device's own measured copy bandwidth (and cuBLAS SGEMM for the matrix product).
 pub fn bench_kernels() -> Result<(String, Vec<KernelBench>)> {
     use crate::backend::cuda::Cuda;
-    use crate::backend::{AdamWStep, Backend, Dropout, DropoutKey, Kind};
+    use crate::backend::{
+        Activations, AdamWStep, Attention, Dropout, DropoutKey, Kind, Linear, Loss, Memory, Norm, Optim,
+    };
     use crate::model::config::Activation;
     let be = Cuda::new(0)?;
     let (b, t, h, nh, i, v) = (32usize, 128usize, 768usize, 12usize, 3072usize, 30522usize);
@@ -507,7 +509,7 @@ pub fn bench_kernels() -> Result<(String, Vec<KernelBench>)> {
 /// bandwidth = bytes / time, bus bandwidth = algorithm bandwidth · 2(n−1)/n. Rows: (bytes, ms, algbw, busbw).
 pub fn bench_allreduce(info: &crate::dist::RankInfo) -> Result<Vec<(usize, f64, f64, f64)>> {
     use crate::backend::cuda::{Cuda, NcclComm};
-    use crate::backend::Backend;
+    use crate::backend::Memory;
     use crate::dist::Comm;
     let be = Cuda::new(info.local_rank)?;
     let timeout = std::time::Duration::from_secs(120);

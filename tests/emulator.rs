@@ -353,7 +353,7 @@ fn conversions_round_to_nearest_even_like_the_device() {
 #[test]
 fn launch_limits_and_argument_lists_are_errors_as_on_the_device() {
     let dev = Emu::new(EmuOptions::from_env()).unwrap();
-    let k = dev.kernel("fill_fwd_f32").unwrap();
+    let k = dev.kernel("fill_f32").unwrap();
     let buf = dev.alloc(4 * 64, false).unwrap();
     let (p, n, v) = (buf.ptr, 64i64, 1.5f32);
     let ok = Launch::new((1, 1, 1), 64);
@@ -387,7 +387,7 @@ fn launch_limits_and_argument_lists_are_errors_as_on_the_device() {
 fn an_unwritten_scratch_buffer_read_by_a_kernel_is_reported() {
     // Device memory allocated without zeroing and never written, read by a kernel: initcheck's report.
     let dev = Emu::new(EmuOptions { check: true, ..EmuOptions::from_env() }).unwrap();
-    let k = dev.kernel("add_fwd_f32").unwrap();
+    let k = dev.kernel("add_f32").unwrap();
     let (out, a, b) = (
         dev.alloc(4 * 40, false).unwrap(),
         dev.alloc(4 * 40, true).unwrap(),

@@ -5,7 +5,10 @@
 mod common;
 
 use bertcuda::backend::cpu::Cpu;
-use bertcuda::backend::{Backend, Buf, Dropout, DropoutKey, IGNORE_INDEX};
+use bertcuda::backend::{
+    Activations, Attention, Buf, Dropout, DropoutKey, Embedding, Linear, Loss, Memory, Norm, Tensor,
+    IGNORE_INDEX,
+};
 use bertcuda::data::rng::KeyedRng;
 use bertcuda::model::bert::{Bert, Capacity, Inputs, StepOptions, Train};
 use bertcuda::model::config::{Activation, ModelConfig};

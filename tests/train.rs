@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bertcuda::backend::choice::{Device, Precision};
 use bertcuda::backend::cpu::Cpu;
-use bertcuda::backend::Backend;
+use bertcuda::backend::{Memory, Optim};
 use bertcuda::checkpoint;
 use bertcuda::data::loader::{open_corpus, EpochPlan, LoaderConfig};
 use bertcuda::data::prepare::{prepare, PrepareConfig};

@@ -27,7 +27,7 @@ pub fn kernels_built() -> bool {
 }
 
 /// A driver, cuBLAS or NCCL result as this crate's error; out of memory is its own kind.
-pub(crate) fn cu<T, E: std::fmt::Debug>(r: std::result::Result<T, E>) -> Result<T> {
+pub(crate) fn map_driver_error<T, E: std::fmt::Debug>(r: std::result::Result<T, E>) -> Result<T> {
     r.map_err(|e| {
         let m = format!("CUDA: {e:?}");
         if m.contains("OUT_OF_MEMORY") {
@@ -88,7 +88,7 @@ pub struct Driver {
 /// Wait for a stream; with a timeout, an operation that never finishes (a collective whose peer died)
 /// becomes an error instead of a hang.
 fn wait_stream(stream: &CudaStream, timeout: Option<Duration>) -> Result<()> {
-    let Some(timeout) = timeout else { return cu(stream.synchronize()) };
+    let Some(timeout) = timeout else { return map_driver_error(stream.synchronize()) };
     let deadline = std::time::Instant::now() + timeout;
     loop {
         // SAFETY: a query of a live stream.
@@ -108,26 +108,29 @@ impl Driver {
     /// Open GPU `ordinal`, load the kernels and create the cuBLAS handle.
     pub fn new(ordinal: usize) -> Result<Self> {
         probe().map_err(|why| Error::Invalid(format!("--device cuda: {why}")))?;
-        let n = cu(CudaContext::device_count())? as usize;
+        let n = map_driver_error(CudaContext::device_count())? as usize;
         if ordinal >= n {
             bail!("GPU {ordinal} requested, the driver sees {n}");
         }
-        let ctx = cu(CudaContext::new(ordinal))?;
+        let ctx = map_driver_error(CudaContext::new(ordinal))?;
         // One compute stream: the allocation events cudarc records for multi-stream safety are not needed.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
-        let comm_stream = cu(ctx.new_stream())?;
-        let module = cu(ctx.load_module(cudarc::nvrtc::Ptx::from_binary(FATBIN.to_vec()))).map_err(|e| {
-            Error::Invalid(format!(
-                "{e}: the kernels do not load on this GPU (built for sm_80, sm_90 and PTX 9.0)"
-            ))
-        })?;
-        let handle = cu(blas::create_handle())?;
+        let comm_stream = map_driver_error(ctx.new_stream())?;
+        let module = map_driver_error(ctx.load_module(cudarc::nvrtc::Ptx::from_binary(FATBIN.to_vec())))
+            .map_err(|e| {
+                Error::Invalid(format!(
+                    "{e}: the kernels do not load on this GPU (built for sm_80, sm_90 and PTX 9.0)"
+                ))
+            })?;
+        let handle = map_driver_error(blas::create_handle())?;
         // SAFETY: the handle is new and the stream lives as long as self.
         unsafe {
-            cu(blas::set_stream(handle, stream.cu_stream() as blas_sys::cudaStream_t))?;
+            map_driver_error(blas::set_stream(handle, stream.cu_stream() as blas_sys::cudaStream_t))?;
             // fp32 SGEMM, no TF32: held to the CPU reference whatever the library's default.
-            cu(blas_sys::cublasSetMathMode(handle, blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH).result())?;
+            map_driver_error(
+                blas_sys::cublasSetMathMode(handle, blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH).result(),
+            )?;
         }
         Ok(Driver {
             ctx,
@@ -156,8 +159,8 @@ impl Device for Driver {
 
     fn compute_capability(&self) -> Result<(i32, i32)> {
         use drv_sys::CUdevice_attribute::*;
-        let major = cu(self.ctx.attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR))?;
-        let minor = cu(self.ctx.attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR))?;
+        let major = map_driver_error(self.ctx.attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR))?;
+        let minor = map_driver_error(self.ctx.attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR))?;
         Ok((major, minor))
     }
 
@@ -168,9 +171,9 @@ impl Device for Driver {
     fn alloc(&self, bytes: usize, zeroed: bool) -> Result<Mem> {
         let n = bytes.max(1);
         let mem: CudaSlice<u8> = if zeroed {
-            cu(self.stream.alloc_zeros::<u8>(n))?
+            map_driver_error(self.stream.alloc_zeros::<u8>(n))?
         } else {
-            unsafe { cu(self.stream.alloc::<u8>(n))? }
+            unsafe { map_driver_error(self.stream.alloc::<u8>(n))? }
         };
         let ptr = mem.device_ptr(&self.stream).0;
         Ok(Mem::new(ptr, bytes, Box::new(mem)))
@@ -178,21 +181,21 @@ impl Device for Driver {
 
     fn htod(&self, dst: DevPtr, src: &[u8]) -> Result<()> {
         // SAFETY: the caller checked the region; pageable host memory is staged before the call returns.
-        unsafe { cu(drv::memcpy_htod_async(dst, src, self.stream.cu_stream())) }
+        unsafe { map_driver_error(drv::memcpy_htod_async(dst, src, self.stream.cu_stream())) }
     }
 
     fn dtoh(&self, dst: &mut [u8], src: DevPtr) -> Result<()> {
         // SAFETY: the caller checked the region; the stream is synchronised before `dst` is read.
-        unsafe { cu(drv::memcpy_dtoh_async(dst, src, self.stream.cu_stream()))? };
-        cu(self.stream.synchronize())
+        unsafe { map_driver_error(drv::memcpy_dtoh_async(dst, src, self.stream.cu_stream()))? };
+        map_driver_error(self.stream.synchronize())
     }
 
     fn dtod(&self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<()> {
-        unsafe { cu(drv::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream())) }
+        unsafe { map_driver_error(drv::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream())) }
     }
 
     fn memset_zero(&self, dst: DevPtr, bytes: usize) -> Result<()> {
-        unsafe { cu(drv::memset_d8_async(dst, 0, bytes, self.stream.cu_stream())) }
+        unsafe { map_driver_error(drv::memset_d8_async(dst, 0, bytes, self.stream.cu_stream())) }
     }
 
     fn kernel(&self, name: &str) -> Result<Kernel> {
@@ -238,7 +241,7 @@ impl Device for Driver {
         let op = |t: bool| if t { T } else { N };
         // SAFETY: the caller bounds-checked every operand for these shapes; cuBLAS runs on our stream.
         unsafe {
-            cu(blas::gemm_ex(
+            map_driver_error(blas::gemm_ex(
                 self.blas.0,
                 op(g.trans_a),
                 op(g.trans_b),
@@ -272,11 +275,11 @@ impl Device for Driver {
         };
         // The communication stream waits for the compute queued so far (the bucket is complete), then
         // sums in place while the compute stream goes on with the backward pass.
-        cu(self.comm_stream.join(&self.stream))?;
+        map_driver_error(self.comm_stream.join(&self.stream))?;
         // SAFETY: in bounds (checked by the caller); no compute kernel touches this region until
         // all_reduce_wait.
         unsafe {
-            cu(nccl_res::all_reduce(
+            map_driver_error(nccl_res::all_reduce(
                 ptr as *const std::ffi::c_void,
                 ptr as *mut std::ffi::c_void,
                 len,
@@ -292,7 +295,7 @@ impl Device for Driver {
 
     fn all_reduce_wait(&self) -> Result<()> {
         if self.comm_pending.replace(false) {
-            cu(self.stream.join(&self.comm_stream))?;
+            map_driver_error(self.stream.join(&self.comm_stream))?;
         }
         Ok(())
     }
@@ -326,7 +329,7 @@ impl NcclComm {
     /// A new unique id (rank 0 makes it and hands it to the others through `dist::rendezvous`).
     pub fn unique_id() -> Result<[u8; crate::dist::ID_BYTES]> {
         nccl_present()?;
-        let id = cu(nccl_res::get_uniqueid())?;
+        let id = map_driver_error(nccl_res::get_uniqueid())?;
         let mut out = [0u8; crate::dist::ID_BYTES];
         for (o, c) in out.iter_mut().zip(id.internal.iter()) {
             *o = *c as u8;
@@ -350,7 +353,7 @@ impl NcclComm {
         let mut comm = std::mem::MaybeUninit::uninit();
         // SAFETY: comm is written by ncclCommInitRank before it is read.
         let comm = unsafe {
-            cu(nccl_res::comm_init_rank(
+            map_driver_error(nccl_res::comm_init_rank(
                 comm.as_mut_ptr(),
                 world as i32,
                 nccl_sys::ncclUniqueId { internal },
@@ -366,15 +369,15 @@ impl NcclComm {
         let n = data.len().max(1);
         let mut s = self.scratch.borrow_mut();
         if s.as_ref().is_none_or(|x| x.2 < n) {
-            let mem = cu(self.stream.alloc_zeros::<f64>(n))?;
+            let mem = map_driver_error(self.stream.alloc_zeros::<f64>(n))?;
             let p = mem.device_ptr(&self.stream).0;
             *s = Some((mem, p, n));
         }
         let p = s.as_ref().expect("allocated").1;
         // SAFETY: p holds at least data.len() f64s; the stream is synchronised before `data` is read.
         unsafe {
-            cu(drv::memcpy_htod_async(p, data, self.stream.cu_stream()))?;
-            cu(nccl_res::all_reduce(
+            map_driver_error(drv::memcpy_htod_async(p, data, self.stream.cu_stream()))?;
+            map_driver_error(nccl_res::all_reduce(
                 p as *const std::ffi::c_void,
                 p as *mut std::ffi::c_void,
                 data.len(),
@@ -383,7 +386,7 @@ impl NcclComm {
                 self.comm,
                 self.stream.cu_stream() as nccl_sys::cudaStream_t,
             ))?;
-            cu(drv::memcpy_dtoh_async(data, p, self.stream.cu_stream()))?;
+            map_driver_error(drv::memcpy_dtoh_async(data, p, self.stream.cu_stream()))?;
         }
         wait_stream(&self.stream, Some(self.timeout))
             .map_err(|e| Error::Invalid(format!("rank {}: {e}", self.rank)))

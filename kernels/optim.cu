@@ -1,8 +1,9 @@
 // The optimizer over the one contiguous parameter buffer.
-//   sum_squares_partial_fwd: partial[k] = Σ x² over block k's fixed range (inf/NaN propagate)
-//   sum_squares_final_fwd:   out[0] = Σ_k partial[k], k in order: the squared gradient norm and the
+//   sum_squares_partial_: partial[k] = Σ x² over block k's fixed range (inf/NaN propagate)
+//   sum_squares_final_f32: out[0] = Σ_k partial[k], k in order: the squared gradient norm and the
 //                            finite check in one pass, deterministic.                                 (=)
-//   adamw_fwd: torch's AdamW on every element, fp32 master weights and moments:
+//   scale_: x[i] *= factor (the gradients: unscaling, clipping)                               (in place)
+//   adamw_f32: torch's AdamW on every element, fp32 master weights and moments:
 //     p −= lr·wd·p where decay[i]; m = m + (1−β1)(g − m); v = β2·v + (1−β2)·g²;
 //     p −= lr/(1−β1ᵗ) · m / (√v/√(1−β2ᵗ) + ε)                                                       (in place)
 //   lamb_moments_f32 / lamb_norms_f32 / lamb_apply_f32: NVIDIA's FusedLAMB in three deterministic passes
@@ -12,6 +13,12 @@
 //     2. per tensor: its chunks' sums in order → ‖p‖², ‖u‖²;
 //     3. per chunk: r = ‖p‖/‖u‖ (1 when either is 0, or outside the trusted tensors), p −= lr·r·u.   (in place)
 #include "common.cuh"
+
+template <typename T>
+__device__ void scale_impl(T* x, float factor, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        x[i] = from_f32<T>(to_f32(x[i]) * factor);
+}
 
 template <typename T>
 __device__ void sum_squares_partial_impl(float* partial, const T* x, long n, long chunk) {
@@ -26,7 +33,7 @@ __device__ void sum_squares_partial_impl(float* partial, const T* x, long n, lon
     if (threadIdx.x == 0) partial[blockIdx.x] = s;
 }
 
-BERTCUDA_KERNEL(sum_squares_final_fwd_f32, float* out, const float* partial, int k) {
+BERTCUDA_KERNEL(sum_squares_final_f32, float* out, const float* partial, int k) {
     if (threadIdx.x == 0 && blockIdx.x == 0) {
         float s = 0.f;
         for (int i = 0; i < k; i++) s += partial[i];
@@ -43,7 +50,7 @@ struct AdamWArgs {
     float eps;
 };
 
-BERTCUDA_KERNEL(adamw_fwd_f32, float* params, const float* grads, float* m, float* v, const int* decay,
+BERTCUDA_KERNEL(adamw_f32, float* params, const float* grads, float* m, float* v, const int* decay,
                                          long n, AdamWArgs a) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         float p = params[i];
@@ -129,8 +136,13 @@ BERTCUDA_KERNEL(lamb_apply_f32, float* params, const float* m, const float* v, c
 }
 
 #define SUM_SQUARES(T, N)                                                                                   \
-    BERTCUDA_KERNEL(sum_squares_partial_fwd_##N, float* partial, const T* x, long n, long chunk) { \
+    BERTCUDA_KERNEL(sum_squares_partial_##N, float* partial, const T* x, long n, long chunk) { \
         sum_squares_partial_impl(partial, x, n, chunk);                                                     \
     }
 
 BERTCUDA_INSTANTIATE_FLOAT_TYPES(SUM_SQUARES)
+
+#define SCALE(T, N)                                                                                           \
+    BERTCUDA_KERNEL(scale_##N, T* x, long n, float factor) { scale_impl(x, factor, n); }
+
+BERTCUDA_INSTANTIATE_FLOAT_TYPES(SCALE)

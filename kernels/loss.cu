@@ -1,8 +1,8 @@
 // Softmax cross-entropy per row, fused with its gradient; used for the MLM head (rows = the predicted
 // positions, classes = the vocabulary) and the NSP head (classes = 2).
-//   cross_entropy_fwd: losses[r] = logsumexp(logits[r]) − logits[r, label_r]; 0 where label_r = -100  (=)
+//   cross_entropy_: losses[r] = logsumexp(logits[r]) − logits[r, label_r]; 0 where label_r = -100  (=)
 //     with grad: logits[r] is overwritten by (softmax(logits[r]) − onehot(label_r)) · scale (0 on ignored rows)
-//   argmax_fwd:        out[r] = the index of the largest logit of row r (the first on ties)          (=)
+//   argmax_rows_:   out[r] = the index of the largest logit of row r (the first on ties)          (=)
 // One block per row.
 #include "common.cuh"
 
@@ -65,11 +65,11 @@ __device__ void argmax_impl(int* out, const T* logits, int m, int v) {
 }
 
 #define CROSS_ENTROPY(T, N)                                                                                  \
-    BERTCUDA_KERNEL(cross_entropy_fwd_##N, float* losses, T* logits, const int* labels, int m,     \
+    BERTCUDA_KERNEL(cross_entropy_##N, float* losses, T* logits, const int* labels, int m,     \
                                                      int v, int grad, float scale) {                         \
         cross_entropy_impl(losses, logits, labels, m, v, grad, scale);                                      \
     }                                                                                                        \
-    BERTCUDA_KERNEL(argmax_fwd_##N, int* out, const T* logits, int m, int v) {                     \
+    BERTCUDA_KERNEL(argmax_rows_##N, int* out, const T* logits, int m, int v) {                     \
         argmax_impl(out, logits, m, v);                                                                     \
     }
 

@@ -1,0 +1,103 @@
+// Activations and dropout, elementwise over flat element counts n (the fused ones over (rows, cols)).
+//   gelu_fwd/bwd:    out = gelu(inp); dinp = dout · gelu'(inp), erf (approx = 0) or tanh form          (=)
+//   tanh_fwd/bwd:    out = tanh(inp); dinp = dout · (1 − out²)                                          (=)
+//   dropout_:        out = inp · keep(e) / (1 − p), keep from Philox at element e; the forward and the
+//                    backward (the same mask) alike                                                   (=)
+//   bias_gelu_fwd:   pre += bias (per row, in place); out = gelu(pre)                                  (=)
+//   gelu_bias_bwd:   dpre = dout · gelu'(pre) (=); stage 1 of dbias += Σ_r dpre (partials, summed by
+//                    tensor.cu's sum_partials_f32)                                                     (+=)
+// GELU is computed from the values as stored (rounded to T), so the backward passes, which read the
+// stored tensors, see exactly what the forward used. Elementwise kernels take their pointers, then n,
+// then any scalar.
+#include "common.cuh"
+
+template <typename T>
+__device__ void gelu_fwd_impl(T* out, const T* inp, long n, int approx) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        out[i] = from_f32<T>(gelu_f(to_f32(inp[i]), approx));
+}
+
+template <typename T>
+__device__ void gelu_bwd_impl(T* dinp, const T* dout, const T* inp, long n, int approx) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        dinp[i] = from_f32<T>(to_f32(dout[i]) * gelu_grad_f(to_f32(inp[i]), approx));
+}
+
+template <typename T>
+__device__ void tanh_fwd_impl(T* out, const T* inp, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        out[i] = from_f32<T>(tanhf(to_f32(inp[i])));
+}
+
+template <typename T>
+__device__ void tanh_bwd_impl(T* dinp, const T* dout, const T* out, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        const float y = to_f32(out[i]);
+        dinp[i] = from_f32<T>(to_f32(dout[i]) * (1.f - y * y));
+    }
+}
+
+template <typename T>
+__device__ void dropout_impl(T* out, const T* inp, long n, DropoutArgs d) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        out[i] = from_f32<T>(to_f32(inp[i]) * dropout_factor(d, (unsigned long long)i));
+}
+
+template <typename T>
+__device__ void bias_gelu_impl(T* pre, T* out, const T* bias, long rows, int cols, int approx) {
+    const long n = rows * cols;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        const T p = from_f32<T>(to_f32(pre[i]) + to_f32(bias[i % cols]));
+        pre[i] = p;
+        out[i] = from_f32<T>(gelu_f(to_f32(p), approx));
+    }
+}
+
+// Backward of out = gelu(pre), pre = x·Wᵀ + bias: block (k, y) handles rows [k·64, (k+1)·64) of the
+// columns [y·blockDim, (y+1)·blockDim), one column per thread (coalesced across the warp); it writes dpre
+// and the column sums of its rows to partial[k, c], summed in order by sum_partials (deterministic). The
+// sums read dpre as stored, as the unfused bias_grad would.
+template <typename T>
+__device__ void gelu_bias_bwd_impl(T* __restrict__ dpre, float* __restrict__ partial, const T* __restrict__ dout,
+                                   const T* __restrict__ pre, long rows, int cols, int approx) {
+    const int c = blockIdx.y * blockDim.x + threadIdx.x;
+    if (c >= cols) return;
+    const long r0 = (long)blockIdx.x * PARTIAL_ROWS, r1 = min(rows, r0 + PARTIAL_ROWS);
+    float s = 0.f;
+#pragma unroll 4
+    for (long r = r0; r < r1; r++) {
+        const long e = r * cols + c;
+        const T d = from_f32<T>(to_f32(dout[e]) * gelu_grad_f(to_f32(pre[e]), approx));
+        dpre[e] = d;
+        s += to_f32(d);
+    }
+    partial[(long)blockIdx.x * cols + c] = s;
+}
+
+#define ACTIVATION(T, N)                                                                                      \
+    BERTCUDA_KERNEL(gelu_fwd_##N, T* out, const T* inp, long n, int approx) {                                 \
+        gelu_fwd_impl(out, inp, n, approx);                                                                   \
+    }                                                                                                         \
+    BERTCUDA_KERNEL(gelu_bwd_##N, T* dinp, const T* dout, const T* inp, long n, int approx) {                 \
+        gelu_bwd_impl(dinp, dout, inp, n, approx);                                                            \
+    }                                                                                                         \
+    BERTCUDA_KERNEL(tanh_fwd_##N, T* out, const T* inp, long n) { tanh_fwd_impl(out, inp, n); }               \
+    BERTCUDA_KERNEL(tanh_bwd_##N, T* dinp, const T* dout, const T* out, long n) {                             \
+        tanh_bwd_impl(dinp, dout, out, n);                                                                    \
+    }                                                                                                         \
+    BERTCUDA_KERNEL(dropout_##N, T* out, const T* inp, long n, DropoutArgs d) {                               \
+        dropout_impl(out, inp, n, d);                                                                         \
+    }
+
+BERTCUDA_INSTANTIATE_FLOAT_TYPES(ACTIVATION)
+
+#define FUSED_ACTIVATION(T, N)                                                                                \
+    BERTCUDA_KERNEL(bias_gelu_fwd_##N, T* pre, T* out, const T* bias, long rows, int cols, int approx) {      \
+        bias_gelu_impl(pre, out, bias, rows, cols, approx);                                                   \
+    }                                                                                                         \
+    BERTCUDA_KERNEL(gelu_bias_bwd_##N, T* dpre, float* partial, const T* dout, const T* pre, long rows,       \
+                                                 int cols, int approx) {                                      \
+        gelu_bias_bwd_impl(dpre, partial, dout, pre, rows, cols, approx);                                     \
+    }
+
+BERTCUDA_INSTANTIATE_FLOAT_TYPES(FUSED_ACTIVATION)

@@ -1,0 +1,150 @@
+// LayerNorm over the last dimension, statistics in fp32; shapes (rows, c) row-major, one warp per row
+// (WARP_ROWS rows per block of THREADS threads, launch.cuh).
+//   layernorm_fwd:          out[r] = (inp[r] − mean_r) · rstd_r · w + b; mean, rstd (rows) saved    (=)
+//   layernorm_bwd:          dinp[r] = rstd_r · (dx̂ − mean(dx̂) − x̂ · mean(dx̂ · x̂)), dx̂ = dout · w    (=)
+//   layernorm_param_partial_bwd: per block of PARTIAL_ROWS rows, partial[k, c] = Σ dout · x̂,
+//     partial[k, C + c] = Σ dout; then tensor.cu's sum_partials_f32 adds the partials into dw, db in
+//     block order                                                                                  (+=)
+//   residual_layernorm_fwd: sum = residual + dropout(branch); out = LayerNorm(sum); mean, rstd saved (=)
+//   residual_layernorm_bwd: dsum = LayerNorm'(grad) (the residual's gradient);
+//                           grad = dropout'(dsum) in place (the branch's gradient)                  (=)
+// The fused kernels make one pass over the rows where the unfused ops would make two or three;
+// statistics are computed from the values as stored (rounded to T), as the backward reads them.
+#include "common.cuh"
+
+template <typename T>
+__device__ void layernorm_fwd_impl(T* out, float* mean, float* rstd, const T* inp, const T* w, const T* b, int rows,
+                                   int c, float eps) {
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const T* x = inp + (long)row * c;
+    float s = 0.f;
+    for (int j = lane; j < c; j += 32) s += to_f32(x[j]);
+    const float mu = warp_sum(s) / c;
+    float v = 0.f;
+    for (int j = lane; j < c; j += 32) {
+        const float d = to_f32(x[j]) - mu;
+        v += d * d;
+    }
+    const float rs = rsqrtf(warp_sum(v) / c + eps);
+    T* o = out + (long)row * c;
+    for (int j = lane; j < c; j += 32) o[j] = from_f32<T>((to_f32(x[j]) - mu) * rs * to_f32(w[j]) + to_f32(b[j]));
+    if (lane == 0) {
+        mean[row] = mu;
+        rstd[row] = rs;
+    }
+}
+
+template <typename T>
+__device__ void layernorm_bwd_impl(T* dinp, const T* dout, const T* inp, const float* mean, const float* rstd,
+                                   const T* w, int rows, int c) {
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const T *x = inp + (long)row * c, *g = dout + (long)row * c;
+    const float mu = mean[row], rs = rstd[row];
+    float a = 0.f, bsum = 0.f;
+    for (int j = lane; j < c; j += 32) {
+        const float xhat = (to_f32(x[j]) - mu) * rs, dxhat = to_f32(g[j]) * to_f32(w[j]);
+        a += dxhat;
+        bsum += dxhat * xhat;
+    }
+    const float mean_dxhat = warp_sum(a) / c, mean_dxhat_xhat = warp_sum(bsum) / c;
+    T* d = dinp + (long)row * c;
+    for (int j = lane; j < c; j += 32) {
+        const float xhat = (to_f32(x[j]) - mu) * rs;
+        d[j] = from_f32<T>(rs * (to_f32(g[j]) * to_f32(w[j]) - mean_dxhat - xhat * mean_dxhat_xhat));
+    }
+}
+
+template <typename T>
+__device__ void layernorm_param_partial_impl(float* partial, const T* dout, const T* inp, const float* mean,
+                                             const float* rstd, int rows, int c) {
+    const int r0 = blockIdx.x * PARTIAL_ROWS, r1 = min(rows, r0 + PARTIAL_ROWS);
+    for (int j = threadIdx.x; j < c; j += blockDim.x) {
+        float dw = 0.f, db = 0.f;
+        for (int r = r0; r < r1; r++) {
+            const float g = to_f32(dout[(long)r * c + j]);
+            dw += g * (to_f32(inp[(long)r * c + j]) - mean[r]) * rstd[r];
+            db += g;
+        }
+        partial[(long)blockIdx.x * 2 * c + j] = dw;
+        partial[(long)blockIdx.x * 2 * c + c + j] = db;
+    }
+}
+
+#define LAYERNORM(T, N)                                                                                          \
+    BERTCUDA_KERNEL(layernorm_fwd_##N, T* out, float* mean, float* rstd, const T* inp, const T* w,     \
+                                                 const T* b, int rows, int c, float eps) {                      \
+        layernorm_fwd_impl(out, mean, rstd, inp, w, b, rows, c, eps);                                          \
+    }                                                                                                          \
+    BERTCUDA_KERNEL(layernorm_bwd_##N, T* dinp, const T* dout, const T* inp, const float* mean,        \
+                                                 const float* rstd, const T* w, int rows, int c) {              \
+        layernorm_bwd_impl(dinp, dout, inp, mean, rstd, w, rows, c);                                           \
+    }                                                                                                          \
+    BERTCUDA_KERNEL(layernorm_param_partial_bwd_##N, float* partial, const T* dout, const T* inp,     \
+                                                               const float* mean, const float* rstd, int rows, \
+                                                               int c) {                                        \
+        layernorm_param_partial_impl(partial, dout, inp, mean, rstd, rows, c);                                 \
+    }
+
+BERTCUDA_INSTANTIATE_FLOAT_TYPES(LAYERNORM)
+
+template <typename T>
+__device__ void residual_layernorm_impl(T* sum, T* out, float* mean, float* rstd, const T* residual, const T* branch,
+                                        const T* w, const T* b, int rows, int c, float eps, DropoutArgs d) {
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const long base = (long)row * c;
+    float s = 0.f;
+    for (int j = lane; j < c; j += 32) {
+        const long e = base + j;
+        // As dropout_fwd then add: the dropped branch is rounded to T before the residual is added.
+        const float dropped = to_f32(from_f32<T>(to_f32(branch[e]) * dropout_factor(d, (unsigned long long)e)));
+        const T v = from_f32<T>(to_f32(residual[e]) + dropped);
+        sum[e] = v;
+        s += to_f32(v);
+    }
+    __syncwarp();
+    layernorm_row(out + base, mean, rstd, sum + base, w, b, row, c, eps, s);
+}
+
+// Backward of out = LayerNorm(sum), sum = residual + dropout(branch), one warp per row:
+//   dsum = LN'(g) (=, the residual's gradient); g is then overwritten with dropout'(dsum), the branch's
+//   gradient. The LayerNorm weight gradients are reduced separately (layernorm_param_partial_bwd), before.
+template <typename T>
+__device__ void residual_layernorm_bwd_impl(T* dsum, T* g, const T* sum, const float* mean, const float* rstd,
+                                            const T* w, int rows, int c, DropoutArgs d) {
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const long base = (long)row * c;
+    const float mu = mean[row], rs = rstd[row];
+    float a = 0.f, bsum = 0.f;
+    for (int j = lane; j < c; j += 32) {
+        const float xhat = (to_f32(sum[base + j]) - mu) * rs, dxhat = to_f32(g[base + j]) * to_f32(w[j]);
+        a += dxhat;
+        bsum += dxhat * xhat;
+    }
+    const float mean_dxhat = warp_sum(a) / c, mean_dxhat_xhat = warp_sum(bsum) / c;
+    // Every lane reads its own elements of g before writing them: in place is safe.
+    for (int j = lane; j < c; j += 32) {
+        const long e = base + j;
+        const float xhat = (to_f32(sum[e]) - mu) * rs;
+        const T ds = from_f32<T>(rs * (to_f32(g[e]) * to_f32(w[j]) - mean_dxhat - xhat * mean_dxhat_xhat));
+        dsum[e] = ds;
+        g[e] = from_f32<T>(to_f32(ds) * dropout_factor(d, (unsigned long long)e));
+    }
+}
+
+#define FUSED_NORM(T, N)                                                                                           \
+    BERTCUDA_KERNEL(residual_layernorm_fwd_##N, T* sum, T* out, float* mean, float* rstd,                          \
+                                                          const T* residual, const T* branch, const T* w,          \
+                                                          const T* b, int rows, int c, float eps, DropoutArgs d) { \
+        residual_layernorm_impl(sum, out, mean, rstd, residual, branch, w, b, rows, c, eps, d);                    \
+    }                                                                                                              \
+    BERTCUDA_KERNEL(residual_layernorm_bwd_##N, T* dsum, T* g, const T* sum, const float* mean,                    \
+                                                          const float* rstd, const T* w, int rows, int c,          \
+                                                          DropoutArgs d) {                                         \
+        residual_layernorm_bwd_impl(dsum, g, sum, mean, rstd, w, rows, c, d);                                      \
+    }
+
+BERTCUDA_INSTANTIATE_FLOAT_TYPES(FUSED_NORM)

@@ -1,0 +1,280 @@
+//! Linear layers: the matrix product and its bias, `y = x·Wᵀ + b` and its gradients. The products are
+//! cuBLAS's (the gemm crate's on the CPU); the bias kernels are kernels/linear.cu.
+//!
+//! One op family in two places: its kernels in `kernels/linear.cu`, and this file: the `Linear` trait (shapes
+//! and the `=` / `+=` contract of each op), the CPU reference (`impl Linear for Cpu<T>`), the CUDA launchers
+//! (`impl Linear for Cuda`), and the tests that hold the device to the reference on every backend.
+
+use rayon::prelude::*;
+
+use crate::backend::cpu::{reduce_rows, Cpu, Real};
+use crate::backend::cuda::launch::{PARTIAL_ROWS, THREADS};
+use crate::backend::cuda::{grid_for, Cuda, StorageType};
+use crate::backend::device::{Compute, Elem, Gemm};
+use crate::backend::Buf;
+use crate::bail;
+use crate::error::Result;
+
+pub trait Linear {
+    /// C (m, n) = or += op(A) · op(B), with op(A) (m, k) — A stored (m, k), or (k, m) when `a_t` — and
+    /// op(B) (k, n) — B stored (k, n), or (n, k) when `b_t`. `accumulate` chooses `+=`.
+    fn matmul(
+        &self,
+        c: Buf,
+        a: Buf,
+        b: Buf,
+        m: usize,
+        n: usize,
+        k: usize,
+        a_t: bool,
+        b_t: bool,
+        accumulate: bool,
+    ) -> Result<()>;
+    /// out (rows, cols) += bias (cols), every row.
+    fn add_bias(&self, out: Buf, bias: Buf, rows: usize, cols: usize) -> Result<()>;
+    /// dbias (cols) += Σ_rows dout (rows, cols).
+    fn bias_grad(&self, dbias: Buf, dout: Buf, rows: usize, cols: usize) -> Result<()>;
+}
+
+impl<T: Real> Linear for Cpu<T> {
+    fn matmul(
+        &self,
+        c: Buf,
+        a: Buf,
+        b: Buf,
+        m: usize,
+        n: usize,
+        k: usize,
+        a_t: bool,
+        b_t: bool,
+        accumulate: bool,
+    ) -> Result<()> {
+        self.check(&[c], &[a, b])?;
+        self.need("matmul C", c.len, m * n)?;
+        self.need("matmul A", a.len, m * k)?;
+        self.need("matmul B", b.len, k * n)?;
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let (cv, av, bv) = unsafe { (self.w(c), self.r(a), self.r(b)) };
+        if k == 0 {
+            if !accumulate {
+                cv[..m * n].fill(T::default());
+            }
+            return Ok(());
+        }
+        let (lhs_cs, lhs_rs) = if a_t { (m as isize, 1) } else { (1, k as isize) };
+        let (rhs_cs, rhs_rs) = if b_t { (k as isize, 1) } else { (1, n as isize) };
+        let par = if m * n * k >= 1 << 15 {
+            gemm::Parallelism::Rayon(rayon::current_num_threads())
+        } else {
+            gemm::Parallelism::None
+        };
+        // SAFETY: the regions were bounds-checked for these shapes and strides, and C does not overlap A or B.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                cv.as_mut_ptr(),
+                1,
+                n as isize,
+                accumulate,
+                av.as_ptr(),
+                lhs_cs,
+                lhs_rs,
+                bv.as_ptr(),
+                rhs_cs,
+                rhs_rs,
+                T::from_f64(1.0),
+                T::from_f64(1.0),
+                false,
+                false,
+                false,
+                par,
+            )
+        };
+        Ok(())
+    }
+
+    fn add_bias(&self, out: Buf, bias: Buf, rows: usize, cols: usize) -> Result<()> {
+        self.check(&[out], &[bias])?;
+        self.need("add_bias out", out.len, rows * cols)?;
+        let (o, b) = unsafe { (self.w(out), self.r(bias)) };
+        o[..rows * cols].par_chunks_mut(cols).for_each(|row| {
+            for (x, &bb) in row.iter_mut().zip(b) {
+                *x += bb;
+            }
+        });
+        Ok(())
+    }
+
+    fn bias_grad(&self, dbias: Buf, dout: Buf, rows: usize, cols: usize) -> Result<()> {
+        self.check(&[dbias], &[dout])?;
+        self.need("bias_grad dout", dout.len, rows * cols)?;
+        let (db, d) = unsafe { (self.w(dbias), self.r(dout)) };
+        reduce_rows(rows, cols, &mut db[..cols], |range, p| {
+            for r in range {
+                for (acc, &x) in p.iter_mut().zip(&d[r * cols..(r + 1) * cols]) {
+                    *acc += x;
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+impl Linear for Cuda {
+    fn matmul(
+        &self,
+        c: Buf,
+        a: Buf,
+        b: Buf,
+        m: usize,
+        n: usize,
+        k: usize,
+        a_t: bool,
+        b_t: bool,
+        accumulate: bool,
+    ) -> Result<()> {
+        if c.len < m * n || a.len < m * k || b.len < k * n {
+            bail!("internal: matmul regions too small for ({m}, {n}, {k})");
+        }
+        // Operands in bf16 when any activation involved is (parameters then come from their bf16 copy);
+        // the output keeps its own storage (fp32 for parameter gradients).
+        let (dc, da, db) = (self.storage(c)?, self.storage(a)?, self.storage(b)?);
+        let op_dt =
+            if [dc, da, db].contains(&StorageType::Bf16) { StorageType::Bf16 } else { StorageType::F32 };
+        let ([pc], [pa, pb]) = self.ptrs_as(op_dt, [c], [a, b])?;
+        let pc = if dc == StorageType::F32 { self.ptrs([c], [])?.0[0] } else { pc };
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        if k == 0 {
+            if !accumulate {
+                self.dev.memset_zero(pc, dc.size() * m * n)?;
+            }
+            return Ok(());
+        }
+        // Row-major C (m, n) = op(A) op(B) is column-major Cᵀ (n, m) = op(B)ᵀ op(A)ᵀ: B first.
+        let (ldb, lda) = (if b_t { k } else { n }, if a_t { m } else { k });
+        let elem = |d: StorageType| if d == StorageType::Bf16 { Elem::Bf16 } else { Elem::F32 };
+        let compute = if op_dt == StorageType::Bf16 { Compute::F32 } else { self.gemm.get().0 };
+        self.dev.gemm(&Gemm {
+            trans_a: b_t,
+            trans_b: a_t,
+            m: n,
+            n: m,
+            k,
+            alpha: 1.0,
+            a: pb,
+            a_type: elem(op_dt),
+            lda: ldb.max(1),
+            b: pa,
+            b_type: elem(op_dt),
+            ldb: lda.max(1),
+            beta: if accumulate { 1.0 } else { 0.0 },
+            c: pc,
+            c_type: elem(dc),
+            ldc: n,
+            compute,
+        })
+    }
+
+    fn add_bias(&self, out: Buf, bias: Buf, rows: usize, cols: usize) -> Result<()> {
+        let dt = self.storage(out)?;
+        Self::need("add_bias out", out.len, rows * cols)?;
+        Self::need("add_bias bias", bias.len, cols)?;
+        if rows * cols == 0 {
+            return Ok(());
+        }
+        let ([po], [pb]) = self.ptrs_as(dt, [out], [bias])?;
+        let (r, c) = (rows as i64, cols as i32);
+        self.launch(self.k.add_bias.of(dt), (grid_for(rows * cols), 1, 1), THREADS, &[&po, &pb, &r, &c])?;
+        Ok(())
+    }
+
+    fn bias_grad(&self, dbias: Buf, dout: Buf, rows: usize, cols: usize) -> Result<()> {
+        self.need_f32_out("bias gradient", &[dbias])?;
+        let dt = self.storage(dout)?;
+        Self::need("bias_grad dout", dout.len, rows * cols)?;
+        Self::need("bias_grad dbias", dbias.len, cols)?;
+        if cols == 0 {
+            return Ok(());
+        }
+        let ([pd], [pg]) = self.ptrs_as(dt, [dbias], [dout])?;
+        let chunks = rows.div_ceil(PARTIAL_ROWS as usize).max(1);
+        let part = self.partials(chunks * cols)?;
+        let (r, c) = (rows as i64, cols as i32);
+        self.launch(
+            self.k.bias_grad_partial.of(dt),
+            (chunks as u32, cols.div_ceil(THREADS as usize) as u32, 1),
+            THREADS,
+            &[&part, &pg, &r, &c],
+        )?;
+        self.sum_partials(pd, part, chunks, cols, cols)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::ops::testing::*;
+
+    fn matmul_in_every_transpose() {
+        let (m, n, k) = (37, 53, 29);
+        for (a_t, b_t) in [(false, false), (true, false), (false, true), (true, true)] {
+            for acc in [false, true] {
+                let c = Case {
+                    floats: vec![randn(1, m * k, 1.0), randn(2, k * n, 1.0)],
+                    ints: vec![],
+                    outs: vec![(m * n, acc.then(|| randn(3, m * n, 1.0)))],
+                };
+                // fp32 SGEMM vs the gemm crate: summation order differs; 1e-4 relative over k = 29.
+                same(&format!("matmul a_t={a_t} b_t={b_t} acc={acc}"), &c, 1e-4, 1e-4, &|be, f, _, o| {
+                    be.matmul(o[0], f[0], f[1], m, n, k, a_t, b_t, acc)
+                });
+            }
+        }
+    }
+
+    fn elementwise_ops_bias_and_reductions() {
+        let (rows, cols) = (B * T, H);
+        let c = Case {
+            floats: vec![randn(7, rows * cols, 1.0), randn(8, cols, 1.0)],
+            ints: vec![],
+            outs: vec![
+                (rows * cols, Some(randn(9, rows * cols, 1.0))),
+                (cols, Some(randn(10, cols, 1.0))),
+                (1, None),
+                (1, None),
+            ],
+        };
+        same("bias add/grad, sum, sum of squares", &c, 1e-4, 1e-5, &|be, f, _, o| {
+            be.add_bias(o[0], f[1], rows, cols)?;
+            be.bias_grad(o[1], f[0], rows, cols)?;
+            be.sum(o[2], f[0])?;
+            be.sum_squares(o[3], f[0])
+        });
+    }
+
+    fn bf16_ops_against_the_fp32_cpu() {
+        use Kind::{Activation as A, Grad as G, Param as P};
+        // Matrix products: activation × parameter → activation, and activations → a parameter gradient.
+        let (m, n, k) = (37, 53, 29);
+        let c = Case {
+            floats: vec![randn(1, m * k, 1.0), randn(2, n * k, 1.0), randn(3, m * n, 1.0)],
+            ints: vec![],
+            outs: vec![(m * n, None), (n * k, Some(vec![0.0; n * k]))],
+        };
+        same_bf16("matmul", &c, &[A, P, A], &[A, G], 3e-2, &|be, f, _, o| {
+            be.matmul(o[0], f[0], f[1], m, n, k, false, true, false)?;
+            be.matmul(o[1], f[2], f[0], n, k, m, true, false, true)
+        });
+    }
+
+    on_both_devices!(
+        matmul_in_every_transpose,
+        elementwise_ops_bias_and_reductions,
+        bf16_ops_against_the_fp32_cpu,
+    );
+}
