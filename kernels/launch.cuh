@@ -14,6 +14,10 @@ constexpr int PARTIAL_ROWS = 64;
 // Attention: query (or key) rows per block, one per thread; key (or query) rows per shared-memory tile.
 constexpr int ATTENTION_ROWS = 64;
 constexpr int ATTENTION_TILE = 32;
+// Attention on tensor cores (bf16): threads per block (a warp per 16 of the ATTENTION_ROWS queries) and
+// keys per shared-memory tile.
+constexpr int ATTENTION_TC_THREADS = 128;
+constexpr int ATTENTION_TC_KEYS = 64;
 // Sum of squares (optim.cu): the first stage's blocks take about SUM_SQUARES_CHUNK elements each, at most
 // SUM_SQUARES_BLOCKS blocks, whose partials the final stage adds in order on one thread.
 constexpr int SUM_SQUARES_CHUNK = 16384;

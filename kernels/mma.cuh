@@ -53,3 +53,13 @@ __device__ __forceinline__ void cp_async_16(void* shared_dst, const void* global
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 #endif
+
+// Two fp32 values rounded to bf16 (round to nearest even) in one 32-bit register, `lo` in the low half: the
+// layout of an mma operand's register.
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+    const __nv_bfloat16 l = __float2bfloat16(lo), h = __float2bfloat16(hi);
+    uint16_t a, b;
+    memcpy(&a, &l, 2);
+    memcpy(&b, &h, 2);
+    return (uint32_t)a | ((uint32_t)b << 16);
+}

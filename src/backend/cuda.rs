@@ -124,8 +124,18 @@ pub(crate) struct Kernels {
     pub(crate) bias_gelu: KernelPerStorage,
     pub(crate) gelu_bias_bwd: KernelPerStorage,
     pub(crate) embeddings_layernorm: KernelPerStorage,
-    /// head size → (forward, dk/dv, dq)
-    pub(crate) attention: Vec<(usize, KernelPerStorage, KernelPerStorage, KernelPerStorage)>,
+    /// Per head size.
+    pub(crate) attention: Vec<AttentionKernels>,
+}
+
+/// The attention kernels of one head size.
+pub(crate) struct AttentionKernels {
+    pub hs: usize,
+    pub fwd: KernelPerStorage,
+    pub bwd_dkdv: KernelPerStorage,
+    pub bwd_dq: KernelPerStorage,
+    /// The bf16 forward on tensor cores (head sizes 32, 64 and 128).
+    pub fwd_tensor_core: Option<Kernel>,
 }
 
 impl Kernels {
@@ -142,12 +152,15 @@ impl Kernels {
                     bf16: f(&format!("{op}_bf16_hs{hs}"))?,
                 })
             };
-            attention.push((
+            attention.push(AttentionKernels {
                 hs,
-                typed("attention_fwd")?,
-                typed("attention_bwd_dkdv")?,
-                typed("attention_bwd_dq")?,
-            ));
+                fwd: typed("attention_fwd")?,
+                bwd_dkdv: typed("attention_bwd_dkdv")?,
+                bwd_dq: typed("attention_bwd_dq")?,
+                fwd_tensor_core: (hs >= 32)
+                    .then(|| f(&format!("attention_fwd_tc_bf16_hs{hs}")))
+                    .transpose()?,
+            });
         }
         Ok(Kernels {
             add: t("add")?,

@@ -8,8 +8,8 @@
 use rayon::prelude::*;
 
 use crate::backend::cpu::{Cpu, Real};
-use crate::backend::cuda::launch::{ATTENTION_ROWS, THREADS};
-use crate::backend::cuda::{grid_for, Cuda, DropoutArgs, KernelPerStorage};
+use crate::backend::cuda::launch::{ATTENTION_ROWS, ATTENTION_TC_THREADS, THREADS};
+use crate::backend::cuda::{grid_for, AttentionKernels, Cuda, DropoutArgs, StorageType};
 use crate::backend::{philox, Buf, Dropout, Ints};
 use crate::error::{Error, Result};
 
@@ -226,11 +226,8 @@ impl<T: Real> Attention for Cpu<T> {
 }
 
 impl Cuda {
-    fn attention_kernels(
-        &self,
-        hs: usize,
-    ) -> Result<&(usize, KernelPerStorage, KernelPerStorage, KernelPerStorage)> {
-        self.k.attention.iter().find(|a| a.0 == hs).ok_or_else(|| {
+    fn attention_kernels(&self, hs: usize) -> Result<&AttentionKernels> {
+        self.k.attention.iter().find(|a| a.hs == hs).ok_or_else(|| {
             Error::Invalid(format!(
                 "head size {hs} is not supported by the CUDA attention kernels (16, 32, 64 or 128)"
             ))
@@ -266,7 +263,13 @@ impl Attention for Cuda {
         if rows * heads == 0 {
             return Ok(());
         }
-        let f = self.attention_kernels(hs)?.1.of(dt);
+        let kernels = self.attention_kernels(hs)?;
+        // bf16 on tensor cores where there is a kernel for the head size; else (fp32: the exact path) one
+        // query per thread on the CUDA cores.
+        let (f, threads) = match (dt, kernels.fwd_tensor_core) {
+            (StorageType::Bf16, Some(tc)) => (tc, ATTENTION_TC_THREADS),
+            _ => (kernels.fwd.of(dt), ATTENTION_ROWS),
+        };
         let ([po, pl], [pq]) = self.ptrs_as(dt, [out, state.prefix(batch * heads * seq)], [qkv])?;
         let pm = self.iptr(mask)?;
         let (t, nh, scale, d) =
@@ -274,7 +277,7 @@ impl Attention for Cuda {
         self.launch(
             f,
             ((batch * heads) as u32, seq.div_ceil(ATTENTION_ROWS as usize) as u32, 1),
-            ATTENTION_ROWS,
+            threads,
             &[&po, &pl, &pq, &pm, &t, &nh, &scale, &d],
         )?;
         Ok(())
@@ -305,7 +308,7 @@ impl Attention for Cuda {
             return Ok(());
         }
         let kernels = self.attention_kernels(hs)?;
-        let (fkv, fq) = (kernels.2.of(dt), kernels.3.of(dt));
+        let (fkv, fq) = (kernels.bwd_dkdv.of(dt), kernels.bwd_dq.of(dt));
         let half = batch * heads * seq;
         let (lse, dd) = (state.prefix(half), state.at(half, half));
         let ([pdd], [pg, po]) = self.ptrs_as(dt, [dd], [dout, out])?;
@@ -364,5 +367,35 @@ mod tests {
         });
     }
 
-    on_both_devices!(attention_forward_and_backward_with_padding_and_dropout, bf16_ops_against_the_fp32_cpu,);
+    /// bf16 attention at the head sizes the tensor-core forward takes, over several query blocks and key
+    /// tiles: sequences of 100 tokens, of 70 with a masked key inside, and of none (every key attended);
+    /// with and without dropout (the same masks as the CPU's), the backward from the saved log-sum-exp.
+    fn tensor_core_attention_at_head_sizes_32_64_128() {
+        use Kind::{Activation as A, Stat as S};
+        let (b, t, nh) = (3, 100, 2);
+        let mask: Vec<i32> =
+            (0..b * t).map(|r| (r / t == 0 || (r / t == 1 && r % t < 70 && r % t != 5)) as i32).collect();
+        for hs in [32, 64, 128] {
+            let hid = nh * hs;
+            for dropout in [None, Some(Dropout { p: 0.1, key: DropoutKey { seed: 3, step: 1, site: 0 } })] {
+                let c = Case {
+                    floats: vec![randn(21, b * t * 3 * hid, 1.0), randn(22, b * t * hid, 1.0)],
+                    ints: vec![mask.clone()],
+                    outs: vec![(b * t * hid, None), (b * t * 3 * hid, None)],
+                };
+                let what = format!("attention hs {hs} dropout={}", dropout.is_some());
+                same_bf16(&what, &c, &[A, A], &[A, A], 3e-2, &|be, f, i, o| {
+                    let state = be.alloc_kind(be.attention_state_len(b, t, nh), S)?;
+                    be.attention_fwd(o[0], state, f[0], i[0], b, t, nh, hs, dropout)?;
+                    be.attention_bwd(o[1], f[1], o[0], f[0], state, i[0], b, t, nh, hs, dropout)
+                });
+            }
+        }
+    }
+
+    on_both_devices!(
+        attention_forward_and_backward_with_padding_and_dropout,
+        bf16_ops_against_the_fp32_cpu,
+        tensor_core_attention_at_head_sizes_32_64_128,
+    );
 }
