@@ -241,20 +241,27 @@ __device__ void attention_bwd_dq_impl(T* dqkv, const T* dout, const T* qkv, cons
 
 BERTCUDA_INSTANTIATE_FLOAT_TYPES(ATTENTION)
 
-// ---- On tensor cores: bf16, head sizes 32, 64 and 128 -------------------------------------------------------
-// attention_fwd_tc: the same math and contract as attention_fwd above — the mask, the dropout draws and
-// the saved log-sum-exp are the same; fp32 accumulation — as FlashAttention-2 computes it: each of the
-// block's ATTENTION_TC_THREADS / 32 warps holds 16 of its ATTENTION_ROWS queries; per tile of
-// ATTENTION_TC_KEYS keys, S = Q·Kᵀ (mma.sync m16n8k16 bf16, Q's fragments loaded once, K's by ldmatrix
-// from shared memory), the online softmax on S's accumulator fragments (a row's four lanes reduce by
-// shuffles), then O += P·V with P's fragments made from S's registers (rounded to bf16, as the products'
-// inputs are) and V staged transposed so ldmatrix gives its column fragments. Key tiles past a sequence's
-// last attended key are skipped, not computed. Shared-memory rows are padded by 8 elements so the eight
-// row addresses of an ldmatrix fall in different banks.
+// ---- On tensor cores: bf16 ---------------------------------------------------------------------------------
+// The same math and contract as the kernels above — the mask, the dropout draws, the saved log-sum-exp —
+// with the products on bf16 tensor cores (mma.sync m16n8k16, fp32 accumulation), as FlashAttention-2
+// computes them. A block of ATTENTION_TC_THREADS threads owns ATTENTION_ROWS rows (queries, or keys in
+// dk/dv), 16 per warp, whose A fragments are loaded once; the other side comes in tiles of
+// ATTENTION_TC_KEYS rows staged in shared memory (rows past the sequence as zeros), row-major where
+// ldmatrix gives B fragments from rows and transposed (Vᵀ, Kᵀ, Qᵀ, dOᵀ) where the product runs over the
+// tile's rows. A product's accumulator fragments become the next product's A fragments in registers
+// (rounded to bf16, as the products' inputs are). Element e of an accumulator n-tile is row g + 8·(e / 2),
+// column 8·nt + 2·tq + e % 2 (g = lane / 4, tq = lane % 4): a row's reductions are over its quad of lanes.
+// Shared-memory rows are padded by 8 elements so the eight row addresses of an ldmatrix fall in different
+// banks. Tiles past a sequence's last attended key are skipped.
+//   attention_fwd_tc   (head sizes 32, 64, 128): per key tile, S = Q·Kᵀ, the online softmax, O += P·V.
+//   attention_bwd_dq_tc   (32, 64): per key tile, S, P from the log-sum-exp, dP = dO·Vᵀ, dS, dQ += dS·K.
+//   attention_bwd_dkdv_tc (32, 64): per query tile, Sᵀ = K·Qᵀ, Pᵀ, dPᵀ = V·dOᵀ, dV += Pᵀ·dO, dK += dSᵀ·Q.
+// Head size 128's backward runs on the CUDA-core kernels (its tiles would not fit 48 KB of shared memory).
 
 constexpr int TC_KEYS = ATTENTION_TC_KEYS;
-static_assert(ATTENTION_TC_THREADS / 32 * 16 == ATTENTION_ROWS, "a warp holds 16 of a block's queries");
-static_assert(TC_KEYS % 16 == 0, "keys come in mma k-steps of 16");
+constexpr int TC_LD = TC_KEYS + 8;  // a row of a transposed tile
+static_assert(ATTENTION_TC_THREADS / 32 * 16 == ATTENTION_ROWS, "a warp holds 16 of a block's rows");
+static_assert(ATTENTION_ROWS == TC_KEYS, "row blocks and tiles are the same size");
 
 // One more than the sequence's last unmasked key (0 when none is), every thread of the block.
 __device__ __forceinline__ int attended_end(const int* mask, int b, int t, float* red) {
@@ -264,20 +271,99 @@ __device__ __forceinline__ int attended_end(const int* mask, int b, int t, float
     return (int)block_max(last, red);
 }
 
+// Rows [r0, r0 + TC_KEYS) of HS bf16 each (row r at src + r·stride) into `dst`, rows `ld` apart; rows at or
+// past t as zeros. The caller synchronises.
+template <int HS>
+__device__ __forceinline__ void stage_rows(__nv_bfloat16* dst, int ld, const __nv_bfloat16* src, long stride,
+                                           int r0, int t) {
+    for (int idx = threadIdx.x; idx < TC_KEYS * HS / 2; idx += blockDim.x) {
+        const int r = idx / (HS / 2), x = 2 * (idx % (HS / 2));
+        const uint32_t v = r0 + r < t ? *reinterpret_cast<const uint32_t*>(src + (r0 + r) * stride + x) : 0u;
+        *reinterpret_cast<uint32_t*>(&dst[r * ld + x]) = v;
+    }
+}
+
+// The same rows transposed: dst[x·TC_LD + r] = row r0 + r, element x.
+template <int HS>
+__device__ __forceinline__ void stage_cols(__nv_bfloat16* dst, const __nv_bfloat16* src, long stride, int r0, int t) {
+    uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+    for (int idx = threadIdx.x; idx < TC_KEYS * HS / 2; idx += blockDim.x) {
+        const int r = idx / (HS / 2), x = 2 * (idx % (HS / 2));
+        const uint32_t v = r0 + r < t ? *reinterpret_cast<const uint32_t*>(src + (r0 + r) * stride + x) : 0u;
+        d[x * TC_LD + r] = (uint16_t)v;
+        d[(x + 1) * TC_LD + r] = (uint16_t)(v >> 16);
+    }
+}
+
+// The A fragments of rows [r, r + 16) of a staged tile, K columns (mma k-steps of 16).
+template <int K>
+__device__ __forceinline__ void load_a(uint32_t a[K / 16][4], const __nv_bfloat16* tile, int ld, int r) {
+    const int lane = threadIdx.x & 31, mi = lane >> 3, mr = lane & 7;
+#pragma unroll
+    for (int kk = 0; kk < K / 16; kk++) ldmatrix_x4(a[kk], &tile[(r + (mi & 1) * 8 + mr) * ld + kk * 16 + (mi >> 1) * 8]);
+}
+
+// acc (16 × 8·NT) += A (16 × K) · Bᵀ, B's NT·8 rows of K elements a staged tile (row n: column n of the
+// product).
+template <int K, int NT>
+__device__ __forceinline__ void mma_rows(float acc[NT][4], const uint32_t a[K / 16][4], const __nv_bfloat16* tile,
+                                         int ld) {
+    static_assert(K % 32 == 0, "two k-steps per ldmatrix");
+    const int lane = threadIdx.x & 31, mi = lane >> 3, mr = lane & 7;
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int kk = 0; kk < K / 16; kk += 2) {
+            uint32_t bf[4];
+            ldmatrix_x4(bf, &tile[(nt * 8 + mr) * ld + kk * 16 + mi * 8]);
+            const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};
+            mma_m16n8k16_bf16(acc[nt], a[kk], b0, acc[nt]);
+            mma_m16n8k16_bf16(acc[nt], a[kk + 1], b1, acc[nt]);
+        }
+}
+
+template <int NT>
+__device__ __forceinline__ void zero(float acc[NT][4]) {
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+}
+
+// An accumulator (16 × 8·NT) as the A fragments of the next product (k-step kk: n-tiles 2kk and 2kk + 1).
+template <int NT>
+__device__ __forceinline__ void as_a(uint32_t a[NT / 2][4], const float c[NT][4]) {
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+        a[nt / 2][(nt & 1) * 2] = pack_bf16x2(c[nt][0], c[nt][1]);
+        a[nt / 2][(nt & 1) * 2 + 1] = pack_bf16x2(c[nt][2], c[nt][3]);
+    }
+}
+
+// An accumulator written to rows `row` and `row` + 8 (when below t) of a bf16 matrix with row stride `stride`.
+template <int NT>
+__device__ __forceinline__ void store_rows(__nv_bfloat16* dst, long stride, int row, int t, const float c[NT][4],
+                                           const float factor[2]) {
+    const int tq = threadIdx.x & 3;
+#pragma unroll
+    for (int r2 = 0; r2 < 2; r2++) {
+        if (row + 8 * r2 >= t) continue;
+        __nv_bfloat16* d = dst + (row + 8 * r2) * stride + 2 * tq;
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+            *reinterpret_cast<uint32_t*>(d + nt * 8) = pack_bf16x2(c[nt][2 * r2] * factor[r2], c[nt][2 * r2 + 1] * factor[r2]);
+    }
+}
+
 template <int HS>
 __device__ void attention_fwd_tc_impl(__nv_bfloat16* out, float* lse, const __nv_bfloat16* qkv, const int* mask,
                                       int t, int nh, float scale, DropoutArgs d) {
-    static_assert(HS % 32 == 0, "head sizes are multiples of 32 (two mma k-steps per ldmatrix)");
-    constexpr int KS = HS + 8;       // a row of Q or K in shared memory
-    constexpr int VS = TC_KEYS + 8;  // a row of Vᵀ
+    constexpr int KS = HS + 8;
+    constexpr int NK = TC_KEYS / 8;
     __shared__ __align__(16) __nv_bfloat16 kq[TC_KEYS * KS];  // the query tile, then each key tile
-    __shared__ __align__(16) __nv_bfloat16 vt[HS * VS];
+    __shared__ __align__(16) __nv_bfloat16 vt[HS * TC_LD];
     __shared__ int attended[TC_KEYS];
     __shared__ float red[32];
-    static_assert(ATTENTION_ROWS <= TC_KEYS, "the query tile fits the key tile's buffer");
     const int bh = blockIdx.x, b = bh / nh, h = bh % nh, q0 = blockIdx.y * ATTENTION_ROWS;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
-    const int mi = lane >> 3, mr = lane & 7;  // the matrix and row whose address this lane gives ldmatrix
     const int hid = nh * HS;
     const long c3 = 3L * hid;
     const __nv_bfloat16* seq = qkv + (long)b * t * c3 + h * HS;
@@ -285,61 +371,31 @@ __device__ void attention_fwd_tc_impl(__nv_bfloat16* out, float* lse, const __nv
     const bool anyk = last > 0;
     const int kend = anyk ? last : t;
 
-    // Q: staged (rows past the sequence as zeros), then each warp's A fragments into registers.
-    for (int idx = threadIdx.x; idx < ATTENTION_ROWS * HS / 2; idx += blockDim.x) {
-        const int r = idx / (HS / 2), x = 2 * (idx % (HS / 2)), i = q0 + r;
-        const uint32_t v = i < t ? *reinterpret_cast<const uint32_t*>(seq + (long)i * c3 + x) : 0u;
-        *reinterpret_cast<uint32_t*>(&kq[r * KS + x]) = v;
-    }
+    stage_rows<HS>(kq, KS, seq, c3, q0, t);
     __syncthreads();
     uint32_t qf[HS / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < HS / 16; kk++)
-        ldmatrix_x4(qf[kk], &kq[(warp * 16 + (mi & 1) * 8 + mr) * KS + kk * 16 + (mi >> 1) * 8]);
-
+    load_a<HS>(qf, kq, KS, warp * 16);
     float o[HS / 8][4];
-#pragma unroll
-    for (int nd = 0; nd < HS / 8; nd++) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.f;
+    zero<HS / 8>(o);
     // Rows g and g + 8 of the warp's 16: the running maximum and this lane's part of the sum of exps.
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
     const int row = q0 + warp * 16 + g;
     for (int k0 = 0; k0 < kend; k0 += TC_KEYS) {
         __syncthreads();  // every warp is done with the previous tile (or the query tile)
-        for (int idx = threadIdx.x; idx < TC_KEYS * HS / 2; idx += blockDim.x) {
-            const int jj = idx / (HS / 2), x = 2 * (idx % (HS / 2)), j = k0 + jj;
-            uint32_t kv = 0u, vv = 0u;
-            if (j < t) {
-                kv = *reinterpret_cast<const uint32_t*>(seq + (long)j * c3 + hid + x);
-                vv = *reinterpret_cast<const uint32_t*>(seq + (long)j * c3 + 2 * hid + x);
-            }
-            *reinterpret_cast<uint32_t*>(&kq[jj * KS + x]) = kv;
-            reinterpret_cast<uint16_t*>(vt)[x * VS + jj] = (uint16_t)vv;
-            reinterpret_cast<uint16_t*>(vt)[(x + 1) * VS + jj] = (uint16_t)(vv >> 16);
-        }
+        stage_rows<HS>(kq, KS, seq + hid, c3, k0, t);
+        stage_cols<HS>(vt, seq + 2 * hid, c3, k0, t);
         for (int jj = threadIdx.x; jj < TC_KEYS; jj += blockDim.x) {
             const int j = k0 + jj;
             attended[jj] = j < t && (!anyk || mask[b * t + j] != 0);
         }
         __syncthreads();
-
-        // S = Q·Kᵀ: 16 queries × TC_KEYS keys, n-tiles of 8 keys.
-        float s[TC_KEYS / 8][4];
-#pragma unroll
-        for (int nt = 0; nt < TC_KEYS / 8; nt++) {
-            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-#pragma unroll
-            for (int kk = 0; kk < HS / 16; kk += 2) {
-                uint32_t kf[4];
-                ldmatrix_x4(kf, &kq[(nt * 8 + mr) * KS + kk * 16 + mi * 8]);
-                const uint32_t b0[2] = {kf[0], kf[1]}, b1[2] = {kf[2], kf[3]};
-                mma_m16n8k16_bf16(s[nt], qf[kk], b0, s[nt]);
-                mma_m16n8k16_bf16(s[nt], qf[kk + 1], b1, s[nt]);
-            }
-        }
-        // The online softmax: element e of an n-tile is row g + 8·(e / 2), key 2·tq + e % 2.
+        float s[NK][4];
+        zero<NK>(s);
+        mma_rows<HS, NK>(s, qf, kq, KS);
+        // The online softmax.
         float mt[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-        for (int nt = 0; nt < TC_KEYS / 8; nt++)
+        for (int nt = 0; nt < NK; nt++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const float v = attended[nt * 8 + 2 * tq + (e & 1)] ? s[nt][e] * scale : -INFINITY;
@@ -360,56 +416,205 @@ __device__ void attention_fwd_tc_impl(__nv_bfloat16* out, float* lse, const __nv
         for (int nd = 0; nd < HS / 8; nd++)
 #pragma unroll
             for (int e = 0; e < 4; e++) o[nd][e] *= corr[e >> 1];
-        // P (the sum counts it undropped), then dropped, as A fragments of P·V: k-step kk is n-tiles 2kk, 2kk+1.
-        uint32_t pf[TC_KEYS / 16][4];
+        // P: the sum counts it undropped; P·V takes it dropped.
 #pragma unroll
-        for (int nt = 0; nt < TC_KEYS / 8; nt++) {
-            float p[4];
+        for (int nt = 0; nt < NK; nt++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int r2 = e >> 1;
-                p[e] = m[r2] == -INFINITY ? 0.f : expf(s[nt][e] - m[r2]);
-                l[r2] += p[e];
+                const float p = m[r2] == -INFINITY ? 0.f : expf(s[nt][e] - m[r2]);
+                l[r2] += p;
                 const unsigned long long i = row + 8 * r2, j = k0 + nt * 8 + 2 * tq + (e & 1);
-                p[e] *= dropout_factor(d, ((unsigned long long)bh * t + i) * t + j);
+                s[nt][e] = p * dropout_factor(d, ((unsigned long long)bh * t + i) * t + j);
             }
-            pf[nt / 2][(nt & 1) * 2] = pack_bf16x2(p[0], p[1]);
-            pf[nt / 2][(nt & 1) * 2 + 1] = pack_bf16x2(p[2], p[3]);
-        }
-        // O += P·V: n-tiles of 8 head dimensions; V's B fragments from the rows of Vᵀ.
-#pragma unroll
-        for (int nd = 0; nd < HS / 8; nd++)
-#pragma unroll
-            for (int kk = 0; kk < TC_KEYS / 16; kk += 2) {
-                uint32_t vf[4];
-                ldmatrix_x4(vf, &vt[(nd * 8 + mr) * VS + kk * 16 + mi * 8]);
-                const uint32_t b0[2] = {vf[0], vf[1]}, b1[2] = {vf[2], vf[3]};
-                mma_m16n8k16_bf16(o[nd], pf[kk], b0, o[nd]);
-                mma_m16n8k16_bf16(o[nd], pf[kk + 1], b1, o[nd]);
-            }
+        uint32_t pf[NK / 2][4];
+        as_a<NK>(pf, s);
+        mma_rows<TC_KEYS, HS / 8>(o, pf, vt, TC_LD);
     }
+    float inv[2];
 #pragma unroll
     for (int r2 = 0; r2 < 2; r2++) {
         l[r2] += __shfl_xor_sync(0xffffffffu, l[r2], 1);
         l[r2] += __shfl_xor_sync(0xffffffffu, l[r2], 2);
+        inv[r2] = 1.f / l[r2];
         const int i = row + 8 * r2;
-        if (i < t) {
-            const float inv = 1.f / l[r2];
-            __nv_bfloat16* dst = out + (long)(b * t + i) * hid + h * HS + 2 * tq;
-#pragma unroll
-            for (int nd = 0; nd < HS / 8; nd++)
-                *reinterpret_cast<uint32_t*>(dst + nd * 8) =
-                    pack_bf16x2(o[nd][2 * r2] * inv, o[nd][2 * r2 + 1] * inv);
-            if (tq == 0) lse[(long)bh * t + i] = m[r2] + logf(l[r2]);
-        }
+        if (i < t && tq == 0) lse[(long)bh * t + i] = m[r2] + logf(l[r2]);
     }
+    store_rows<HS / 8>(out + (long)b * t * hid + h * HS, hid, row, t, o, inv);
 }
 
-#define ATTENTION_TC(HS)                                                                                   \
-    BERTCUDA_KERNEL(attention_fwd_tc_bf16_hs##HS, __nv_bfloat16* out, float* lse, const __nv_bfloat16* qkv, \
-                    const int* mask, int t, int nh, float scale, DropoutArgs d) {                          \
-        attention_fwd_tc_impl<HS>(out, lse, qkv, mask, t, nh, scale, d);                                   \
+template <int HS>
+__device__ void attention_bwd_dq_tc_impl(__nv_bfloat16* dqkv, const __nv_bfloat16* dout, const __nv_bfloat16* qkv,
+                                         const float* lse, const float* dd, const int* mask, int t, int nh,
+                                         float scale, DropoutArgs d) {
+    constexpr int KS = HS + 8;
+    constexpr int NK = TC_KEYS / 8;
+    __shared__ __align__(16) __nv_bfloat16 ks[TC_KEYS * KS];  // the query tile, then each key tile
+    __shared__ __align__(16) __nv_bfloat16 vs[TC_KEYS * KS];  // the dout tile, then each value tile
+    __shared__ __align__(16) __nv_bfloat16 kt[HS * TC_LD];
+    __shared__ int attended[TC_KEYS];
+    __shared__ float red[32];
+    const int bh = blockIdx.x, b = bh / nh, h = bh % nh, q0 = blockIdx.y * ATTENTION_ROWS;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    const int hid = nh * HS;
+    const long c3 = 3L * hid;
+    const __nv_bfloat16* seq = qkv + (long)b * t * c3 + h * HS;
+    const int last = attended_end(mask, b, t, red);
+    const bool anyk = last > 0;
+    const int kend = anyk ? last : t;
+    const int row = q0 + warp * 16 + g;
+    float li[2], di[2];
+#pragma unroll
+    for (int r2 = 0; r2 < 2; r2++) {
+        const int i = min(row + 8 * r2, t - 1);
+        li[r2] = lse[(long)bh * t + i];
+        di[r2] = dd[(long)(b * t + i) * nh + h];
     }
-ATTENTION_TC(32)
-ATTENTION_TC(64)
-ATTENTION_TC(128)
+
+    stage_rows<HS>(ks, KS, seq, c3, q0, t);
+    stage_rows<HS>(vs, KS, dout + (long)b * t * hid + h * HS, hid, q0, t);
+    __syncthreads();
+    uint32_t qf[HS / 16][4], gf[HS / 16][4];
+    load_a<HS>(qf, ks, KS, warp * 16);
+    load_a<HS>(gf, vs, KS, warp * 16);
+    float dq[HS / 8][4];
+    zero<HS / 8>(dq);
+    for (int k0 = 0; k0 < kend; k0 += TC_KEYS) {
+        __syncthreads();  // every warp is done with the previous tile (or the query and dout tiles)
+        stage_rows<HS>(ks, KS, seq + hid, c3, k0, t);
+        stage_rows<HS>(vs, KS, seq + 2 * hid, c3, k0, t);
+        stage_cols<HS>(kt, seq + hid, c3, k0, t);
+        for (int jj = threadIdx.x; jj < TC_KEYS; jj += blockDim.x) {
+            const int j = k0 + jj;
+            attended[jj] = j < t && (!anyk || mask[b * t + j] != 0);
+        }
+        __syncthreads();
+        float s[NK][4], dp[NK][4];
+        zero<NK>(s);
+        zero<NK>(dp);
+        mma_rows<HS, NK>(s, qf, ks, KS);
+        mma_rows<HS, NK>(dp, gf, vs, KS);
+        // dS = P ∘ (dP ∘ keep − D) / √d, P recomputed from the log-sum-exp.
+#pragma unroll
+        for (int nt = 0; nt < NK; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int r2 = e >> 1, jj = nt * 8 + 2 * tq + (e & 1);
+                const float p = attended[jj] ? expf(s[nt][e] * scale - li[r2]) : 0.f;
+                const unsigned long long i = row + 8 * r2, j = k0 + jj;
+                const float f = dropout_factor(d, ((unsigned long long)bh * t + i) * t + j);
+                s[nt][e] = p * (dp[nt][e] * f - di[r2]) * scale;
+            }
+        uint32_t sf[NK / 2][4];
+        as_a<NK>(sf, s);
+        mma_rows<TC_KEYS, HS / 8>(dq, sf, kt, TC_LD);
+    }
+    const float one[2] = {1.f, 1.f};
+    store_rows<HS / 8>(dqkv + (long)b * t * c3 + h * HS, c3, row, t, dq, one);
+}
+
+template <int HS>
+__device__ void attention_bwd_dkdv_tc_impl(__nv_bfloat16* dqkv, const __nv_bfloat16* dout, const __nv_bfloat16* qkv,
+                                           const float* lse, const float* dd, const int* mask, int t, int nh,
+                                           float scale, DropoutArgs d) {
+    constexpr int KS = HS + 8;
+    constexpr int NQ = TC_KEYS / 8;  // n-tiles of a query tile
+    __shared__ __align__(16) __nv_bfloat16 qs[TC_KEYS * KS];  // the key tile, then each query tile
+    __shared__ __align__(16) __nv_bfloat16 gs[TC_KEYS * KS];  // the value tile, then each dout tile
+    __shared__ __align__(16) __nv_bfloat16 qt[HS * TC_LD];
+    __shared__ __align__(16) __nv_bfloat16 gt[HS * TC_LD];
+    __shared__ float ls[TC_KEYS], ds[TC_KEYS];
+    __shared__ float red[32];
+    const int bh = blockIdx.x, b = bh / nh, h = bh % nh, k0 = blockIdx.y * ATTENTION_ROWS;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    const int hid = nh * HS;
+    const long c3 = 3L * hid;
+    const __nv_bfloat16* seq = qkv + (long)b * t * c3 + h * HS;
+    const __nv_bfloat16* gseq = dout + (long)b * t * hid + h * HS;
+    const int last = attended_end(mask, b, t, red);
+    const bool anyk = last > 0;
+    // This lane's keys (rows g and g + 8 of its warp): attended or not.
+    const int key = k0 + warp * 16 + g;
+    bool att[2];
+#pragma unroll
+    for (int r2 = 0; r2 < 2; r2++) {
+        const int j = key + 8 * r2;
+        att[r2] = j < t && (!anyk || mask[b * t + j] != 0);
+    }
+    float dk[HS / 8][4], dv[HS / 8][4];
+    zero<HS / 8>(dk);
+    zero<HS / 8>(dv);
+    // A block wholly past the last attended key has no gradient: zeros, as the CUDA-core kernel writes.
+    if (!anyk || k0 < last) {
+        stage_rows<HS>(qs, KS, seq + hid, c3, k0, t);
+        stage_rows<HS>(gs, KS, seq + 2 * hid, c3, k0, t);
+        __syncthreads();
+        uint32_t kf[HS / 16][4], vf[HS / 16][4];
+        load_a<HS>(kf, qs, KS, warp * 16);
+        load_a<HS>(vf, gs, KS, warp * 16);
+        for (int q0 = 0; q0 < t; q0 += TC_KEYS) {
+            __syncthreads();  // every warp is done with the previous tile (or the key and value tiles)
+            stage_rows<HS>(qs, KS, seq, c3, q0, t);
+            stage_rows<HS>(gs, KS, gseq, hid, q0, t);
+            stage_cols<HS>(qt, seq, c3, q0, t);
+            stage_cols<HS>(gt, gseq, hid, q0, t);
+            for (int ii = threadIdx.x; ii < TC_KEYS; ii += blockDim.x) {
+                const int i = q0 + ii;
+                ls[ii] = i < t ? lse[(long)bh * t + i] : INFINITY;  // past the sequence: P = 0
+                ds[ii] = i < t ? dd[(long)(b * t + i) * nh + h] : 0.f;
+            }
+            __syncthreads();
+            float st[NQ][4], dpt[NQ][4];
+            zero<NQ>(st);
+            zero<NQ>(dpt);
+            mma_rows<HS, NQ>(st, kf, qs, KS);   // Sᵀ = K·Qᵀ: keys × queries
+            mma_rows<HS, NQ>(dpt, vf, gs, KS);  // dPᵀ = V·dOᵀ
+            // Pᵀ ∘ keep and dSᵀ, packed as A fragments as they are made (k-step kk: n-tiles 2kk, 2kk + 1).
+            uint32_t pf[NQ / 2][4], sf[NQ / 2][4];
+#pragma unroll
+            for (int nt = 0; nt < NQ; nt++) {
+                float pk[4], dsv[4];
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int r2 = e >> 1, ii = nt * 8 + 2 * tq + (e & 1);
+                    const float p = att[r2] ? expf(st[nt][e] * scale - ls[ii]) : 0.f;
+                    const unsigned long long i = q0 + ii, j = key + 8 * r2;
+                    const float f = dropout_factor(d, ((unsigned long long)bh * t + i) * t + j);
+                    pk[e] = p * f;
+                    dsv[e] = p * (dpt[nt][e] * f - ds[ii]) * scale;
+                }
+                pf[nt / 2][(nt & 1) * 2] = pack_bf16x2(pk[0], pk[1]);
+                pf[nt / 2][(nt & 1) * 2 + 1] = pack_bf16x2(pk[2], pk[3]);
+                sf[nt / 2][(nt & 1) * 2] = pack_bf16x2(dsv[0], dsv[1]);
+                sf[nt / 2][(nt & 1) * 2 + 1] = pack_bf16x2(dsv[2], dsv[3]);
+            }
+            mma_rows<TC_KEYS, HS / 8>(dv, pf, gt, TC_LD);  // dV += (Pᵀ ∘ keep)·dO
+            mma_rows<TC_KEYS, HS / 8>(dk, sf, qt, TC_LD);  // dK += dSᵀ·Q
+        }
+    }
+    const float one[2] = {1.f, 1.f};
+    store_rows<HS / 8>(dqkv + (long)b * t * c3 + hid + h * HS, c3, key, t, dk, one);
+    store_rows<HS / 8>(dqkv + (long)b * t * c3 + 2 * hid + h * HS, c3, key, t, dv, one);
+}
+
+#define ATTENTION_FWD_TC(HS)                                                                                 \
+    BERTCUDA_KERNEL(attention_fwd_tc_bf16_hs##HS, __nv_bfloat16* out, float* lse, const __nv_bfloat16* qkv,   \
+                    const int* mask, int t, int nh, float scale, DropoutArgs d) {                            \
+        attention_fwd_tc_impl<HS>(out, lse, qkv, mask, t, nh, scale, d);                                     \
+    }
+#define ATTENTION_BWD_TC(HS)                                                                                 \
+    BERTCUDA_KERNEL(attention_bwd_dq_tc_bf16_hs##HS, __nv_bfloat16* dqkv, const __nv_bfloat16* dout,          \
+                    const __nv_bfloat16* qkv, const float* lse, const float* dd, const int* mask, int t,     \
+                    int nh, float scale, DropoutArgs d) {                                                    \
+        attention_bwd_dq_tc_impl<HS>(dqkv, dout, qkv, lse, dd, mask, t, nh, scale, d);                       \
+    }                                                                                                        \
+    BERTCUDA_KERNEL(attention_bwd_dkdv_tc_bf16_hs##HS, __nv_bfloat16* dqkv, const __nv_bfloat16* dout,        \
+                    const __nv_bfloat16* qkv, const float* lse, const float* dd, const int* mask, int t,     \
+                    int nh, float scale, DropoutArgs d) {                                                    \
+        attention_bwd_dkdv_tc_impl<HS>(dqkv, dout, qkv, lse, dd, mask, t, nh, scale, d);                     \
+    }
+ATTENTION_FWD_TC(32)
+ATTENTION_FWD_TC(64)
+ATTENTION_FWD_TC(128)
+ATTENTION_BWD_TC(32)
+ATTENTION_BWD_TC(64)

@@ -136,6 +136,8 @@ pub(crate) struct AttentionKernels {
     pub bwd_dq: KernelPerStorage,
     /// The bf16 forward on tensor cores (head sizes 32, 64 and 128).
     pub fwd_tensor_core: Option<Kernel>,
+    /// The bf16 backward on tensor cores, dk/dv and dq (head sizes 32 and 64).
+    pub bwd_tensor_core: Option<(Kernel, Kernel)>,
 }
 
 impl Kernels {
@@ -159,6 +161,14 @@ impl Kernels {
                 bwd_dq: typed("attention_bwd_dq")?,
                 fwd_tensor_core: (hs >= 32)
                     .then(|| f(&format!("attention_fwd_tc_bf16_hs{hs}")))
+                    .transpose()?,
+                bwd_tensor_core: (hs == 32 || hs == 64)
+                    .then(|| -> Result<(Kernel, Kernel)> {
+                        Ok((
+                            f(&format!("attention_bwd_dkdv_tc_bf16_hs{hs}"))?,
+                            f(&format!("attention_bwd_dq_tc_bf16_hs{hs}"))?,
+                        ))
+                    })
                     .transpose()?,
             });
         }

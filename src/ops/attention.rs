@@ -308,7 +308,11 @@ impl Attention for Cuda {
             return Ok(());
         }
         let kernels = self.attention_kernels(hs)?;
-        let (fkv, fq) = (kernels.bwd_dkdv.of(dt), kernels.bwd_dq.of(dt));
+        // bf16 on tensor cores where there are kernels for the head size; else one row per thread.
+        let ((fkv, fq), threads) = match (dt, kernels.bwd_tensor_core) {
+            (StorageType::Bf16, Some(tc)) => (tc, ATTENTION_TC_THREADS),
+            _ => ((kernels.bwd_dkdv.of(dt), kernels.bwd_dq.of(dt)), ATTENTION_ROWS),
+        };
         let half = batch * heads * seq;
         let (lse, dd) = (state.prefix(half), state.at(half, half));
         let ([pdd], [pg, po]) = self.ptrs_as(dt, [dd], [dout, out])?;
@@ -324,7 +328,7 @@ impl Attention for Cuda {
         let (t, scale, d) = (seq as i32, (1.0 / (hs as f64).sqrt()) as f32, DropoutArgs::of(dropout));
         let grid = ((batch * heads) as u32, seq.div_ceil(ATTENTION_ROWS as usize) as u32, 1);
         for f in [fkv, fq] {
-            self.launch(f, grid, ATTENTION_ROWS, &[&pdq, &pg, &pq, &pl, &pd, &pm, &t, &nh, &scale, &d])?;
+            self.launch(f, grid, threads, &[&pdq, &pg, &pq, &pl, &pd, &pm, &t, &nh, &scale, &d])?;
         }
         Ok(())
     }
