@@ -340,16 +340,53 @@ fn time_cuda(be: &crate::backend::cuda::Cuda, reps: usize, f: &mut dyn FnMut() -
     Ok(start.elapsed().as_secs_f64() * 1e3 / reps as f64)
 }
 
+/// Attention forward and backward on BERT's shapes (12 heads of 64; batch 32 at seq 128, 8 at 512), on
+/// random inputs (not constant ones, whose softmax is flat), without and with dropout 0.1 on the
+/// probabilities: compare with benches/torch_attention.py (PyTorch's scaled_dot_product_attention, its
+/// flash backend) on the same shapes. FLOPs: 4·B·NH·T²·64 forward, 2.5× that backward (as FlashAttention
+/// counts them).
+fn attention_rows(be: &crate::backend::cuda::Cuda, label: &str, out: &mut Vec<KernelBench>) -> Result<()> {
+    use crate::backend::{Attention, Dropout, DropoutKey, Kind, Memory};
+    let normal = |stream: u64, n: usize| {
+        let mut v = vec![0f32; n];
+        crate::model::params::fill_normal(&mut crate::data::rng::KeyedRng::new(stream, &[0]), &mut v, 1.0);
+        v
+    };
+    let (nh, hs) = (12usize, 64usize);
+    let h = nh * hs;
+    for (bb, seq) in [(32usize, 128usize), (8, 512)] {
+        let rows = bb * seq;
+        let qkv = be.alloc_kind(rows * 3 * h, Kind::Activation)?;
+        be.upload(qkv, &normal(7, rows * 3 * h))?;
+        let dout = be.alloc_kind(rows * h, Kind::Activation)?;
+        be.upload(dout, &normal(8, rows * h))?;
+        let (o, dqkv) = (be.alloc_kind(rows * h, Kind::Activation)?, be.alloc_kind(rows * 3 * h, Kind::Activation)?);
+        let st = be.alloc_kind(be.attention_state_len(bb, seq, nh), Kind::Stat)?;
+        let mask = be.alloc_ints(rows)?;
+        be.upload_ints(mask, &vec![1; rows])?;
+        let flops = 4.0 * (bb * nh * seq * seq * hs) as f64;
+        for dropout in [None, Some(Dropout { p: 0.1, key: DropoutKey { seed: 1, step: 0, site: 0 } })] {
+            let what = format!("{bb}×{seq}, 12×64, {label}{}", if dropout.is_some() { ", dropout" } else { "" });
+            let f_ms = time_cuda(be, 10, &mut || be.attention_fwd(o, st, qkv, mask, bb, seq, nh, hs, dropout))?;
+            let b_ms =
+                time_cuda(be, 10, &mut || be.attention_bwd(dqkv, dout, o, qkv, st, mask, bb, seq, nh, hs, dropout))?;
+            out.push(KernelBench::compute(format!("attention_fwd ({what})"), f_ms, flops));
+            out.push(KernelBench::compute(format!("attention_bwd ({what})"), b_ms, 2.5 * flops));
+        }
+    }
+    Ok(())
+}
+
 /// Each CUDA kernel on BERT-base shapes (batch 32, seq 128, hidden 768, 12 heads), timed over repeats,
 /// against the device's own measured copy bandwidth (and cuBLAS SGEMM for the matrix product).
 pub fn bench_kernels() -> Result<(String, Vec<KernelBench>)> {
     use crate::backend::cuda::Cuda;
     use crate::backend::{
-        Activations, AdamWStep, Attention, Dropout, DropoutKey, Kind, Linear, Loss, Memory, Norm, Optim,
+        Activations, AdamWStep, Dropout, DropoutKey, Kind, Linear, Loss, Memory, Norm, Optim,
     };
     use crate::model::config::Activation;
     let be = Cuda::new(0)?;
-    let (b, t, h, nh, i, v) = (32usize, 128usize, 768usize, 12usize, 3072usize, 30522usize);
+    let (b, t, h, i, v) = (32usize, 128usize, 768usize, 3072usize, 30522usize);
     let n = b * t;
     let time = |reps: usize, f: &mut dyn FnMut() -> Result<()>| time_cuda(&be, reps, f);
     let mut out = Vec::new();
@@ -434,22 +471,7 @@ pub fn bench_kernels() -> Result<(String, Vec<KernelBench>)> {
     let sq = be.alloc(1)?;
     let ms = time(10, &mut || be.sum_squares(sq, g))?;
     mem("gradient norm (110 M)", 4.0 * np as f64, ms);
-    // Attention at seq 128 and 512 (12 heads of 64), forward and backward.
-    for seq in [128usize, 512] {
-        let bb = if seq == 128 { 32 } else { 8 };
-        let rows = bb * seq;
-        let qkv = be.alloc(rows * 3 * h)?;
-        be.fill(qkv, 0.01)?;
-        let (o, dqkv) = (be.alloc(rows * h)?, be.alloc(rows * 3 * h)?);
-        let st = be.alloc(be.attention_state_len(bb, seq, nh))?;
-        let mask = be.alloc_ints(rows)?;
-        be.upload_ints(mask, &vec![1; rows])?;
-        let f_ms = time(10, &mut || be.attention_fwd(o, st, qkv, mask, bb, seq, nh, 64, None))?;
-        let b_ms = time(10, &mut || be.attention_bwd(dqkv, o, o, qkv, st, mask, bb, seq, nh, 64, None))?;
-        let flops = 4.0 * (bb * nh * seq * seq * 64) as f64;
-        out.push(KernelBench::compute(format!("attention_fwd ({bb}×{seq}, 12×64)"), f_ms, flops));
-        out.push(KernelBench::compute(format!("attention_bwd ({bb}×{seq}, 12×64)"), b_ms, 2.5 * flops));
-    }
+    attention_rows(&be, "fp32, CUDA cores", &mut out)?;
     // cuBLAS SGEMM (fp32, no TF32) on the FFN shape.
     let (a, bm, c) = (be.alloc(n * h)?, be.alloc(i * h)?, be.alloc(n * i)?);
     let ms = time(20, &mut || be.matmul(c, a, bm, n, i, h, false, true, false))?;
@@ -463,6 +485,7 @@ pub fn bench_kernels() -> Result<(String, Vec<KernelBench>)> {
         b16.alloc_kind(i * h, Kind::Param)?,
         b16.alloc_kind(n * i, Kind::Activation)?,
     );
+    attention_rows(&b16, "bf16, tensor cores", &mut out)?;
     let time16 = |reps: usize, f: &mut dyn FnMut() -> Result<()>| time_cuda(&b16, reps, f);
     let ms = time16(20, &mut || b16.matmul(ya, xa, wa, n, i, h, false, true, false))?;
     out.push(KernelBench::compute("gemm bf16 (4096×3072×768)", ms, 2.0 * (n * i * h) as f64));

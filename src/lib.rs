@@ -1,7 +1,8 @@
 //! bertcuda: BERT pretraining (masked LM + next-sentence prediction) with hand-written CUDA kernels and a
 //! Rust host. The layers, from the bottom: `backend` (memory and devices), `ops` (the op families, each
 //! with its CPU reference and CUDA launcher), `data` (tokenizer, shards, examples, loader), `model`,
-//! `optim`, `train`; the binary in `main.rs` only parses arguments and prints.
+//! `optim`, `train`; the binary (`main.rs`, the commands and their dispatch; `cli/`, each command's flags
+//! and output) calls them. docs/ARCHITECTURE.md describes the whole.
 
 // Ops take their shapes as arguments, and numeric loops index several arrays by one position.
 #![allow(clippy::too_many_arguments, clippy::needless_range_loop)]
