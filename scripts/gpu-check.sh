@@ -6,7 +6,7 @@
 # of its log to OUTDIR/report.md as it ends, so a run killed part-way still says what it saw:
 #   0. the op families' GPU tests (src/ops), 1. the whole-model GPU tests in fp32 (held to the CPU
 #   reference), 2. the whole-model GPU tests with bf16 activations,
-#   3. `bertcuda bench kernels`, 4. BERT-base training at seq 128 in bf16, bertcuda then transformers on the
+#   3. `bertcuda bench kernels`, then PyTorch's SDPA on its attention shapes, 4. BERT-base training at seq 128 in bf16, bertcuda then transformers on the
 #   same shapes, 5. the default training run, 6. compute-sanitizer memcheck and racecheck on the op
 #   tests only. A part is skipped when less of the total budget (TOTAL_S, default 460 s) is left than its
 #   timeout. Each part runs even when an earlier one failed; the report says which failed.
@@ -66,6 +66,7 @@ part "GPU tests, fp32 (whole model, 200 training steps in fp32/bf16/fp16, NCCL w
   $tests gpu:: --ignored --test-threads=1 --skip bf16
 part "GPU tests, bf16 activations (whole model)" 30 gpu-tests-bf16.log $tests gpu::bf16 --ignored --test-threads=1
 part "bench kernels (fp32 and bf16, with the copy and GEMM limits)" 50 bench-kernels.log .gpu/bertcuda bench kernels
+part "PyTorch SDPA (flash, bf16) on bench kernels' attention shapes" 25 torch-attention.log python3 benches/torch_attention.py
 part "sample shards" 20 prepare.log bash -c ".gpu/bertcuda tokenizer train --input data/sample --vocab-size 8000 --output '$out/tok' --overwrite && .gpu/bertcuda prepare --input data/sample --tokenizer '$out/tok' --output '$out/shards' --overwrite --quiet"
 part "bench train: bertcuda BERT-base, seq 128, batch 32, bf16" 45 bench-train-base-bf16.log \
   .gpu/bertcuda bench train --data "$out/shards" --preset base --device cuda --precision bf16 --seq 128 --batch-size 32 --steps 10
