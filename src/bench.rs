@@ -211,6 +211,9 @@ pub struct TrainBench {
     pub model_tflops: f64,
     /// Device memory in use after the model-alone run (the GPU), bytes.
     pub memory_bytes: Option<u64>,
+    /// On a device: the host's waits, transfers and device allocations over the steps after the first,
+    /// and how many steps.
+    pub traffic: Option<(crate::backend::device::Traffic, u64)>,
 }
 
 /// `bertcuda bench train`: whole training steps next to the model's own forward + backward, with the
@@ -270,6 +273,7 @@ pub fn bench_train(
         model_seq_per_s,
         model_tflops: flops_per_token * tokens_per_s / 1e12,
         memory_bytes,
+        traffic: s.traffic,
     })
 }
 
@@ -360,16 +364,20 @@ fn attention_rows(be: &crate::backend::cuda::Cuda, label: &str, out: &mut Vec<Ke
         be.upload(qkv, &normal(7, rows * 3 * h))?;
         let dout = be.alloc_kind(rows * h, Kind::Activation)?;
         be.upload(dout, &normal(8, rows * h))?;
-        let (o, dqkv) = (be.alloc_kind(rows * h, Kind::Activation)?, be.alloc_kind(rows * 3 * h, Kind::Activation)?);
+        let (o, dqkv) =
+            (be.alloc_kind(rows * h, Kind::Activation)?, be.alloc_kind(rows * 3 * h, Kind::Activation)?);
         let st = be.alloc_kind(be.attention_state_len(bb, seq, nh), Kind::Stat)?;
         let mask = be.alloc_ints(rows)?;
         be.upload_ints(mask, &vec![1; rows])?;
         let flops = 4.0 * (bb * nh * seq * seq * hs) as f64;
         for dropout in [None, Some(Dropout { p: 0.1, key: DropoutKey { seed: 1, step: 0, site: 0 } })] {
-            let what = format!("{bb}×{seq}, 12×64, {label}{}", if dropout.is_some() { ", dropout" } else { "" });
-            let f_ms = time_cuda(be, 10, &mut || be.attention_fwd(o, st, qkv, mask, bb, seq, nh, hs, dropout))?;
-            let b_ms =
-                time_cuda(be, 10, &mut || be.attention_bwd(dqkv, dout, o, qkv, st, mask, bb, seq, nh, hs, dropout))?;
+            let what =
+                format!("{bb}×{seq}, 12×64, {label}{}", if dropout.is_some() { ", dropout" } else { "" });
+            let f_ms =
+                time_cuda(be, 10, &mut || be.attention_fwd(o, st, qkv, mask, bb, seq, nh, hs, dropout))?;
+            let b_ms = time_cuda(be, 10, &mut || {
+                be.attention_bwd(dqkv, dout, o, qkv, st, mask, bb, seq, nh, hs, dropout)
+            })?;
             out.push(KernelBench::compute(format!("attention_fwd ({what})"), f_ms, flops));
             out.push(KernelBench::compute(format!("attention_bwd ({what})"), b_ms, 2.5 * flops));
         }

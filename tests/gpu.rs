@@ -313,7 +313,40 @@ fn nccl_with_world_size_one_through_the_whole_training_path() {
     assert!(s.losses.iter().all(|l| l.is_finite()));
 }
 
+/// After a run's first step the device allocates nothing, and what each step costs the host (waits,
+/// uploads, downloads) is counted: bf16 (the tensor-core attention at head size 64), a few steps.
+fn no_device_allocation_after_the_first_step() {
+    use bertcuda::backend::choice::{parse, Precision};
+    use bertcuda::train::{train, TrainConfig};
+    use std::sync::{atomic::AtomicBool, Arc};
+    let tmp = tempfile::tempdir().unwrap();
+    testing::common::sample_shards(tmp.path(), 600, 400);
+    let cfg = TrainConfig {
+        data: vec![tmp.path().join("shards")],
+        output: tmp.path().join("out"),
+        model_config: "tiny".into(),
+        device: parse(device_name()).unwrap(),
+        precision: Precision::Bf16,
+        per_device_batch_size: 4,
+        max_seq_len: 32,
+        max_steps: Some(4),
+        save_steps: 1000,
+        logging_steps: 1000,
+        progress: false,
+        ..TrainConfig::default()
+    };
+    let s = train(cfg, Arc::new(AtomicBool::new(false))).unwrap();
+    let (t, steps) = s.traffic.expect("a device counts its traffic");
+    assert_eq!(steps, 3);
+    assert_eq!(t.allocations, 0, "device allocations after the first step: {t:?}");
+    assert!(
+        t.uploads >= steps && t.downloads >= steps,
+        "each step uploads its batch and reads its norm: {t:?}"
+    );
+}
+
 on_both_devices!(
+    no_device_allocation_after_the_first_step,
     whole_model_loss_and_every_gradient_equal_the_cpu,
     bf16_activations_track_the_fp32_cpu_model,
     the_gpu_loss_has_the_gradient_the_gpu_backward_computes,

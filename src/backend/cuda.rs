@@ -18,7 +18,7 @@ use std::cell::{Cell, RefCell};
 use super::device::driver::Driver;
 pub use super::device::driver::{kernels_built, probe, NcclComm};
 use super::device::emu::{Emu, EmuOptions};
-use super::device::{Compute, Device, Kernel, KernelArg, Launch, Mem};
+use super::device::{Compute, Counted, Device, Kernel, KernelArg, Launch, Mem, Traffic};
 
 use crate::backend::{philox, AllocationMark, Buf, Dropout, Ints, Kind, Memory};
 use crate::bail;
@@ -243,7 +243,7 @@ impl Scratch {
 }
 
 pub struct Cuda {
-    pub(crate) dev: Box<dyn Device>,
+    pub(crate) dev: Counted,
     pub(crate) k: Kernels,
     pub(crate) floats: RefCell<Vec<Floats>>,
     pub(crate) ints: RefCell<Vec<IntsBuf>>,
@@ -285,7 +285,7 @@ impl Cuda {
         let k = Kernels::load(dev.as_ref())?;
         let name = dev.name();
         Ok(Cuda {
-            dev,
+            dev: Counted::new(dev),
             k,
             floats: RefCell::new(Vec::new()),
             ints: RefCell::new(Vec::new()),
@@ -305,7 +305,7 @@ impl Cuda {
 
     /// The device under this backend.
     pub fn device(&self) -> &dyn Device {
-        self.dev.as_ref()
+        &self.dev
     }
 
     /// The real GPU under this backend, when it is one.
@@ -439,7 +439,7 @@ impl Cuda {
 
     /// A device buffer of at least `n` floats for reduction partials.
     pub(crate) fn partials(&self, n: usize) -> Result<u64> {
-        self.partials.borrow_mut().at_least(self.dev.as_ref(), 4 * n)
+        self.partials.borrow_mut().at_least(&self.dev, 4 * n)
     }
 
     pub(crate) fn need(what: &str, got: usize, want: usize) -> Result<()> {
@@ -529,6 +529,10 @@ impl Memory for Cuda {
 
     fn memory_used(&self) -> Option<u64> {
         self.dev.memory_used()
+    }
+
+    fn traffic(&self) -> Option<Traffic> {
+        Some(self.dev.traffic())
     }
 
     fn alloc(&self, len: usize) -> Result<Buf> {

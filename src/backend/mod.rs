@@ -174,6 +174,11 @@ pub trait Memory {
         None
     }
 
+    /// The host's waits, transfers and device allocations so far, where the backend has a device.
+    fn traffic(&self) -> Option<device::Traffic> {
+        None
+    }
+
     // ---- memory -------------------------------------------------------------------------------------
     /// A zeroed float buffer.
     fn alloc(&self, len: usize) -> Result<Buf>;

@@ -127,6 +127,17 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             if let Some(m) = b.memory_bytes {
                 println!("device memory in use: {:.2} GB", m as f64 / 1e9);
             }
+            if let Some((t, n)) = b.traffic {
+                let per = |x: u64| x as f64 / n as f64;
+                println!(
+                    "per step (the {n} after the first): {:.1} host synchronisations, {:.1} uploads ({:.1} KB), {:.1} downloads, {:.1} device allocations",
+                    per(t.synchronisations),
+                    per(t.uploads),
+                    per(t.upload_bytes) / 1e3,
+                    per(t.downloads),
+                    per(t.allocations)
+                );
+            }
             Ok(())
         }
         BenchCmd::Model { preset, batch_size, seq, steps } => {

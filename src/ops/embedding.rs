@@ -10,6 +10,7 @@ use rayon::prelude::*;
 use crate::backend::cpu::{Cpu, Real};
 use crate::backend::cuda::launch::{THREADS, WARP_ROWS};
 use crate::backend::cuda::{Cuda, StorageType};
+use crate::backend::device::Device;
 use crate::backend::{Buf, Ints};
 use crate::bail;
 use crate::error::Result;
@@ -156,7 +157,7 @@ pub fn row_groups(keys_of_rows: &[i32]) -> (Vec<i32>, Vec<i32>, Vec<i32>) {
 impl Cuda {
     /// Upload i32 data into the grow-only group buffer; its device pointer.
     fn upload_groups(&self, data: &[i32]) -> Result<u64> {
-        let p = self.groups.borrow_mut().at_least(self.dev.as_ref(), 4 * data.len().max(1024))?;
+        let p = self.groups.borrow_mut().at_least(&self.dev, 4 * data.len().max(1024))?;
         self.dev.htod(p, bytemuck::cast_slice(data))?;
         Ok(p)
     }

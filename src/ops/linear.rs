@@ -10,6 +10,7 @@ use rayon::prelude::*;
 use crate::backend::cpu::{reduce_rows, Cpu, Real};
 use crate::backend::cuda::launch::{PARTIAL_ROWS, THREADS};
 use crate::backend::cuda::{grid_for, Cuda, StorageType};
+use crate::backend::device::Device;
 use crate::backend::device::{Compute, Elem, Gemm};
 use crate::backend::Buf;
 use crate::bail;

@@ -12,6 +12,7 @@ use rayon::prelude::*;
 use crate::backend::cpu::{Cpu, Real};
 use crate::backend::cuda::launch::{PARTIAL_ROWS, THREADS};
 use crate::backend::cuda::Cuda;
+use crate::backend::device::Device;
 use crate::backend::{Buf, Ints};
 use crate::bail;
 use crate::error::Result;

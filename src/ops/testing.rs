@@ -17,7 +17,7 @@
 #![allow(dead_code, unused_imports)]
 
 #[path = "../../tests/common/mod.rs"]
-mod common;
+pub mod common;
 
 pub use common::randn;
 

@@ -43,6 +43,9 @@ pub struct TrainSummary {
     pub output: PathBuf,
     /// Seconds in the step loop (loader, forward, backward, optimizer, logging), saves excluded.
     pub loop_seconds: f64,
+    /// On a device: its host traffic over the steps after this run's first (logging and checkpoint steps
+    /// among them), and how many steps that was.
+    pub traffic: Option<(crate::backend::device::Traffic, u64)>,
 }
 
 /// Stop flags set by SIGINT/SIGTERM: the first asks the loop to save and stop; a second exits at once

@@ -17,6 +17,7 @@ use super::eval::evaluate;
 use super::log::{print_plan, RunLog, StepMetrics};
 use super::setup::{Phase, Setup};
 use super::TrainSummary;
+use crate::backend::device::Traffic;
 use crate::backend::{AllocationMark, Backend, Buf, Kind};
 use crate::bail;
 use crate::checkpoint::{self, CheckpointData, TrainerState, STATE_VERSION};
@@ -83,6 +84,8 @@ pub(super) struct Trainer<'a, B: Backend> {
     summary: TrainSummary,
     loop_start: Instant,
     save_seconds: f64,
+    /// The backend's traffic after this run's first step, and the step it was read at.
+    traffic_start: Option<(Traffic, u64)>,
 }
 
 /// What a step's forward and backward passes measured, summed over the ranks.
@@ -171,6 +174,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             stopped_by_signal: false,
             output: cfg.output.clone(),
             loop_seconds: 0.0,
+            traffic: None,
         };
         Ok(Trainer {
             be,
@@ -195,6 +199,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             summary,
             loop_start: Instant::now(),
             save_seconds: 0.0,
+            traffic_start: None,
             cfg,
         })
     }
@@ -224,7 +229,12 @@ impl<'a, B: Backend> Trainer<'a, B> {
         self.summary.losses.push(losses.total());
         self.summary.steps = self.state.global_step;
         self.log.progress.set(self.state.global_step);
-        self.log_step(&losses, &update)
+        self.log_step(&losses, &update)?;
+        if self.traffic_start.is_none() {
+            // The first step allocates and uploads what later steps reuse: count from its end.
+            self.traffic_start = self.be.traffic().map(|t| (t, self.state.global_step));
+        }
+        Ok(())
     }
 
     /// A checkpoint is due after this step (the last one is `finish`'s).
@@ -246,6 +256,10 @@ impl<'a, B: Backend> Trainer<'a, B> {
     /// output directory itself, like save_pretrained.
     pub fn finish(mut self) -> Result<TrainSummary> {
         self.summary.loop_seconds = self.loop_start.elapsed().as_secs_f64() - self.save_seconds;
+        if let (Some((start, step)), Some(now)) = (self.traffic_start, self.be.traffic()) {
+            let steps = self.state.global_step - step;
+            self.summary.traffic = (steps > 0).then_some((now - start, steps));
+        }
         self.log.progress.finish();
         if self.state.global_step != self.last_saved {
             if let Some(dir) = self.checkpoint()? {

@@ -147,6 +147,110 @@ pub trait Device {
     fn as_any(&self) -> &dyn std::any::Any;
 }
 
+/// What a device was asked to do that costs the host a wait or a transfer, counted at this interface:
+/// the numbers behind "no synchronisation inside a step".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Times the host waited for the device: `synchronize`, and every copy back (`dtoh` waits for the
+    /// work queued before it).
+    pub synchronisations: u64,
+    /// Copies host → device, and their bytes.
+    pub uploads: u64,
+    pub upload_bytes: u64,
+    /// Copies device → host.
+    pub downloads: u64,
+    /// Device allocations.
+    pub allocations: u64,
+}
+
+impl std::ops::Sub for Traffic {
+    type Output = Traffic;
+    fn sub(self, o: Traffic) -> Traffic {
+        Traffic {
+            synchronisations: self.synchronisations - o.synchronisations,
+            uploads: self.uploads - o.uploads,
+            upload_bytes: self.upload_bytes - o.upload_bytes,
+            downloads: self.downloads - o.downloads,
+            allocations: self.allocations - o.allocations,
+        }
+    }
+}
+
+/// A device whose host-side traffic is counted; everything else passes through.
+pub struct Counted {
+    inner: Box<dyn Device>,
+    traffic: std::cell::Cell<Traffic>,
+}
+
+impl Counted {
+    pub fn new(inner: Box<dyn Device>) -> Self {
+        Counted { inner, traffic: Default::default() }
+    }
+
+    /// Everything counted so far.
+    pub fn traffic(&self) -> Traffic {
+        self.traffic.get()
+    }
+
+    fn count(&self, f: impl FnOnce(&mut Traffic)) {
+        let mut t = self.traffic.get();
+        f(&mut t);
+        self.traffic.set(t);
+    }
+}
+
+impl Device for Counted {
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+    fn compute_capability(&self) -> Result<(i32, i32)> {
+        self.inner.compute_capability()
+    }
+    fn memory_used(&self) -> Option<u64> {
+        self.inner.memory_used()
+    }
+    fn alloc(&self, bytes: usize, zeroed: bool) -> Result<Mem> {
+        self.count(|t| t.allocations += 1);
+        self.inner.alloc(bytes, zeroed)
+    }
+    fn htod(&self, dst: DevPtr, src: &[u8]) -> Result<()> {
+        self.count(|t| (t.uploads, t.upload_bytes) = (t.uploads + 1, t.upload_bytes + src.len() as u64));
+        self.inner.htod(dst, src)
+    }
+    fn dtoh(&self, dst: &mut [u8], src: DevPtr) -> Result<()> {
+        self.count(|t| (t.downloads, t.synchronisations) = (t.downloads + 1, t.synchronisations + 1));
+        self.inner.dtoh(dst, src)
+    }
+    fn dtod(&self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<()> {
+        self.inner.dtod(dst, src, bytes)
+    }
+    fn memset_zero(&self, dst: DevPtr, bytes: usize) -> Result<()> {
+        self.inner.memset_zero(dst, bytes)
+    }
+    fn kernel(&self, name: &str) -> Result<Kernel> {
+        self.inner.kernel(name)
+    }
+    fn launch(&self, k: Kernel, l: Launch, args: &[&dyn KernelArg]) -> Result<()> {
+        self.inner.launch(k, l, args)
+    }
+    fn gemm(&self, g: &Gemm) -> Result<()> {
+        self.inner.gemm(g)
+    }
+    fn synchronize(&self, timeout: Option<Duration>) -> Result<()> {
+        self.count(|t| t.synchronisations += 1);
+        self.inner.synchronize(timeout)
+    }
+    fn all_reduce_sum(&self, ptr: DevPtr, len: usize, comm: &dyn Comm) -> Result<()> {
+        self.inner.all_reduce_sum(ptr, len, comm)
+    }
+    fn all_reduce_wait(&self) -> Result<()> {
+        self.inner.all_reduce_wait()
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self.inner.as_any()
+    }
+}
+
 /// The all-reduce through host memory: `len` floats at `ptr` copied back, summed over `comm`'s ranks, and
 /// copied up again (a communicator that is not NCCL, or the emulated device).
 pub fn all_reduce_on_host(dev: &dyn Device, ptr: DevPtr, len: usize, comm: &dyn Comm) -> Result<()> {
