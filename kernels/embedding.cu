@@ -1,8 +1,13 @@
 // Embeddings: word + position + token type.
 //   embeddings_fwd: out[r] = word[ids[r]] + position[r mod T] + token_type[types[r]]                    (=)
-//   embeddings_bwd (one table): table[key_k] += Σ_{r in group k} dout[r], groups in a CSR built on the host
-//     (rows sorted by key, in row order within a key): one block per key, so no two threads add to one row
-//     and the order of additions is fixed — deterministic, no atomics.                                 (+=)
+//   embeddings_bwd, on the device and deterministic (no atomics; each sum's order fixed by the rows'):
+//     word:     embedding_sort_init + embedding_sort_stage sort the items key·2³² + row (keys = the token
+//               ids; a bitonic sort of a power of two of them, the padding all ones), then
+//               embedding_key_runs_: one block per sorted position that starts a key's run,
+//               table[key] += Σ its rows' dout in row order                                           (+=)
+//     position: embedding_position_bwd_: dposition[p] += Σ_b dout[b·T + p], b in order                 (+=)
+//     type:     embedding_type_partial_: per block of PARTIAL_ROWS rows, partial[k][type] = Σ its rows of
+//               that type; then tensor.cu's sum_partials_f32 adds them in block order                  (=)
 //   embeddings_layernorm_fwd: emb = word[ids] + position[r mod T] + token_type[types];
 //                             out = LayerNorm(emb); mean, rstd saved; one warp per row              (=)
 #include "common.cuh"
@@ -17,29 +22,80 @@ __device__ void embeddings_fwd_impl(T* out, const int* ids, const int* types, co
         out[(long)r * h + j] = from_f32<T>(to_f32(we[j]) + to_f32(pe[j]) + to_f32(te[j]));
 }
 
-// The table is a parameter gradient: fp32 whatever the activations' type.
+BERTCUDA_KERNEL(embedding_sort_init, unsigned long long* items, const int* keys, int n, int n2) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n2; i += gridDim.x * blockDim.x)
+        items[i] = i < n ? ((unsigned long long)(unsigned)keys[i] << 32) | (unsigned)i : ~0ull;
+}
+
+// One compare-exchange stage (k, j) of the bitonic sort: item i with its partner i ^ j, the pair ascending
+// where i & k is 0; the thread of the lower index of a pair does the exchange.
+BERTCUDA_KERNEL(embedding_sort_stage, unsigned long long* items, int n2, int k, int j) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n2; i += gridDim.x * blockDim.x) {
+        const int l = i ^ j;
+        if (l <= i) continue;
+        const unsigned long long a = items[i], b = items[l];
+        if ((a > b) == ((i & k) == 0)) {
+            items[i] = b;
+            items[l] = a;
+        }
+    }
+}
+
+// The tables are parameter gradients: fp32 whatever the activations' type.
 template <typename T>
-__device__ void embedding_scatter_impl(float* table, const T* dout, const int* keys, const int* offsets,
-                                       const int* rows, int groups, int h) {
-    const int k = blockIdx.x;
-    if (k >= groups) return;
-    float* dst = table + (long)keys[k] * h;
+__device__ void embedding_key_runs_impl(float* table, const T* dout, const unsigned long long* items, int n, int h) {
+    const int s = blockIdx.x;
+    if (s >= n) return;
+    const unsigned key = (unsigned)(items[s] >> 32);
+    if (s > 0 && (unsigned)(items[s - 1] >> 32) == key) return;  // inside a run: its start's block sums it
+    int e = s + 1;
+    while (e < n && (unsigned)(items[e] >> 32) == key) e++;
+    float* dst = table + (long)key * h;
     for (int j = threadIdx.x; j < h; j += blockDim.x) {
-        float s = 0.f;
-        for (int i = offsets[k]; i < offsets[k + 1]; i++) s += to_f32(dout[(long)rows[i] * h + j]);
-        dst[j] += s;
+        float acc = 0.f;
+        for (int i = s; i < e; i++) acc += to_f32(dout[(long)(unsigned)items[i] * h + j]);
+        dst[j] += acc;
+    }
+}
+
+template <typename T>
+__device__ void embedding_position_bwd_impl(float* table, const T* dout, int batch, int seq, int h) {
+    const int p = blockIdx.x, j = blockIdx.y * blockDim.x + threadIdx.x;
+    if (j >= h) return;
+    float acc = 0.f;
+    for (int b = 0; b < batch; b++) acc += to_f32(dout[((long)b * seq + p) * h + j]);
+    table[(long)p * h + j] += acc;
+}
+
+template <typename T>
+__device__ void embedding_type_partial_impl(float* partial, const T* dout, const int* types, int rows, int ntypes,
+                                            int h) {
+    const int r0 = blockIdx.x * PARTIAL_ROWS, r1 = min(rows, r0 + PARTIAL_ROWS);
+    const int j = blockIdx.y * blockDim.x + threadIdx.x;
+    if (j >= h) return;
+    for (int t = 0; t < ntypes; t++) {
+        float acc = 0.f;
+        for (int r = r0; r < r1; r++)
+            if (types[r] == t) acc += to_f32(dout[(long)r * h + j]);
+        partial[((long)blockIdx.x * ntypes + t) * h + j] = acc;
     }
 }
 
 #define EMBEDDING(T, N)                                                                                       \
-    BERTCUDA_KERNEL(embeddings_fwd_##N, T* out, const int* ids, const int* types, const T* word,    \
-                                                  const T* position, const T* token_type, int rows, int seq,  \
-                                                  int h) {                                                    \
+    BERTCUDA_KERNEL(embeddings_fwd_##N, T* out, const int* ids, const int* types, const T* word,            \
+                    const T* position, const T* token_type, int rows, int seq, int h) {                       \
         embeddings_fwd_impl(out, ids, types, word, position, token_type, rows, seq, h);                      \
     }                                                                                                         \
-    BERTCUDA_KERNEL(embeddings_bwd_##N, float* table, const T* dout, const int* keys, const int* offsets, \
-                                                  const int* rows, int groups, int h) {                       \
-        embedding_scatter_impl(table, dout, keys, offsets, rows, groups, h);                                 \
+    BERTCUDA_KERNEL(embedding_key_runs_##N, float* table, const T* dout, const unsigned long long* items,     \
+                    int n, int h) {                                                                           \
+        embedding_key_runs_impl(table, dout, items, n, h);                                                    \
+    }                                                                                                         \
+    BERTCUDA_KERNEL(embedding_position_bwd_##N, float* table, const T* dout, int batch, int seq, int h) {     \
+        embedding_position_bwd_impl(table, dout, batch, seq, h);                                              \
+    }                                                                                                         \
+    BERTCUDA_KERNEL(embedding_type_partial_##N, float* partial, const T* dout, const int* types, int rows,    \
+                    int ntypes, int h) {                                                                      \
+        embedding_type_partial_impl(partial, dout, types, rows, ntypes, h);                                   \
     }
 
 BERTCUDA_INSTANTIATE_FLOAT_TYPES(EMBEDDING)

@@ -107,7 +107,11 @@ pub(crate) struct Kernels {
     pub(crate) layernorm_bwd: KernelPerStorage,
     pub(crate) layernorm_param_partial: KernelPerStorage,
     pub(crate) embeddings_fwd: KernelPerStorage,
-    pub(crate) embeddings_bwd: KernelPerStorage,
+    pub(crate) embedding_sort_init: Kernel,
+    pub(crate) embedding_sort_stage: Kernel,
+    pub(crate) embedding_key_runs: KernelPerStorage,
+    pub(crate) embedding_position_bwd: KernelPerStorage,
+    pub(crate) embedding_type_partial: KernelPerStorage,
     pub(crate) gather_rows: KernelPerStorage,
     pub(crate) scatter_add_rows: KernelPerStorage,
     pub(crate) cross_entropy: KernelPerStorage,
@@ -189,7 +193,11 @@ impl Kernels {
             layernorm_bwd: t("layernorm_bwd")?,
             layernorm_param_partial: t("layernorm_param_partial_bwd")?,
             embeddings_fwd: t("embeddings_fwd")?,
-            embeddings_bwd: t("embeddings_bwd")?,
+            embedding_sort_init: f("embedding_sort_init")?,
+            embedding_sort_stage: f("embedding_sort_stage")?,
+            embedding_key_runs: t("embedding_key_runs")?,
+            embedding_position_bwd: t("embedding_position_bwd")?,
+            embedding_type_partial: t("embedding_type_partial")?,
             gather_rows: t("gather_rows")?,
             scatter_add_rows: t("scatter_add_rows")?,
             cross_entropy: t("cross_entropy")?,
@@ -223,11 +231,11 @@ pub(crate) struct Floats {
 pub(crate) struct IntsBuf {
     mem: Mem,
     len: usize,
-    /// What was last uploaded: the host builds the embedding-gradient groups and checks row lists from it.
+    /// What was last uploaded: the host checks token ids and row lists against it.
     pub(crate) host: Vec<i32>,
 }
 
-/// A grow-only device buffer for reduction partials and embedding-gradient groups: allocated on first
+/// A grow-only device buffer for reduction partials and the embedding gradient's sort: allocated on first
 /// use, then reused, so steady-state steps allocate nothing.
 #[derive(Default)]
 pub(crate) struct Scratch(Option<Mem>);
@@ -248,7 +256,8 @@ pub struct Cuda {
     pub(crate) floats: RefCell<Vec<Floats>>,
     pub(crate) ints: RefCell<Vec<IntsBuf>>,
     pub(crate) partials: RefCell<Scratch>,
-    pub(crate) groups: RefCell<Scratch>,
+    /// The embedding gradient's sorted (token id, row) items.
+    pub(crate) sort_items: RefCell<Scratch>,
     name: String,
     sync_timeout: Cell<Option<std::time::Duration>>,
     /// cuBLAS compute type of every matrix product: fp32 storage, and fp32 (CUBLAS_COMPUTE_32F), bf16 or
@@ -290,7 +299,7 @@ impl Cuda {
             floats: RefCell::new(Vec::new()),
             ints: RefCell::new(Vec::new()),
             partials: RefCell::new(Scratch::default()),
-            groups: RefCell::new(Scratch::default()),
+            sort_items: RefCell::new(Scratch::default()),
             name,
             sync_timeout: Cell::new(None),
             gemm: Cell::new((Compute::F32, "fp32")),

@@ -8,9 +8,8 @@
 use rayon::prelude::*;
 
 use crate::backend::cpu::{Cpu, Real};
-use crate::backend::cuda::launch::{THREADS, WARP_ROWS};
-use crate::backend::cuda::{Cuda, StorageType};
-use crate::backend::device::Device;
+use crate::backend::cuda::launch::{PARTIAL_ROWS, THREADS, WARP_ROWS};
+use crate::backend::cuda::{grid_for, Cuda, StorageType};
 use crate::backend::{Buf, Ints};
 use crate::bail;
 use crate::error::Result;
@@ -136,59 +135,40 @@ impl<T: Real> Embedding for Cpu<T> {
     }
 }
 
-/// The rows of each key, for the deterministic embedding gradient: (keys ascending, offsets into rows
-/// (keys + 1), rows in row order within each key). One block then sums one key's rows in this order.
-pub fn row_groups(keys_of_rows: &[i32]) -> (Vec<i32>, Vec<i32>, Vec<i32>) {
-    let mut order: Vec<i32> = (0..keys_of_rows.len() as i32).collect();
-    order.sort_by_key(|&r| (keys_of_rows[r as usize], r));
-    let mut keys = Vec::new();
-    let mut offsets = Vec::new();
-    for (i, &r) in order.iter().enumerate() {
-        let k = keys_of_rows[r as usize];
-        if keys.last() != Some(&k) {
-            keys.push(k);
-            offsets.push(i as i32);
-        }
-    }
-    offsets.push(order.len() as i32);
-    (keys, offsets, order)
-}
-
 impl Cuda {
-    /// Upload i32 data into the grow-only group buffer; its device pointer.
-    fn upload_groups(&self, data: &[i32]) -> Result<u64> {
-        let p = self.groups.borrow_mut().at_least(&self.dev, 4 * data.len().max(1024))?;
-        self.dev.htod(p, bytemuck::cast_slice(data))?;
-        Ok(p)
-    }
-
-    /// table[key] += Σ rows of dout in the key's group; groups built here from the host copy of `keys`.
-    fn embedding_scatter(
+    /// table[id] += Σ of dout's rows whose token id is `id`, deterministically: the (id, row) items of the
+    /// n rows sorted on the device (a bitonic sort of the next power of two of them), then one block per
+    /// run of an id, adding its rows in row order.
+    fn word_gradient(
         &self,
         dt: StorageType,
         table: u64,
         dout: u64,
-        keys_of_rows: &[i32],
+        ids: u64,
+        n: usize,
         h: usize,
     ) -> Result<()> {
-        let (keys, offsets, order) = row_groups(keys_of_rows);
-        if keys.is_empty() {
-            return Ok(());
+        let n2 = n.next_power_of_two();
+        let items = self.sort_items.borrow_mut().at_least(&self.dev, 8 * n2)?;
+        let (ni, n2i, hi) = (n as i32, n2 as i32, h as i32);
+        let grid = (grid_for(n2), 1, 1);
+        self.launch(self.k.embedding_sort_init, grid, THREADS, &[&items, &ids, &ni, &n2i])?;
+        let mut k = 2;
+        while k <= n2 {
+            let mut j = k / 2;
+            while j > 0 {
+                let (ki, ji) = (k as i32, j as i32);
+                self.launch(self.k.embedding_sort_stage, grid, THREADS, &[&items, &n2i, &ki, &ji])?;
+                j /= 2;
+            }
+            k *= 2;
         }
-        let g = keys.len();
-        let mut data = keys;
-        data.extend(&offsets);
-        data.extend(&order);
-        let base = self.upload_groups(&data)?;
-        let (kp, op, rp) = (base, base + 4 * g as u64, base + 4 * (2 * g + 1) as u64);
-        let (gi, hi) = (g as i32, h as i32);
         self.launch(
-            self.k.embeddings_bwd.of(dt),
-            (g as u32, 1, 1),
+            self.k.embedding_key_runs.of(dt),
+            (n as u32, 1, 1),
             THREADS,
-            &[&table, &dout, &kp, &op, &rp, &gi, &hi],
-        )?;
-        Ok(())
+            &[&table, &dout, &items, &ni, &hi],
+        )
     }
 }
 
@@ -251,10 +231,34 @@ impl Embedding for Cuda {
         let dt = self.storage(dout)?;
         let n = batch * seq;
         let ([pw, pp, pt], [pg]) = self.ptrs_as(dt, [dword, dposition, dtoken_type], [dout])?;
-        let positions: Vec<i32> = (0..n).map(|r| (r % seq) as i32).collect();
-        self.embedding_scatter(dt, pw, pg, &self.host_ints(ids.prefix(n))?, h)?;
-        self.embedding_scatter(dt, pp, pg, &positions, h)?;
-        self.embedding_scatter(dt, pt, pg, &self.host_ints(types.prefix(n))?, h)
+        if n == 0 {
+            return Ok(());
+        }
+        let nv = dword.len / h;
+        if let Some(bad) = self.host_ints(ids.prefix(n))?.iter().find(|&&i| i < 0 || i as usize >= nv) {
+            bail!("token id {bad} is outside the vocabulary of {nv}");
+        }
+        self.word_gradient(dt, pw, pg, self.iptr(ids)?, n, h)?;
+        let (b, s, hi) = (batch as i32, seq as i32, h as i32);
+        let columns = h.div_ceil(THREADS as usize) as u32;
+        self.launch(
+            self.k.embedding_position_bwd.of(dt),
+            (seq as u32, columns, 1),
+            THREADS,
+            &[&pp, &pg, &b, &s, &hi],
+        )?;
+        // Token types: partial sums per block of rows, then their sum in block order.
+        let ntypes = dtoken_type.len / h;
+        let chunks = n.div_ceil(PARTIAL_ROWS as usize);
+        let partial = self.partials(chunks * ntypes * h)?;
+        let (rows, nt, pty) = (n as i32, ntypes as i32, self.iptr(types)?);
+        self.launch(
+            self.k.embedding_type_partial.of(dt),
+            (chunks as u32, columns, 1),
+            THREADS,
+            &[&partial, &pg, &pty, &rows, &nt, &hi],
+        )?;
+        self.sum_partials(pt, partial, chunks, ntypes * h, ntypes * h)
     }
 
     fn embeddings_layernorm_fwd(
@@ -310,18 +314,7 @@ impl Embedding for Cuda {
 
 #[cfg(test)]
 mod tests {
-    use super::row_groups;
     use crate::ops::testing::*;
-
-    #[test]
-    fn row_groups_list_each_keys_rows_in_row_order() {
-        let (keys, offsets, rows) = row_groups(&[3, 1, 3, 0, 1, 3]);
-        assert_eq!(keys, [0, 1, 3]);
-        assert_eq!(offsets, [0, 1, 3, 6]);
-        assert_eq!(rows, [3, 1, 4, 0, 2, 5]);
-        let (k, o, r) = row_groups(&[]);
-        assert!(k.is_empty() && o == [0] && r.is_empty());
-    }
 
     fn embeddings_rows_cross_entropy_and_argmax() {
         let n = B * T;
