@@ -10,17 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-
-def time_ms(f, reps=10):
-    f()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        f()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
+from torch_gpu_ops import time_ms
 
 
 def main():
@@ -35,10 +25,10 @@ def main():
         for p in (0.0, 0.1):
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                 fwd = lambda: F.scaled_dot_product_attention(q, k, v, dropout_p=p)
-                f_ms = time_ms(fwd)
+                f_ms = time_ms(fwd, reps=10)
                 out = fwd()
                 bwd = lambda: torch.autograd.grad(out, (q, k, v), g, retain_graph=True)
-                b_ms = time_ms(bwd)
+                b_ms = time_ms(bwd, reps=10)
             what = f"{b}×{t}, 12×64{', dropout' if p else ''}"
             print(f"attention_fwd ({what}) {f_ms:10.4f} ms {flops / f_ms / 1e9:7.1f} TFLOP/s")
             print(f"attention_bwd ({what}) {b_ms:10.4f} ms {2.5 * flops / b_ms / 1e9:7.1f} TFLOP/s")

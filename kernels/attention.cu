@@ -271,6 +271,14 @@ __device__ __forceinline__ int attended_end(const int* mask, int b, int t, float
     return (int)block_max(last, red);
 }
 
+// Whether each key of the tile at k0 is attended: in the sequence, and unmasked (all are when none is).
+__device__ __forceinline__ void stage_attended(int* attended, const int* mask, int b, int t, int k0, bool anyk) {
+    for (int jj = threadIdx.x; jj < TC_KEYS; jj += blockDim.x) {
+        const int j = k0 + jj;
+        attended[jj] = j < t && (!anyk || mask[b * t + j] != 0);
+    }
+}
+
 // Rows [r0, r0 + TC_KEYS) of HS bf16 each (row r at src + r·stride) into `dst`, rows `ld` apart; rows at or
 // past t as zeros. The caller synchronises.
 template <int HS>
@@ -384,10 +392,7 @@ __device__ void attention_fwd_tc_impl(__nv_bfloat16* out, float* lse, const __nv
         __syncthreads();  // every warp is done with the previous tile (or the query tile)
         stage_rows<HS>(kq, KS, seq + hid, c3, k0, t);
         stage_cols<HS>(vt, seq + 2 * hid, c3, k0, t);
-        for (int jj = threadIdx.x; jj < TC_KEYS; jj += blockDim.x) {
-            const int j = k0 + jj;
-            attended[jj] = j < t && (!anyk || mask[b * t + j] != 0);
-        }
+        stage_attended(attended, mask, b, t, k0, anyk);
         __syncthreads();
         float s[NK][4];
         zero<NK>(s);
@@ -484,10 +489,7 @@ __device__ void attention_bwd_dq_tc_impl(__nv_bfloat16* dqkv, const __nv_bfloat1
         stage_rows<HS>(ks, KS, seq + hid, c3, k0, t);
         stage_rows<HS>(vs, KS, seq + 2 * hid, c3, k0, t);
         stage_cols<HS>(kt, seq + hid, c3, k0, t);
-        for (int jj = threadIdx.x; jj < TC_KEYS; jj += blockDim.x) {
-            const int j = k0 + jj;
-            attended[jj] = j < t && (!anyk || mask[b * t + j] != 0);
-        }
+        stage_attended(attended, mask, b, t, k0, anyk);
         __syncthreads();
         float s[NK][4], dp[NK][4];
         zero<NK>(s);
