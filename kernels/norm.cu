@@ -10,7 +10,70 @@
 //                           grad = dropout'(dsum) in place (the branch's gradient)                  (=)
 // The fused kernels make one pass over the rows where the unfused ops would make two or three;
 // statistics are computed from the values as stored (rounded to T), as the backward reads them.
+// Rows in registers: when a row's length is a multiple of V = 16 / sizeof(T) elements and at most
+// 32·row_vectors<T>·V (bf16 rows up to 1024 elements, BERT-large's; fp32 rows up to 768), and every
+// pointer is 16-byte aligned, each lane holds its vectors — elements
+// (lane + 32·k)·V .. +V − 1 — in registers: every tensor read once and written once, with 16-byte accesses.
+// Otherwise (odd widths) the lanes stride over the row element by element.
 #include "common.cuh"
+
+template <typename T>
+constexpr int row_vectors = sizeof(T) == 2 ? 4 : 6;
+
+__device__ __forceinline__ bool aligned16(const void* p) { return ((uintptr_t)p & 15) == 0; }
+
+template <typename T>
+__device__ __forceinline__ bool in_registers(int c) {
+    constexpr int V = 16 / sizeof(T);
+    return c % V == 0 && c <= 32 * row_vectors<T> * V;
+}
+
+template <typename T>
+__device__ __forceinline__ void load16(float (&out)[16 / sizeof(T)], const T* p) {
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+    for (int k = 0; k < (int)(16 / sizeof(T)); k++) out[k] = to_f32(e[k]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store16(T* p, const float (&in)[16 / sizeof(T)]) {
+    uint4 v;
+    T* e = reinterpret_cast<T*>(&v);
+#pragma unroll
+    for (int k = 0; k < (int)(16 / sizeof(T)); k++) e[k] = from_f32<T>(in[k]);
+    *reinterpret_cast<uint4*>(p) = v;
+}
+
+// LayerNorm of a row held in registers (`sum`: this lane's part of its sum) into dst; mean and rstd saved.
+template <typename T, int V>
+__device__ __forceinline__ void layernorm_regs(T* dst, float* mean, float* rstd, const float (&v)[row_vectors<T>][V],
+                                               const T* w, const T* b, int row, int c, float eps, float sum) {
+    const int lane = threadIdx.x & 31;
+    const float mu = warp_sum(sum) / c;
+    float q = 0.f;
+#pragma unroll
+    for (int k = 0; k < row_vectors<T>; k++)
+        if ((lane + 32 * k) * V < c)
+#pragma unroll
+            for (int e = 0; e < V; e++) q += (v[k][e] - mu) * (v[k][e] - mu);
+    const float rs = rsqrtf(warp_sum(q) / c + eps);
+#pragma unroll
+    for (int k = 0; k < row_vectors<T>; k++) {
+        const int j = (lane + 32 * k) * V;
+        if (j >= c) continue;
+        float wv[V], bv[V], o[V];
+        load16<T>(wv, w + j);
+        load16<T>(bv, b + j);
+#pragma unroll
+        for (int e = 0; e < V; e++) o[e] = (v[k][e] - mu) * rs * wv[e] + bv[e];
+        store16<T>(dst + j, o);
+    }
+    if (lane == 0) {
+        mean[row] = mu;
+        rstd[row] = rs;
+    }
+}
 
 template <typename T>
 __device__ void layernorm_fwd_impl(T* out, float* mean, float* rstd, const T* inp, const T* w, const T* b, int rows,
@@ -18,6 +81,21 @@ __device__ void layernorm_fwd_impl(T* out, float* mean, float* rstd, const T* in
     const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= rows) return;
     const T* x = inp + (long)row * c;
+    constexpr int V = 16 / sizeof(T);
+    if (in_registers<T>(c) && aligned16(inp) && aligned16(out) && aligned16(w) && aligned16(b)) {
+        float v[row_vectors<T>][V];
+        float s = 0.f;
+#pragma unroll
+        for (int k = 0; k < row_vectors<T>; k++) {
+            const int j = (lane + 32 * k) * V;
+            if (j >= c) continue;
+            load16<T>(v[k], x + j);
+#pragma unroll
+            for (int e = 0; e < V; e++) s += v[k][e];
+        }
+        layernorm_regs<T, V>(out + (long)row * c, mean, rstd, v, w, b, row, c, eps, s);
+        return;
+    }
     float s = 0.f;
     for (int j = lane; j < c; j += 32) s += to_f32(x[j]);
     const float mu = warp_sum(s) / c;
@@ -35,6 +113,49 @@ __device__ void layernorm_fwd_impl(T* out, float* mean, float* rstd, const T* in
     }
 }
 
+// The LayerNorm backward of a row in registers: d = LN'(g) into dst; with `branch`, also branch =
+// dropout'(d) (element indices from `base`), written over g when they are the same row.
+template <typename T>
+__device__ __forceinline__ void layernorm_bwd_regs(T* dst, const T* g, const T* x, float mu, float rs, const T* w,
+                                                   int c, T* branch, DropoutArgs d, long base) {
+    constexpr int V = 16 / sizeof(T);
+    const int lane = threadIdx.x & 31;
+    float xh[row_vectors<T>][V], dxh[row_vectors<T>][V];
+    float a = 0.f, bsum = 0.f;
+#pragma unroll
+    for (int k = 0; k < row_vectors<T>; k++) {
+        const int j = (lane + 32 * k) * V;
+        if (j >= c) continue;
+        float wv[V], gv[V];
+        load16<T>(xh[k], x + j);
+        load16<T>(gv, g + j);
+        load16<T>(wv, w + j);
+#pragma unroll
+        for (int e = 0; e < V; e++) {
+            xh[k][e] = (xh[k][e] - mu) * rs;
+            dxh[k][e] = gv[e] * wv[e];
+            a += dxh[k][e];
+            bsum += dxh[k][e] * xh[k][e];
+        }
+    }
+    const float mean_dxhat = warp_sum(a) / c, mean_dxhat_xhat = warp_sum(bsum) / c;
+#pragma unroll
+    for (int k = 0; k < row_vectors<T>; k++) {
+        const int j = (lane + 32 * k) * V;
+        if (j >= c) continue;
+        float o[V];
+#pragma unroll
+        for (int e = 0; e < V; e++) o[e] = rs * (dxh[k][e] - mean_dxhat - xh[k][e] * mean_dxhat_xhat);
+        store16<T>(dst + j, o);
+        if (branch) {
+#pragma unroll
+            for (int e = 0; e < V; e++)
+                o[e] = to_f32(from_f32<T>(o[e])) * dropout_factor(d, (unsigned long long)(base + j + e));
+            store16<T>(branch + j, o);
+        }
+    }
+}
+
 template <typename T>
 __device__ void layernorm_bwd_impl(T* dinp, const T* dout, const T* inp, const float* mean, const float* rstd,
                                    const T* w, int rows, int c) {
@@ -42,6 +163,10 @@ __device__ void layernorm_bwd_impl(T* dinp, const T* dout, const T* inp, const f
     if (row >= rows) return;
     const T *x = inp + (long)row * c, *g = dout + (long)row * c;
     const float mu = mean[row], rs = rstd[row];
+    if (in_registers<T>(c) && aligned16(dinp) && aligned16(dout) && aligned16(inp) && aligned16(w)) {
+        layernorm_bwd_regs<T>(dinp + (long)row * c, g, x, mu, rs, w, c, nullptr, DropoutArgs{}, 0);
+        return;
+    }
     float a = 0.f, bsum = 0.f;
     for (int j = lane; j < c; j += 32) {
         const float xhat = (to_f32(x[j]) - mu) * rs, dxhat = to_f32(g[j]) * to_f32(w[j]);
@@ -95,6 +220,31 @@ __device__ void residual_layernorm_impl(T* sum, T* out, float* mean, float* rstd
     const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (row >= rows) return;
     const long base = (long)row * c;
+    constexpr int V = 16 / sizeof(T);
+    if (in_registers<T>(c) && aligned16(sum) && aligned16(out) && aligned16(residual) && aligned16(branch) &&
+        aligned16(w) && aligned16(b)) {
+        float v[row_vectors<T>][V];
+        float s = 0.f;
+#pragma unroll
+        for (int k = 0; k < row_vectors<T>; k++) {
+            const int j = (lane + 32 * k) * V;
+            if (j >= c) continue;
+            float rv[V], bv[V];
+            load16<T>(rv, residual + base + j);
+            load16<T>(bv, branch + base + j);
+#pragma unroll
+            for (int e = 0; e < V; e++) {
+                // As the element-wise path: the dropped branch rounded to T, then the sum rounded to T.
+                const float dropped =
+                    to_f32(from_f32<T>(bv[e] * dropout_factor(d, (unsigned long long)(base + j + e))));
+                v[k][e] = to_f32(from_f32<T>(rv[e] + dropped));
+                s += v[k][e];
+            }
+            store16<T>(sum + base + j, v[k]);
+        }
+        layernorm_regs<T, V>(out + base, mean, rstd, v, w, b, row, c, eps, s);
+        return;
+    }
     float s = 0.f;
     for (int j = lane; j < c; j += 32) {
         const long e = base + j;
@@ -118,6 +268,11 @@ __device__ void residual_layernorm_bwd_impl(T* dsum, T* g, const T* sum, const f
     if (row >= rows) return;
     const long base = (long)row * c;
     const float mu = mean[row], rs = rstd[row];
+    if (in_registers<T>(c) && aligned16(dsum) && aligned16(g) && aligned16(sum) && aligned16(w)) {
+        // Each lane reads its vectors of g before writing them: in place is safe.
+        layernorm_bwd_regs<T>(dsum + base, g + base, sum + base, mu, rs, w, c, g + base, d, base);
+        return;
+    }
     float a = 0.f, bsum = 0.f;
     for (int j = lane; j < c; j += 32) {
         const float xhat = (to_f32(sum[base + j]) - mu) * rs, dxhat = to_f32(g[base + j]) * to_f32(w[j]);

@@ -82,7 +82,7 @@ fn scenario(be: &dyn Backend, name: &str) -> bertcuda::Result<Vec<Vec<f32>>> {
             get(&[out, dqkv])
         }
         "layernorm" => {
-            let (rows, c) = (111, 48);
+            let (rows, c) = (111, 200); // every lane holds part of a row (200 = 50 vectors of 4)
             let x = upload(be, &randn(3, rows * c, 1.0))?;
             let (w, bias) = (upload(be, &randn(4, c, 1.0))?, upload(be, &randn(5, c, 1.0))?);
             let g = upload(be, &randn(6, rows * c, 1.0))?;
@@ -195,7 +195,7 @@ fn scenario(be: &dyn Backend, name: &str) -> bertcuda::Result<Vec<Vec<f32>>> {
             get(&[dpre, db])
         }
         "residual_layernorm_bwd" => {
-            let (rows, c) = (111, 48);
+            let (rows, c) = (111, 200); // every lane holds part of a row (200 = 50 vectors of 4)
             let x = upload(be, &randn(18, rows * c, 1.0))?;
             let (w, bias) = (upload(be, &randn(19, c, 1.0))?, upload(be, &randn(20, c, 1.0))?);
             let (out, mean, rstd) = (be.alloc(rows * c)?, be.alloc(rows)?, be.alloc(rows)?);

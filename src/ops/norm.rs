@@ -363,27 +363,30 @@ mod tests {
 
     fn layernorm_forward_and_backward() {
         let rows = B * T;
-        let c = Case {
-            floats: vec![
-                randn(11, rows * H, 2.0),
-                randn(12, H, 1.0),
-                randn(13, H, 1.0),
-                randn(14, rows * H, 1.0),
-            ],
-            ints: vec![],
-            outs: vec![
-                (rows * H, None),
-                (rows, None),
-                (rows, None),
-                (rows * H, None),
-                (H, Some(randn(15, H, 1.0))),
-                (H, Some(randn(16, H, 1.0))),
-            ],
-        };
-        same("layernorm", &c, 1e-5, 1e-4, &|be, f, _, o| {
-            be.layernorm_fwd(o[0], o[1], o[2], f[0], f[1], f[2], rows, H, 1e-12)?;
-            be.layernorm_bwd(o[3], o[4], o[5], f[3], f[0], o[1], o[2], f[1], rows, H)
-        });
+        // H: rows held in registers with 16-byte accesses; 37: the element-wise path of odd widths.
+        for w in [H, 37] {
+            let c = Case {
+                floats: vec![
+                    randn(11, rows * w, 2.0),
+                    randn(12, w, 1.0),
+                    randn(13, w, 1.0),
+                    randn(14, rows * w, 1.0),
+                ],
+                ints: vec![],
+                outs: vec![
+                    (rows * w, None),
+                    (rows, None),
+                    (rows, None),
+                    (rows * w, None),
+                    (w, Some(randn(15, w, 1.0))),
+                    (w, Some(randn(16, w, 1.0))),
+                ],
+            };
+            same(&format!("layernorm width {w}"), &c, 1e-5, 1e-4, &|be, f, _, o| {
+                be.layernorm_fwd(o[0], o[1], o[2], f[0], f[1], f[2], rows, w, 1e-12)?;
+                be.layernorm_bwd(o[3], o[4], o[5], f[3], f[0], o[1], o[2], f[1], rows, w)
+            });
+        }
     }
 
     fn bf16_ops_against_the_fp32_cpu() {
@@ -415,55 +418,58 @@ mod tests {
 
     fn fused_forward_kernels_equal_the_unfused_cpu_ops() {
         let rows = B * T;
-        let drop = Dropout { p: 0.1, key: DropoutKey { seed: 3, step: 4, site: 5 } };
-        for dropout in [None, Some(drop)] {
+        // H: rows held in registers with 16-byte accesses; 37: the element-wise path of odd widths.
+        for w in [H, 37] {
+            let drop = Dropout { p: 0.1, key: DropoutKey { seed: 3, step: 4, site: 5 } };
+            for dropout in [None, Some(drop)] {
+                let c = Case {
+                    floats: vec![
+                        randn(40, rows * w, 1.0),
+                        randn(41, rows * w, 1.0),
+                        randn(42, w, 1.0),
+                        randn(43, w, 1.0),
+                    ],
+                    ints: vec![],
+                    outs: vec![(rows * w, None), (rows * w, None), (rows, None), (rows, None)],
+                };
+                same(
+                    &format!("residual + layernorm, dropout={}", dropout.is_some()),
+                    &c,
+                    1e-5,
+                    1e-4,
+                    &|be, f, _, o| {
+                        let branch = be.alloc(rows * w)?;
+                        be.copy(branch, f[1])?;
+                        be.residual_layernorm_fwd(
+                            o[0], o[1], o[2], o[3], f[0], branch, f[2], f[3], rows, w, 1e-12, dropout,
+                        )
+                    },
+                );
+            }
+            // Its backward: d(sum), the weight gradients, and the branch's gradient written over d(out).
             let c = Case {
-                floats: vec![
-                    randn(40, rows * H, 1.0),
-                    randn(41, rows * H, 1.0),
-                    randn(42, H, 1.0),
-                    randn(43, H, 1.0),
-                ],
+                floats: vec![randn(51, rows * w, 2.0), randn(52, w, 1.0), randn(53, w, 1.0)],
                 ints: vec![],
-                outs: vec![(rows * H, None), (rows * H, None), (rows, None), (rows, None)],
+                outs: vec![
+                    (rows * w, None),
+                    (rows, None),
+                    (rows, None),
+                    (rows * w, None),
+                    (w, Some(vec![0.0; w])),
+                    (w, Some(vec![0.0; w])),
+                    (rows * w, Some(randn(54, rows * w, 1.0))),
+                ],
             };
-            same(
-                &format!("residual + layernorm, dropout={}", dropout.is_some()),
-                &c,
-                1e-5,
-                1e-4,
-                &|be, f, _, o| {
-                    let branch = be.alloc(rows * H)?;
-                    be.copy(branch, f[1])?;
-                    be.residual_layernorm_fwd(
-                        o[0], o[1], o[2], o[3], f[0], branch, f[2], f[3], rows, H, 1e-12, dropout,
-                    )
-                },
-            );
-        }
-        // Its backward: d(sum), the weight gradients, and the branch's gradient written over d(out).
-        let c = Case {
-            floats: vec![randn(51, rows * H, 2.0), randn(52, H, 1.0), randn(53, H, 1.0)],
-            ints: vec![],
-            outs: vec![
-                (rows * H, None),
-                (rows, None),
-                (rows, None),
-                (rows * H, None),
-                (H, Some(vec![0.0; H])),
-                (H, Some(vec![0.0; H])),
-                (rows * H, Some(randn(54, rows * H, 1.0))),
-            ],
-        };
-        let op: Op = &|be, f, _, o| {
-            be.layernorm_fwd(o[0], o[1], o[2], f[0], f[1], f[2], rows, H, 1e-12)?;
-            be.residual_layernorm_bwd(o[3], o[4], o[5], o[6], f[0], o[1], o[2], f[1], rows, H, drop)
-        };
-        same("residual + layernorm backward", &c, 1e-5, 1e-4, op);
-        // The bf16 instantiation: activations and gradients in bf16, statistics and weight gradients fp32.
-        {
-            use Kind::{Activation as A, Grad as G, Param as P, Stat as S};
-            same_bf16("residual + layernorm backward", &c, &[A, P, P], &[A, S, S, A, G, G, A], 3e-2, op);
+            let op: Op = &|be, f, _, o| {
+                be.layernorm_fwd(o[0], o[1], o[2], f[0], f[1], f[2], rows, w, 1e-12)?;
+                be.residual_layernorm_bwd(o[3], o[4], o[5], o[6], f[0], o[1], o[2], f[1], rows, w, drop)
+            };
+            same("residual + layernorm backward", &c, 1e-5, 1e-4, op);
+            // The bf16 instantiation: activations and gradients in bf16, statistics and weight gradients fp32.
+            {
+                use Kind::{Activation as A, Grad as G, Param as P, Stat as S};
+                same_bf16("residual + layernorm backward", &c, &[A, P, P], &[A, S, S, A, G, G, A], 3e-2, op);
+            }
         }
     }
 
