@@ -145,6 +145,71 @@ __device__ void layernorm_row(T* dst, float* mean, float* rstd, const T* src, co
     }
 }
 
+// ---- rows in registers ---------------------------------------------------------------------------------
+// Rows in registers: when a row's length is a multiple of V = 16 / sizeof(T) elements and at most
+// 32·row_vectors<T>·V (bf16 rows up to 1024 elements, BERT-large's; fp32 rows up to 768), and every
+// pointer is 16-byte aligned, each lane holds its vectors — elements
+// (lane + 32·k)·V .. +V − 1 — in registers: every tensor read once and written once, with 16-byte accesses.
+// Otherwise (odd widths) the lanes stride over the row element by element (layernorm_row).
+template <typename T>
+constexpr int row_vectors = sizeof(T) == 2 ? 4 : 6;
+
+__device__ __forceinline__ bool aligned16(const void* p) { return ((uintptr_t)p & 15) == 0; }
+
+template <typename T>
+__device__ __forceinline__ bool in_registers(int c) {
+    constexpr int V = 16 / sizeof(T);
+    return c % V == 0 && c <= 32 * row_vectors<T> * V;
+}
+
+template <typename T>
+__device__ __forceinline__ void load16(float (&out)[16 / sizeof(T)], const T* p) {
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+    for (int k = 0; k < (int)(16 / sizeof(T)); k++) out[k] = to_f32(e[k]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store16(T* p, const float (&in)[16 / sizeof(T)]) {
+    uint4 v;
+    T* e = reinterpret_cast<T*>(&v);
+#pragma unroll
+    for (int k = 0; k < (int)(16 / sizeof(T)); k++) e[k] = from_f32<T>(in[k]);
+    *reinterpret_cast<uint4*>(p) = v;
+}
+
+// LayerNorm of a row held in registers (`sum`: this lane's part of its sum) into dst; mean and rstd saved.
+template <typename T, int V>
+__device__ __forceinline__ void layernorm_regs(T* dst, float* mean, float* rstd, const float (&v)[row_vectors<T>][V],
+                                               const T* w, const T* b, int row, int c, float eps, float sum) {
+    const int lane = threadIdx.x & 31;
+    const float mu = warp_sum(sum) / c;
+    float q = 0.f;
+#pragma unroll
+    for (int k = 0; k < row_vectors<T>; k++)
+        if ((lane + 32 * k) * V < c)
+#pragma unroll
+            for (int e = 0; e < V; e++) q += (v[k][e] - mu) * (v[k][e] - mu);
+    const float rs = rsqrtf(warp_sum(q) / c + eps);
+#pragma unroll
+    for (int k = 0; k < row_vectors<T>; k++) {
+        const int j = (lane + 32 * k) * V;
+        if (j >= c) continue;
+        float wv[V], bv[V], o[V];
+        load16<T>(wv, w + j);
+        load16<T>(bv, b + j);
+#pragma unroll
+        for (int e = 0; e < V; e++) o[e] = (v[k][e] - mu) * rs * wv[e] + bv[e];
+        store16<T>(dst + j, o);
+    }
+    if (lane == 0) {
+        mean[row] = mu;
+        rstd[row] = rs;
+    }
+}
+
+
 // The storage types every kernel template is instantiated for: fp32 and bf16 (the CUDA backend stores
 // activations in fp32, or bf16 under --precision bf16; fp16 runs fp32 storage with fp16 tensor-core
 // matrix products, so no kernel has an fp16 instantiation).

@@ -108,6 +108,29 @@ __device__ void embeddings_layernorm_impl(T* emb, T* out, float* mean, float* rs
     if (row >= rows) return;
     const T *we = word + (long)ids[row] * h, *pe = position + (long)(row % seq) * h, *te = token_type + (long)types[row] * h;
     const long base = (long)row * h;
+    constexpr int V = 16 / sizeof(T);
+    if (in_registers<T>(h) && aligned16(emb) && aligned16(out) && aligned16(word) && aligned16(position) &&
+        aligned16(token_type) && aligned16(w) && aligned16(b)) {
+        float v[row_vectors<T>][V];
+        float s = 0.f;
+#pragma unroll
+        for (int k = 0; k < row_vectors<T>; k++) {
+            const int j = (lane + 32 * k) * V;
+            if (j >= h) continue;
+            float wv[V], pv[V], tv[V];
+            load16<T>(wv, we + j);
+            load16<T>(pv, pe + j);
+            load16<T>(tv, te + j);
+#pragma unroll
+            for (int e = 0; e < V; e++) {
+                v[k][e] = to_f32(from_f32<T>(wv[e] + pv[e] + tv[e]));  // as stored: the statistics' input
+                s += v[k][e];
+            }
+            store16<T>(emb + base + j, v[k]);
+        }
+        layernorm_regs<T, V>(out + base, mean, rstd, v, w, b, row, h, eps, s);
+        return;
+    }
     float s = 0.f;
     for (int j = lane; j < h; j += 32) {
         const T v = from_f32<T>(to_f32(we[j]) + to_f32(pe[j]) + to_f32(te[j]));

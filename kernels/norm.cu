@@ -10,70 +10,8 @@
 //                           grad = dropout'(dsum) in place (the branch's gradient)                  (=)
 // The fused kernels make one pass over the rows where the unfused ops would make two or three;
 // statistics are computed from the values as stored (rounded to T), as the backward reads them.
-// Rows in registers: when a row's length is a multiple of V = 16 / sizeof(T) elements and at most
-// 32·row_vectors<T>·V (bf16 rows up to 1024 elements, BERT-large's; fp32 rows up to 768), and every
-// pointer is 16-byte aligned, each lane holds its vectors — elements
-// (lane + 32·k)·V .. +V − 1 — in registers: every tensor read once and written once, with 16-byte accesses.
-// Otherwise (odd widths) the lanes stride over the row element by element.
+// Rows in registers (common.cuh: layernorm_regs) where the width allows; odd widths stride element-wise.
 #include "common.cuh"
-
-template <typename T>
-constexpr int row_vectors = sizeof(T) == 2 ? 4 : 6;
-
-__device__ __forceinline__ bool aligned16(const void* p) { return ((uintptr_t)p & 15) == 0; }
-
-template <typename T>
-__device__ __forceinline__ bool in_registers(int c) {
-    constexpr int V = 16 / sizeof(T);
-    return c % V == 0 && c <= 32 * row_vectors<T> * V;
-}
-
-template <typename T>
-__device__ __forceinline__ void load16(float (&out)[16 / sizeof(T)], const T* p) {
-    const uint4 v = *reinterpret_cast<const uint4*>(p);
-    const T* e = reinterpret_cast<const T*>(&v);
-#pragma unroll
-    for (int k = 0; k < (int)(16 / sizeof(T)); k++) out[k] = to_f32(e[k]);
-}
-
-template <typename T>
-__device__ __forceinline__ void store16(T* p, const float (&in)[16 / sizeof(T)]) {
-    uint4 v;
-    T* e = reinterpret_cast<T*>(&v);
-#pragma unroll
-    for (int k = 0; k < (int)(16 / sizeof(T)); k++) e[k] = from_f32<T>(in[k]);
-    *reinterpret_cast<uint4*>(p) = v;
-}
-
-// LayerNorm of a row held in registers (`sum`: this lane's part of its sum) into dst; mean and rstd saved.
-template <typename T, int V>
-__device__ __forceinline__ void layernorm_regs(T* dst, float* mean, float* rstd, const float (&v)[row_vectors<T>][V],
-                                               const T* w, const T* b, int row, int c, float eps, float sum) {
-    const int lane = threadIdx.x & 31;
-    const float mu = warp_sum(sum) / c;
-    float q = 0.f;
-#pragma unroll
-    for (int k = 0; k < row_vectors<T>; k++)
-        if ((lane + 32 * k) * V < c)
-#pragma unroll
-            for (int e = 0; e < V; e++) q += (v[k][e] - mu) * (v[k][e] - mu);
-    const float rs = rsqrtf(warp_sum(q) / c + eps);
-#pragma unroll
-    for (int k = 0; k < row_vectors<T>; k++) {
-        const int j = (lane + 32 * k) * V;
-        if (j >= c) continue;
-        float wv[V], bv[V], o[V];
-        load16<T>(wv, w + j);
-        load16<T>(bv, b + j);
-#pragma unroll
-        for (int e = 0; e < V; e++) o[e] = (v[k][e] - mu) * rs * wv[e] + bv[e];
-        store16<T>(dst + j, o);
-    }
-    if (lane == 0) {
-        mean[row] = mu;
-        rstd[row] = rs;
-    }
-}
 
 template <typename T>
 __device__ void layernorm_fwd_impl(T* out, float* mean, float* rstd, const T* inp, const T* w, const T* b, int rows,
@@ -98,19 +36,7 @@ __device__ void layernorm_fwd_impl(T* out, float* mean, float* rstd, const T* in
     }
     float s = 0.f;
     for (int j = lane; j < c; j += 32) s += to_f32(x[j]);
-    const float mu = warp_sum(s) / c;
-    float v = 0.f;
-    for (int j = lane; j < c; j += 32) {
-        const float d = to_f32(x[j]) - mu;
-        v += d * d;
-    }
-    const float rs = rsqrtf(warp_sum(v) / c + eps);
-    T* o = out + (long)row * c;
-    for (int j = lane; j < c; j += 32) o[j] = from_f32<T>((to_f32(x[j]) - mu) * rs * to_f32(w[j]) + to_f32(b[j]));
-    if (lane == 0) {
-        mean[row] = mu;
-        rstd[row] = rs;
-    }
+    layernorm_row(out + (long)row * c, mean, rstd, x, w, b, row, c, eps, s);
 }
 
 // The LayerNorm backward of a row in registers: d = LN'(g) into dst; with `branch`, also branch =

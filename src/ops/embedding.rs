@@ -372,22 +372,25 @@ mod tests {
         let rows = B * T;
         let ids: Vec<i32> = (0..rows as i32).map(|k| (k * 13) % V as i32).collect();
         let types: Vec<i32> = (0..rows).map(|k| ((k % T) > 9) as i32).collect();
-        let c = Case {
-            floats: vec![
-                randn(46, V * H, 1.0),
-                randn(47, T * H, 1.0),
-                randn(48, 2 * H, 1.0),
-                randn(49, H, 1.0),
-                randn(50, H, 1.0),
-            ],
-            ints: vec![ids, types],
-            outs: vec![(rows * H, None), (rows * H, None), (rows, None), (rows, None)],
-        };
-        same("embeddings + layernorm", &c, 1e-5, 1e-4, &|be, f, i, o| {
-            be.embeddings_layernorm_fwd(
-                o[0], o[1], o[2], o[3], i[0], i[1], f[0], f[1], f[2], f[3], f[4], B, T, H, 1e-12,
-            )
-        });
+        // H: rows held in registers with 16-byte accesses; 37: the element-wise path of odd widths.
+        for w in [H, 37] {
+            let c = Case {
+                floats: vec![
+                    randn(46, V * w, 1.0),
+                    randn(47, T * w, 1.0),
+                    randn(48, 2 * w, 1.0),
+                    randn(49, w, 1.0),
+                    randn(50, w, 1.0),
+                ],
+                ints: vec![ids.clone(), types.clone()],
+                outs: vec![(rows * w, None), (rows * w, None), (rows, None), (rows, None)],
+            };
+            same(&format!("embeddings + layernorm, width {w}"), &c, 1e-5, 1e-4, &|be, f, i, o| {
+                be.embeddings_layernorm_fwd(
+                    o[0], o[1], o[2], o[3], i[0], i[1], f[0], f[1], f[2], f[3], f[4], B, T, w, 1e-12,
+                )
+            });
+        }
     }
 
     on_both_devices!(
