@@ -3,7 +3,8 @@
 //   tanh_fwd/bwd:    out = tanh(inp); dinp = dout · (1 − out²)                                          (=)
 //   dropout_:        out = inp · keep(e) / (1 − p), keep from Philox at element e; the forward and the
 //                    backward (the same mask) alike                                                   (=)
-//   bias_gelu_fwd:   pre += bias (per row, in place); out = gelu(pre)                                  (=)
+//   bias_gelu_fwd:   pre += bias (per row, in place); out = gelu(pre) — in 16-byte vectors where the
+//                    width and the pointers allow                                                     (=)
 //   gelu_bias_bwd:   dpre = dout · gelu'(pre) (=); stage 1 of dbias += Σ_r dpre (partials, summed by
 //                    tensor.cu's sum_partials_f32)                                                     (+=)
 // GELU is computed from the values as stored (rounded to T), so the backward passes, which read the
@@ -46,6 +47,24 @@ __device__ void dropout_impl(T* out, const T* inp, long n, DropoutArgs d) {
 template <typename T>
 __device__ void bias_gelu_impl(T* pre, T* out, const T* bias, long rows, int cols, int approx) {
     const long n = rows * cols;
+    constexpr int V = 16 / sizeof(T);
+    if (cols % V == 0 && n < (1L << 31) && aligned16(pre) && aligned16(out) && aligned16(bias)) {
+        // 16-byte vectors (a row holds whole ones) and 32-bit indices.
+        const int vectors = (int)(n / V), row_vectors_ = cols / V;
+        for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < vectors; i += gridDim.x * blockDim.x) {
+            float p[V], bv[V], o[V];
+            load16<T>(p, pre + (long)i * V);
+            load16<T>(bv, bias + (i % row_vectors_) * V);
+#pragma unroll
+            for (int e = 0; e < V; e++) {
+                p[e] = to_f32(from_f32<T>(p[e] + bv[e]));  // GELU reads pre as stored
+                o[e] = gelu_f(p[e], approx);
+            }
+            store16<T>(pre + (long)i * V, p);
+            store16<T>(out + (long)i * V, o);
+        }
+        return;
+    }
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         const T p = from_f32<T>(to_f32(pre[i]) + to_f32(bias[i % cols]));
         pre[i] = p;

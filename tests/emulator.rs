@@ -186,6 +186,14 @@ fn scenario(be: &dyn Backend, name: &str) -> bertcuda::Result<Vec<Vec<f32>>> {
             be.scatter_add_rows(d, g, r, m, c)?;
             get(&[d])
         }
+        "bias_gelu" => {
+            let (rows, cols) = (111, 80);
+            let pre = upload(be, &randn(14, rows * cols, 1.0))?;
+            let bias = upload(be, &randn(15, cols, 1.0))?;
+            let out = be.alloc(rows * cols)?;
+            be.bias_gelu_fwd(pre, out, bias, rows, cols, Activation::GeluErf)?;
+            get(&[pre, out])
+        }
         "gelu_bias" => {
             let (rows, cols) = (111, 80);
             let pre = upload(be, &randn(16, rows * cols, 1.0))?;

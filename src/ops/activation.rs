@@ -284,15 +284,18 @@ mod tests {
     fn fused_forward_kernels_equal_the_unfused_cpu_ops() {
         let rows = B * T;
         let (r, cols) = (rows, 80);
-        let c = Case {
-            floats: vec![randn(44, cols, 1.0)],
-            ints: vec![],
-            outs: vec![(r * cols, Some(randn(45, r * cols, 1.5))), (r * cols, None)],
-        };
-        for act in [Activation::GeluErf, Activation::GeluTanh] {
-            same(&format!("bias + {act:?}"), &c, 1e-5, 1e-5, &|be, f, _, o| {
-                be.bias_gelu_fwd(o[0], o[1], f[0], r, cols, act)
-            });
+        // 80 columns: 16-byte vectors; 37: the element-wise path.
+        for w in [cols, 37] {
+            let c = Case {
+                floats: vec![randn(44, w, 1.0)],
+                ints: vec![],
+                outs: vec![(r * w, Some(randn(45, r * w, 1.5))), (r * w, None)],
+            };
+            for act in [Activation::GeluErf, Activation::GeluTanh] {
+                same(&format!("bias + {act:?}, width {w}"), &c, 1e-5, 1e-5, &|be, f, _, o| {
+                    be.bias_gelu_fwd(o[0], o[1], f[0], r, w, act)
+                });
+            }
         }
         // Its backward: d(pre), and the bias gradient added to what is there (two 64-row chunks, one partial).
         let c = Case {
