@@ -38,9 +38,17 @@ __device__ void tanh_bwd_impl(T* dinp, const T* dout, const T* out, long n) {
     }
 }
 
+// Four elements per thread-step: the four outputs of one Philox call; the tail (n mod 4) one by one.
 template <typename T>
 __device__ void dropout_impl(T* out, const T* inp, long n, DropoutArgs d) {
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+    const long quads = n / 4;
+    for (long q = blockIdx.x * (long)blockDim.x + threadIdx.x; q < quads; q += (long)gridDim.x * blockDim.x) {
+        float f[4];
+        dropout_factors4(d, (unsigned long long)(4 * q), f);
+#pragma unroll
+        for (int e = 0; e < 4; e++) out[4 * q + e] = from_f32<T>(to_f32(inp[4 * q + e]) * f[e]);
+    }
+    for (long i = 4 * quads + blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
         out[i] = from_f32<T>(to_f32(inp[i]) * dropout_factor(d, (unsigned long long)i));
 }
 

@@ -15,6 +15,12 @@
 constexpr int ROWS = ATTENTION_ROWS;
 constexpr int TILE = ATTENTION_TILE;
 
+// Whether key j of sequence b takes part: in the sequence, and unmasked — every key when the sequence
+// has no unmasked one (`anyk` false).
+__device__ __forceinline__ bool key_attended(const int* mask, int b, int t, int j, bool anyk) {
+    return j < t && (!anyk || mask[b * t + j] != 0);
+}
+
 __device__ __forceinline__ int any_key(const int* mask, int b, int t) {
     int a = 0;
     for (int j = 0; j < t; j++) a |= mask[b * t + j] != 0;
@@ -37,7 +43,7 @@ __device__ __forceinline__ void stage_kv_tile(float (*ks)[HS], float (*vs)[HS], 
     }
     for (int jj = threadIdx.x; jj < TILE; jj += blockDim.x) {
         const int j = k0 + jj;
-        ms[jj] = j < t && (!anyk || mask[b * t + j] != 0);
+        ms[jj] = key_attended(mask, b, t, j, anyk);
     }
 }
 
@@ -119,7 +125,7 @@ __device__ void attention_bwd_dkdv_impl(T* dqkv, const T* dout, const T* qkv, co
     const long c3 = 3L * hid;
     if (threadIdx.x == 0) anyk = any_key(mask, b, t);
     __syncthreads();
-    const bool active = j < t && (!anyk || mask[b * t + j] != 0);
+    const bool active = key_attended(mask, b, t, j, anyk);
     float k[HS], v[HS], dk[HS], dv[HS];
     const T* krow = qkv + (long)(b * t + (j < t ? j : 0)) * c3 + h * HS;
 #pragma unroll
@@ -275,7 +281,7 @@ __device__ __forceinline__ int attended_end(const int* mask, int b, int t, float
 __device__ __forceinline__ void stage_attended(int* attended, const int* mask, int b, int t, int k0, bool anyk) {
     for (int jj = threadIdx.x; jj < TC_KEYS; jj += blockDim.x) {
         const int j = k0 + jj;
-        attended[jj] = j < t && (!anyk || mask[b * t + j] != 0);
+        attended[jj] = key_attended(mask, b, t, j, anyk);
     }
 }
 
@@ -541,7 +547,7 @@ __device__ void attention_bwd_dkdv_tc_impl(__nv_bfloat16* dqkv, const __nv_bfloa
 #pragma unroll
     for (int r2 = 0; r2 < 2; r2++) {
         const int j = key + 8 * r2;
-        att[r2] = j < t && (!anyk || mask[b * t + j] != 0);
+        att[r2] = key_attended(mask, b, t, j, anyk);
     }
     float dk[HS / 8][4], dv[HS / 8][4];
     zero<HS / 8>(dk);

@@ -105,6 +105,21 @@ __device__ __forceinline__ float dropout_factor(const DropoutArgs& d, unsigned l
     return philox_draw(make_uint2(d.key0, d.key1), e) >= d.threshold ? d.inv_keep : 0.f;
 }
 
+// The factors of elements e0 .. e0 + 3, e0 a multiple of 4: the four outputs of one Philox call (the same
+// draws as dropout_factor's, element by element).
+__device__ __forceinline__ void dropout_factors4(const DropoutArgs& d, unsigned long long e0, float f[4]) {
+    if (!d.enabled) {
+        f[0] = f[1] = f[2] = f[3] = 1.f;
+        return;
+    }
+    const unsigned long long blk = e0 >> 2;
+    const uint4 r = philox4x32(make_uint4((uint32_t)blk, (uint32_t)(blk >> 32), 0u, 0u), make_uint2(d.key0, d.key1));
+    f[0] = r.x >= d.threshold ? d.inv_keep : 0.f;
+    f[1] = r.y >= d.threshold ? d.inv_keep : 0.f;
+    f[2] = r.z >= d.threshold ? d.inv_keep : 0.f;
+    f[3] = r.w >= d.threshold ? d.inv_keep : 0.f;
+}
+
 // GELU, the erf form (BERT's "gelu", approx = 0) or the tanh form (approx = 1), and its derivative.
 __device__ __forceinline__ float gelu_f(float x, int approx) {
     if (approx) {

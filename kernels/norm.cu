@@ -74,9 +74,11 @@ __device__ __forceinline__ void layernorm_bwd_regs(T* dst, const T* g, const T* 
         for (int e = 0; e < V; e++) o[e] = rs * (dxh[k][e] - mean_dxhat - xh[k][e] * mean_dxhat_xhat);
         store16<T>(dst + j, o);
         if (branch) {
+            float f[V];
 #pragma unroll
-            for (int e = 0; e < V; e++)
-                o[e] = to_f32(from_f32<T>(o[e])) * dropout_factor(d, (unsigned long long)(base + j + e));
+            for (int e = 0; e < V; e += 4) dropout_factors4(d, (unsigned long long)(base + j + e), &f[e]);
+#pragma unroll
+            for (int e = 0; e < V; e++) o[e] = to_f32(from_f32<T>(o[e])) * f[e];
             store16<T>(branch + j, o);
         }
     }
@@ -158,11 +160,13 @@ __device__ void residual_layernorm_impl(T* sum, T* out, float* mean, float* rstd
             float rv[V], bv[V];
             load16<T>(rv, residual + base + j);
             load16<T>(bv, branch + base + j);
+            float f[V];  // the dropout factors, four per Philox call (base + j is a multiple of V)
+#pragma unroll
+            for (int e = 0; e < V; e += 4) dropout_factors4(d, (unsigned long long)(base + j + e), &f[e]);
 #pragma unroll
             for (int e = 0; e < V; e++) {
                 // As the element-wise path: the dropped branch rounded to T, then the sum rounded to T.
-                const float dropped =
-                    to_f32(from_f32<T>(bv[e] * dropout_factor(d, (unsigned long long)(base + j + e))));
+                const float dropped = to_f32(from_f32<T>(bv[e] * f[e]));
                 v[k][e] = to_f32(from_f32<T>(rv[e] + dropped));
                 s += v[k][e];
             }

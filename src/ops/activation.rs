@@ -279,6 +279,10 @@ mod tests {
             be.add(o[1], f[0], f[1])?;
             be.dropout_fwd(o[2], f[0], d)
         });
+        // Four elements per Philox call, and a tail of n mod 4 = 3 one by one: the same masks.
+        let m = 4 * 101 + 3;
+        let c = Case { floats: vec![randn(7, m, 1.0)], ints: vec![], outs: vec![(m, None)] };
+        same("dropout with a tail", &c, 1e-6, 1e-6, &|be, f, _, o| be.dropout_fwd(o[0], f[0], d));
     }
 
     fn fused_forward_kernels_equal_the_unfused_cpu_ops() {

@@ -260,6 +260,12 @@ impl TrainConfig {
         for layer in file.into_iter().chain([flags]) {
             let Some(obj) = layer.as_object() else { bail!("a training config must be a table of settings") };
             for (k, v) in obj {
+                if k.contains('-') {
+                    bail!(
+                        "training config key {k:?}: keys are the flags' names in snake_case: {:?}",
+                        k.replace('-', "_")
+                    );
+                }
                 if !v.is_null() {
                     merged[k] = v.clone();
                 }
@@ -426,5 +432,36 @@ impl TrainConfig {
             pad_to_max: self.pad_to_max,
             drop_last: true,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TrainConfig;
+    use clap::{Args, FromArgMatches};
+
+    fn parse(args: &[&str]) -> (TrainConfig, serde_json::Value) {
+        let m = TrainConfig::augment_args(clap::Command::new("train")).try_get_matches_from(args).unwrap();
+        let cfg = TrainConfig::from_arg_matches(&m).unwrap();
+        let given = cfg.given(&m);
+        (cfg, given)
+    }
+
+    #[test]
+    fn the_flags_given_are_the_flags_typed_even_at_their_defaults() {
+        let (cfg, given) = parse(&["train", "--resume", "--seed", "42", "--quiet", "--data", "a", "b"]);
+        assert_eq!(cfg.resume.as_deref(), Some("auto"), "a bare --resume is auto");
+        let keys: Vec<&str> = given.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(keys, ["data", "progress", "resume", "seed"]);
+        assert_eq!((given["seed"].as_u64(), given["progress"].as_bool()), (Some(42), Some(false)));
+        // Nothing typed, nothing given: the file's values stand.
+        assert!(parse(&["train"]).1.as_object().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_config_file_with_kebab_case_keys_is_told_the_snake_case_name() {
+        let e = TrainConfig::resolve(Some(serde_json::json!({"max-steps": 5})), serde_json::json!({}))
+            .unwrap_err();
+        assert!(e.to_string().contains("\"max_steps\""), "{e}");
     }
 }
