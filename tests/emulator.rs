@@ -140,24 +140,8 @@ fn scenario(be: &dyn Backend, name: &str) -> bertcuda::Result<Vec<Vec<f32>>> {
         }
         "lamb" => {
             // A tensor of two chunks (LAMB_CHUNK 8192), a short one, a bias, a decayed tensor at zero.
-            use bertcuda::model::params::{Init, ParamInfo};
-            let mut offset = 0;
-            let tensors: Vec<ParamInfo> = [(9_000, true), (5, true), (777, false), (300, true)]
-                .iter()
-                .enumerate()
-                .map(|(k, &(len, decay))| {
-                    let p = ParamInfo {
-                        name: format!("t{k}"),
-                        shape: vec![len],
-                        offset,
-                        len,
-                        init: Init::Zeros,
-                        decay,
-                    };
-                    offset += len;
-                    p
-                })
-                .collect();
+            let tensors = common::flat_tensors(&[(9_000, true), (5, true), (777, false), (300, true)]);
+            let offset: usize = tensors.iter().map(|t| t.len).sum();
             let mut init = randn(14, offset, 0.1);
             init[offset - 300..].fill(0.0);
             let p = upload(be, &init)?;

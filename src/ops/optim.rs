@@ -309,25 +309,9 @@ mod tests {
     /// LAMB over tensors of several chunks (launch.cuh's LAMB_CHUNK is 8192), a chunk-sized one, a bias and a
     /// tensor at zero, with and without the trust ratio on every tensor.
     fn lamb_over_chunked_tensors() {
-        use bertcuda::model::params::{Init, ParamInfo};
-        let sizes = [(20_000, true), (5, true), (777, false), (1_000, true), (8_192, true)];
-        let mut offset = 0;
-        let tensors: Vec<ParamInfo> = sizes
-            .iter()
-            .enumerate()
-            .map(|(k, &(len, decay))| {
-                let p = ParamInfo {
-                    name: format!("t{k}"),
-                    shape: vec![len],
-                    offset,
-                    len,
-                    init: Init::Zeros,
-                    decay,
-                };
-                offset += len;
-                p
-            })
-            .collect();
+        let tensors =
+            common::flat_tensors(&[(20_000, true), (5, true), (777, false), (1_000, true), (8_192, true)]);
+        let offset: usize = tensors.iter().map(|t| t.len).sum();
         let n = offset;
         let mut params = randn(40, n, 0.05);
         params[20_005 + 777..20_005 + 777 + 1_000].fill(0.0);

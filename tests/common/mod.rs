@@ -61,3 +61,20 @@ pub fn sample_shards(
     .unwrap();
     tok
 }
+
+/// Flat tensors of these (length, decayed) one after the other, named t0, t1, …: a parameter table for
+/// the optimizers' tests.
+pub fn flat_tensors(sizes: &[(usize, bool)]) -> Vec<bertcuda::model::params::ParamInfo> {
+    use bertcuda::model::params::{Init, ParamInfo};
+    let mut offset = 0;
+    sizes
+        .iter()
+        .enumerate()
+        .map(|(k, &(len, decay))| {
+            let p =
+                ParamInfo { name: format!("t{k}"), shape: vec![len], offset, len, init: Init::Zeros, decay };
+            offset += len;
+            p
+        })
+        .collect()
+}
