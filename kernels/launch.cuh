@@ -22,7 +22,27 @@ constexpr int ATTENTION_TC_KEYS = 64;
 // SUM_SQUARES_BLOCKS blocks, whose partials the final stage adds in order on one thread.
 constexpr int SUM_SQUARES_CHUNK = 16384;
 constexpr int SUM_SQUARES_BLOCKS = 1024;
-// LAMB: parameter elements per chunk (one block of THREADS threads each; no chunk crosses a tensor's end).
-constexpr int LAMB_CHUNK = 8192;
+// AdamW and LAMB: parameter elements per chunk (one block of THREADS threads each; no chunk crosses a
+// tensor's end).
+constexpr int OPTIMIZER_CHUNK = 8192;
+// The step control (optim.cu's step_control, backend::StepControl): its float slots, then a record of
+// CONTROL_RECORD floats per step since the host last read them, at most CONTROL_HISTORY steps; its int
+// slots, then per recorded step whether it applied. SCHEDULE_ROW numbers per update in the schedule.
+constexpr int CONTROL_SQUARES = 0;
+constexpr int CONTROL_MLM = 1;
+constexpr int CONTROL_NSP = 2;
+constexpr int CONTROL_SCALE = 3;
+constexpr int CONTROL_INV_SCALE = 4;
+constexpr int CONTROL_CLIP = 5;
+constexpr int CONTROL_DIVISOR = 6;
+constexpr int CONTROL_FLOATS = 8;
+constexpr int CONTROL_RECORD = 3;
+constexpr int CONTROL_APPLIED = 0;
+constexpr int CONTROL_ROW = 1;
+constexpr int CONTROL_UPDATES = 2;
+constexpr int CONTROL_GOOD_STEPS = 3;
+constexpr int CONTROL_INTS = 4;
+constexpr int CONTROL_HISTORY = 1024;
+constexpr int SCHEDULE_ROW = 3;
 
 static_assert(WARP_ROWS * 32 == THREADS, "a row-per-warp block of THREADS threads holds WARP_ROWS rows");

@@ -389,7 +389,9 @@ fn attention_rows(be: &crate::backend::cuda::Cuda, label: &str, out: &mut Vec<Ke
 /// against the device's own measured copy bandwidth (and cuBLAS SGEMM for the matrix product).
 pub fn bench_kernels() -> Result<(String, Vec<KernelBench>)> {
     use crate::backend::cuda::Cuda;
-    use crate::backend::{Activations, AdamWStep, Dropout, DropoutKey, Linear, Loss, Memory, Norm, Optim};
+    use crate::backend::{
+        Activations, AdamWConsts, Dropout, DropoutKey, LambConsts, Linear, Loss, Memory, Norm, Optim,
+    };
     use crate::model::config::Activation;
     let be = Cuda::new(0)?;
     let (b, t, h, i, v) = (32usize, 128usize, 768usize, 3072usize, 30522usize);
@@ -445,38 +447,32 @@ pub fn bench_kernels() -> Result<(String, Vec<KernelBench>)> {
     })?;
     let fill_ms = time(20, &mut || be.fill(logits, 0.1))?;
     mem("cross_entropy fwd+bwd (614×30522)", 4.0 * 2.0 * (rows * v) as f64, ms - fill_ms);
-    // AdamW over BERT-base's parameters: param, m, v read and written, gradient and mask read.
-    let np = 110_000_000usize;
-    let (p, g, m1, m2) = (be.alloc(np)?, be.alloc(np)?, be.alloc(np)?, be.alloc(np)?);
-    let decay = be.alloc_ints(np)?;
-    let hstep = AdamWStep { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-6, weight_decay: 0.01, step: 1 };
-    let ms = time(10, &mut || be.adamw(p, g, m1, m2, decay, &hstep))?;
-    mem("adamw (110 M parameters)", 4.0 * 8.0 * np as f64, ms);
-    // LAMB over BERT-base's tensors: param, m, v read twice and written, gradient read.
+    // AdamW and LAMB over BERT-base's tensors, the step control set to apply: AdamW reads param, m, v, the
+    // gradient and writes param, m, v; LAMB reads param, m, v twice and the gradient, writes them.
     let table =
         crate::model::params::ParamTable::new(&crate::model::config::ModelConfig::preset("base", 30522)?);
-    let layout = crate::backend::LambLayout::new(&be, &table.params)?;
-    let lstep = crate::backend::LambStep {
-        lr: 1e-4,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-6,
-        weight_decay: 0.01,
-        step: 1,
-        grad_divisor: 1.0,
-        all_tensors: false,
-    };
     let nt = table.total;
-    let ms =
-        time(10, &mut || be.lamb(p.prefix(nt), g.prefix(nt), m1.prefix(nt), m2.prefix(nt), &layout, &lstep))?;
-    mem(
-        &format!("lamb ({:.0} M parameters, {} tensors)", nt as f64 / 1e6, table.params.len()),
-        4.0 * 10.0 * nt as f64,
-        ms,
-    );
+    let np = nt;
+    let (p, g, m1, m2) = (be.alloc(np)?, be.alloc(np)?, be.alloc(np)?, be.alloc(np)?);
+    let chunks = crate::backend::TensorChunks::new(&be, &table.params)?;
+    let mut control = crate::backend::StepControl::new(&be)?;
+    control.set_schedule(&be, &[0.999_999, 1e-3, 0.03])?;
+    control.start(&be, &crate::optim::ControlCounters { updates: 0, scale: 1.0, good_steps: 0 })?;
+    be.sum_squares(control.squares(), g)?;
+    be.step_control(
+        &control,
+        &crate::backend::ControlStep { max_grad_norm: 1.0, growth_interval: 0, slot: 0 },
+    )?;
+    let consts = AdamWConsts { beta1: 0.9, beta2: 0.999, eps: 1e-6 };
+    let ms = time(10, &mut || be.adamw(p, g, m1, m2, &chunks, &control, &consts))?;
+    let params = format!("{:.0} M parameters, {} tensors", nt as f64 / 1e6, table.params.len());
+    mem(&format!("adamw ({params})"), 4.0 * 7.0 * nt as f64, ms);
+    let lamb = LambConsts { beta1: 0.9, beta2: 0.999, eps: 1e-6, weight_decay: 0.01, all_tensors: false };
+    let ms = time(10, &mut || be.lamb(p, g, m1, m2, &chunks, &control, &lamb))?;
+    mem(&format!("lamb ({params})"), 4.0 * 10.0 * nt as f64, ms);
     let sq = be.alloc(1)?;
     let ms = time(10, &mut || be.sum_squares(sq, g))?;
-    mem("gradient norm (110 M)", 4.0 * np as f64, ms);
+    mem(&format!("gradient norm ({:.0} M)", np as f64 / 1e6), 4.0 * np as f64, ms);
     attention_rows(&be, "fp32, CUDA cores", &mut out)?;
     // cuBLAS SGEMM (fp32, no TF32) on the FFN shape.
     let (a, bm, c) = (be.alloc(n * h)?, be.alloc(i * h)?, be.alloc(n * i)?);

@@ -6,7 +6,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{AdamWStep, Backend, Buf, Ints, Kind, LambLayout, LambStep};
+use crate::backend::cuda::launch::{
+    CONTROL_FLOATS, CONTROL_GOOD_STEPS, CONTROL_HISTORY, CONTROL_INTS, CONTROL_MLM, CONTROL_RECORD,
+    CONTROL_SCALE, CONTROL_SQUARES, CONTROL_UPDATES,
+};
+use crate::backend::{AdamWConsts, Backend, Buf, ControlStep, Kind, LambConsts, StepControl, TensorChunks};
 use crate::bail;
 use crate::error::Result;
 use crate::model::params::ParamInfo;
@@ -165,43 +169,43 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
 }
 
-/// AdamW's state on the backend: the two moments over the flat parameter buffer and the decay mask.
+/// AdamW's state on the backend: the two moments over the flat parameter buffer and its tensors' decay
+/// flags.
 pub struct AdamW {
     pub config: AdamWConfig,
     pub m: Buf,
     pub v: Buf,
-    decay: Ints,
-    /// Updates made so far (t of the bias correction is this + 1 for the next update).
-    pub steps: u64,
+    chunks: TensorChunks,
 }
 
 impl AdamW {
-    pub fn new(be: &impl Backend, config: AdamWConfig, decay_mask: &[u8]) -> Result<Self> {
-        let n = decay_mask.len();
-        let decay = be.alloc_ints(n)?;
-        be.upload_ints(decay, &decay_mask.iter().map(|&d| d as i32).collect::<Vec<_>>())?;
-        Ok(AdamW {
-            config,
-            m: be.alloc_kind(n, Kind::Stat)?,
-            v: be.alloc_kind(n, Kind::Stat)?,
-            decay,
-            steps: 0,
-        })
+    /// `tensors` tile the flat buffer in order (the parameter table's); each says whether it decays.
+    pub fn new(be: &(impl Backend + ?Sized), config: AdamWConfig, tensors: &[ParamInfo]) -> Result<Self> {
+        let chunks = TensorChunks::new(be, tensors)?;
+        let n: usize = tensors.iter().map(|p| p.len).sum();
+        Ok(AdamW { config, m: be.alloc_kind(n, Kind::Stat)?, v: be.alloc_kind(n, Kind::Stat)?, chunks })
     }
 
-    /// One update with learning rate `lr`.
-    pub fn step(&mut self, be: &impl Backend, params: Buf, grads: Buf, lr: f64) -> Result<()> {
-        self.steps += 1;
+    /// The schedule row of the update with learning rate `lr` after `updates` updates (t = updates + 1):
+    /// 1 − lr·wd, lr/(1 − β1ᵗ), √(1 − β2ᵗ), from the f32 numbers in f64 as torch's single-tensor AdamW.
+    pub fn schedule_row(&self, lr: f64, updates: u64) -> [f64; 3] {
         let c = self.config;
-        let h = AdamWStep {
-            lr: lr as f32,
-            beta1: c.beta1 as f32,
-            beta2: c.beta2 as f32,
-            eps: c.eps as f32,
-            weight_decay: c.weight_decay as f32,
-            step: self.steps,
-        };
-        be.adamw(params, grads, self.m, self.v, self.decay, &h)
+        let f = |x: f64| x as f32 as f64;
+        let (lr, b1, b2, wd) = (f(lr), f(c.beta1), f(c.beta2), f(c.weight_decay));
+        let t = (updates + 1) as i32;
+        [1.0 - lr * wd, lr / (1.0 - b1.powi(t)), (1.0 - b2.powi(t)).sqrt()]
+    }
+
+    fn update(
+        &self,
+        be: &(impl Backend + ?Sized),
+        params: Buf,
+        grads: Buf,
+        control: &StepControl,
+    ) -> Result<()> {
+        let c = self.config;
+        let h = AdamWConsts { beta1: c.beta1 as f32, beta2: c.beta2 as f32, eps: c.eps as f32 };
+        be.adamw(params, grads, self.m, self.v, &self.chunks, control, &h)
     }
 }
 
@@ -211,8 +215,6 @@ pub struct LambConfig {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
-    /// Global-norm clipping of the gradient before the moments (0: none).
-    pub max_grad_norm: f64,
     /// The trust ratio for every tensor, the no-decay group too (FusedLAMB's use_nvlamb).
     pub all_tensors: bool,
 }
@@ -222,66 +224,54 @@ pub struct Lamb {
     pub config: LambConfig,
     pub m: Buf,
     pub v: Buf,
-    layout: LambLayout,
-    /// Updates made so far.
-    pub steps: u64,
+    chunks: TensorChunks,
 }
 
 impl Lamb {
     /// `tensors` tile the flat buffer in order: the parameter table's, as transformers names them (query,
     /// key and value apart).
     pub fn new(be: &(impl Backend + ?Sized), config: LambConfig, tensors: &[ParamInfo]) -> Result<Self> {
-        let layout = LambLayout::new(be, tensors)?;
+        let chunks = TensorChunks::new(be, tensors)?;
         let n: usize = tensors.iter().map(|p| p.len).sum();
-        Ok(Lamb {
-            config,
-            m: be.alloc_kind(n, Kind::Stat)?,
-            v: be.alloc_kind(n, Kind::Stat)?,
-            layout,
-            steps: 0,
-        })
+        Ok(Lamb { config, m: be.alloc_kind(n, Kind::Stat)?, v: be.alloc_kind(n, Kind::Stat)?, chunks })
     }
 
-    /// One update with learning rate `lr`, of gradients scaled by `loss_scale` whose true global norm is
-    /// `grad_norm`: the clipping and the unscaling are one division inside the update.
-    pub fn step(
-        &mut self,
+    /// The schedule row of the update with learning rate `lr` after `updates` updates: lr, 1 − β1ᵗ,
+    /// 1 − β2ᵗ (from the f32 numbers, in f64).
+    pub fn schedule_row(&self, lr: f64, updates: u64) -> [f64; 3] {
+        let c = self.config;
+        let f = |x: f64| x as f32 as f64;
+        let t = (updates + 1) as i32;
+        [f(lr), 1.0 - f(c.beta1).powi(t), 1.0 - f(c.beta2).powi(t)]
+    }
+
+    fn update(
+        &self,
         be: &(impl Backend + ?Sized),
         params: Buf,
         grads: Buf,
-        lr: f64,
-        grad_norm: f64,
-        loss_scale: f64,
+        control: &StepControl,
     ) -> Result<()> {
-        self.steps += 1;
         let c = self.config;
-        let clip = if c.max_grad_norm > 0.0 && grad_norm > c.max_grad_norm {
-            grad_norm / c.max_grad_norm
-        } else {
-            1.0
-        };
-        let h = LambStep {
-            lr: lr as f32,
+        let h = LambConsts {
             beta1: c.beta1 as f32,
             beta2: c.beta2 as f32,
             eps: c.eps as f32,
             weight_decay: c.weight_decay as f32,
-            step: self.steps,
-            grad_divisor: (clip * loss_scale) as f32,
             all_tensors: c.all_tensors,
         };
-        be.lamb(params, grads, self.m, self.v, &self.layout, &h)
+        be.lamb(params, grads, self.m, self.v, &self.chunks, control, &h)
     }
 }
 
-impl LambLayout {
+impl TensorChunks {
     /// The chunk table of `tensors` (which tile the flat buffer in order), uploaded, and its scratch.
     pub fn new(be: &(impl Backend + ?Sized), tensors: &[ParamInfo]) -> Result<Self> {
         let total: usize = tensors.iter().map(|p| p.len).sum();
         if total > i32::MAX as usize {
-            bail!("LAMB indexes parameters with 32-bit offsets: {total} parameters is too many");
+            bail!("the optimizers index parameters with 32-bit offsets: {total} parameters is too many");
         }
-        let chunk = crate::backend::cuda::launch::LAMB_CHUNK as usize;
+        let chunk = crate::backend::cuda::launch::OPTIMIZER_CHUNK as usize;
         let (mut chunks, mut ranges) = (Vec::new(), Vec::new());
         for (t, p) in tensors.iter().enumerate() {
             let first = chunks.len() / 4;
@@ -294,13 +284,90 @@ impl LambLayout {
         let n_chunks = chunks.len() / 4;
         let table = be.alloc_ints(chunks.len() + ranges.len())?;
         be.upload_ints(table, &[chunks, ranges].concat())?;
-        Ok(LambLayout {
+        Ok(TensorChunks {
             table,
             chunks: n_chunks,
             tensors: tensors.len(),
             partials: be.alloc_kind(2 * n_chunks, Kind::Stat)?,
             norms: be.alloc_kind(2 * tensors.len(), Kind::Stat)?,
         })
+    }
+}
+
+/// One step as the step control recorded it: the gradients' Σg² (scaled), the loss sums, whether the
+/// update applied.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepRecord {
+    pub squares: f64,
+    pub mlm_sum: f64,
+    pub nsp_sum: f64,
+    pub applied: bool,
+}
+
+/// The step control's counters as the device holds them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ControlCounters {
+    /// Updates applied since the phase began.
+    pub updates: u64,
+    pub scale: f64,
+    pub good_steps: u64,
+}
+
+impl StepControl {
+    /// The control's buffers on `be` (no schedule yet: `set_schedule`).
+    pub fn new(be: &(impl Backend + ?Sized)) -> Result<Self> {
+        let floats = (CONTROL_FLOATS + CONTROL_RECORD * CONTROL_HISTORY) as usize;
+        let ints = (CONTROL_INTS + CONTROL_HISTORY) as usize;
+        let stats = be.alloc_kind(floats, Kind::Stat)?;
+        let schedule = be.alloc_kind(0, Kind::Stat)?;
+        Ok(StepControl { stats, counters: be.alloc_ints(ints)?, schedule })
+    }
+
+    /// Steps one read can cover: the records kept.
+    pub const HISTORY: usize = CONTROL_HISTORY as usize;
+
+    /// The schedule: `rows` (SCHEDULE_ROW numbers per update) in a buffer of its own.
+    pub fn set_schedule(&mut self, be: &(impl Backend + ?Sized), rows: &[f64]) -> Result<()> {
+        self.schedule = be.alloc_kind(rows.len(), Kind::Stat)?;
+        be.upload_f64(self.schedule, rows)
+    }
+
+    /// Count from `c` (a phase's start, or a checkpoint's state), the loss sums at zero.
+    pub fn start(&self, be: &(impl Backend + ?Sized), c: &ControlCounters) -> Result<()> {
+        let slot = |k: u32| k as usize;
+        be.upload(self.stats.at(slot(CONTROL_MLM), 2), &[0.0, 0.0])?;
+        be.upload_f64(self.stats.at(slot(CONTROL_SCALE), 1), &[c.scale])?;
+        be.upload_ints(self.counters.at(slot(CONTROL_UPDATES), 1), &[c.updates as i32])?;
+        be.upload_ints(self.counters.at(slot(CONTROL_GOOD_STEPS), 1), &[c.good_steps as i32])
+    }
+
+    /// Where a step's forward and backward passes add their MLM and NSP loss sums.
+    pub fn loss_sums(&self) -> Buf {
+        self.stats.at(CONTROL_MLM as usize, 2)
+    }
+
+    /// Where `sum_squares` writes the gradients' Σg².
+    pub fn squares(&self) -> Buf {
+        self.stats.at(CONTROL_SQUARES as usize, 1)
+    }
+
+    /// The records of the first `n` steps since the last read, and the counters now: two copies back.
+    pub fn read(&self, be: &(impl Backend + ?Sized), n: usize) -> Result<(Vec<StepRecord>, ControlCounters)> {
+        let (f0, i0, w) = (CONTROL_FLOATS as usize, CONTROL_INTS as usize, CONTROL_RECORD as usize);
+        let stats = be.download_f64(self.stats.prefix(f0 + w * n))?;
+        let ints = be.download_ints(self.counters.prefix(i0 + n))?;
+        let records = (0..n)
+            .map(|k| {
+                let r = &stats[f0 + w * k..][..w];
+                StepRecord { squares: r[0], mlm_sum: r[1], nsp_sum: r[2], applied: ints[i0 + k] != 0 }
+            })
+            .collect();
+        let counters = ControlCounters {
+            updates: ints[CONTROL_UPDATES as usize] as u64,
+            scale: stats[CONTROL_SCALE as usize],
+            good_steps: ints[CONTROL_GOOD_STEPS as usize] as u64,
+        };
+        Ok((records, counters))
     }
 }
 
@@ -319,38 +386,32 @@ impl Optimizer {
         }
     }
 
-    pub fn steps_mut(&mut self) -> &mut u64 {
-        match self {
-            Optimizer::AdamW(a) => &mut a.steps,
-            Optimizer::Lamb(l) => &mut l.steps,
-        }
+    /// The schedule rows of updates 0, 1, … at the learning rates `lrs`, for `StepControl::set_schedule`.
+    pub fn schedule_rows(&self, lrs: impl Iterator<Item = f64>) -> Vec<f64> {
+        lrs.enumerate()
+            .flat_map(|(k, lr)| match self {
+                Optimizer::AdamW(a) => a.schedule_row(lr, k as u64),
+                Optimizer::Lamb(l) => l.schedule_row(lr, k as u64),
+            })
+            .collect()
     }
 
-    /// One update. AdamW clips as `clip_grad_norm_` after unscaling; LAMB divides inside its update.
+    /// One step, decided and applied on the backend: Σg² of `grads`, the step control's decisions
+    /// (finite or skipped, unscaling and clipping as `clip_grad_norm_` for AdamW or inside LAMB's
+    /// division, the loss scaler, the step's record), then the update.
     pub fn step(
-        &mut self,
-        be: &impl Backend,
+        &self,
+        be: &(impl Backend + ?Sized),
         params: Buf,
         grads: Buf,
-        lr: f64,
-        grad_norm: f64,
-        loss_scale: f64,
-        max_grad_norm: f64,
+        control: &StepControl,
+        h: &ControlStep,
     ) -> Result<()> {
+        be.sum_squares(control.squares(), grads)?;
+        be.step_control(control, h)?;
         match self {
-            Optimizer::AdamW(a) => {
-                if loss_scale != 1.0 {
-                    be.scale(grads, (1.0 / loss_scale) as f32)?;
-                }
-                if max_grad_norm > 0.0 {
-                    let c = clip_coefficient(grad_norm, max_grad_norm);
-                    if c < 1.0 {
-                        be.scale(grads, c as f32)?;
-                    }
-                }
-                a.step(be, params, grads, lr)
-            }
-            Optimizer::Lamb(l) => l.step(be, params, grads, lr, grad_norm, loss_scale),
+            Optimizer::AdamW(a) => a.update(be, params, grads, control),
+            Optimizer::Lamb(l) => l.update(be, params, grads, control),
         }
     }
 }

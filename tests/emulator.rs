@@ -11,8 +11,9 @@ use bertcuda::backend::cpu::Cpu;
 use bertcuda::backend::cuda::Cuda;
 use bertcuda::backend::device::emu::{self, BlockOrder, Emu, EmuOptions};
 use bertcuda::backend::device::{Device, Launch};
-use bertcuda::backend::{AdamWStep, Backend, Dropout, DropoutKey, Kind, LambLayout, LambStep, IGNORE_INDEX};
+use bertcuda::backend::{Backend, Dropout, DropoutKey, Kind, IGNORE_INDEX};
 use bertcuda::model::config::Activation;
+use bertcuda::optim::{AdamW, AdamWConfig, Lamb, LambConfig, Optimizer};
 use common::randn;
 
 fn emulated(planted_bug: Option<&str>, order: BlockOrder) -> Cuda {
@@ -127,39 +128,36 @@ fn scenario(be: &dyn Backend, name: &str) -> bertcuda::Result<Vec<Vec<f32>>> {
             be.embeddings_bwd(dw, dp, dt, g, i, ty, b, t, h)?;
             get(&[dw, dp, dt])
         }
-        "adamw" => {
-            let n = 777;
-            let decay: Vec<i32> = (0..n as i32).map(|k| (k % 3 != 0) as i32).collect();
-            let p = upload(be, &randn(12, n, 1.0))?;
-            let g = upload(be, &randn(13, n, 1.0))?;
-            let (m, v) = (be.alloc(n)?, be.alloc(n)?);
-            let d = upload_ints(be, &decay)?;
-            let h = AdamWStep { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-6, weight_decay: 0.1, step: 3 };
-            be.adamw(p, g, m, v, d, &h)?;
-            get(&[p, m, v])
-        }
-        "lamb" => {
-            // A tensor of two chunks (LAMB_CHUNK 8192), a short one, a bias, a decayed tensor at zero.
+        "adamw" | "lamb" => {
+            // Tensors of two chunks (OPTIMIZER_CHUNK 8192), a short one, one whose start is not 16-byte
+            // aligned, a bias, a decayed tensor at zero; three steps, the second not finite (skipped, the
+            // loss scale halved), clipped, the scaler doubling after two good steps.
             let tensors = common::flat_tensors(&[(9_000, true), (5, true), (777, false), (300, true)]);
-            let offset: usize = tensors.iter().map(|t| t.len).sum();
-            let mut init = randn(14, offset, 0.1);
-            init[offset - 300..].fill(0.0);
+            let n: usize = tensors.iter().map(|t| t.len).sum();
+            let mut init = randn(14, n, 0.1);
+            init[n - 300..].fill(0.0);
             let p = upload(be, &init)?;
-            let g = upload(be, &randn(15, offset, 1.0))?;
-            let (m, v) = (be.alloc(offset)?, be.alloc(offset)?);
-            let layout = LambLayout::new(be, &tensors)?;
-            let h = LambStep {
-                lr: 1e-2,
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-6,
-                weight_decay: 0.01,
-                step: 1,
-                grad_divisor: 2.0,
-                all_tensors: false,
+            let mut grads: Vec<Vec<f32>> = (0..3).map(|k| randn(15 + k, n, 1.0)).collect();
+            grads[1][9_003] = f32::NAN;
+            let opt = if name == "adamw" {
+                let c = AdamWConfig { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-6, weight_decay: 0.1 };
+                Optimizer::AdamW(AdamW::new(be, c, &tensors)?)
+            } else {
+                let c = LambConfig {
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-6,
+                    weight_decay: 0.01,
+                    all_tensors: false,
+                };
+                Optimizer::Lamb(Lamb::new(be, c, &tensors)?)
             };
-            be.lamb(p, g, m, v, &layout, &h)?;
-            get(&[p, m, v])
+            let control = common::optimizer_steps(be, &opt, p, &grads, &[1e-2, 2e-2, 3e-2], (1.0, 4.0, 2))?;
+            let (m, v) = opt.moments();
+            let counters = be.download_ints(control.counters)?;
+            let mut out: Vec<Vec<f32>> = get(&[p, m, v, control.stats])?;
+            out.push(counters.iter().map(|&k| k as f32).collect());
+            Ok(out)
         }
         "scatter" => {
             let (n, m, c) = (111, 17, 48);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bertcuda::backend::choice::{Device, Precision};
 use bertcuda::backend::cpu::Cpu;
-use bertcuda::backend::{Memory, Optim};
+use bertcuda::backend::{Buf, ControlStep, Memory, Optim, StepControl};
 use bertcuda::checkpoint;
 use bertcuda::data::loader::{open_corpus, EpochPlan, LoaderConfig};
 use bertcuda::data::prepare::{prepare, PrepareConfig};
@@ -18,7 +18,7 @@ use bertcuda::model::bert::{Bert, Capacity, Inputs, StepOptions};
 use bertcuda::model::config::ModelConfig;
 use bertcuda::model::params::{ParamInfo, ParamTable};
 use bertcuda::optim::{
-    clip_coefficient, lr_lambda, lr_multiplier, AdamW, AdamWConfig, Lamb, LambConfig, LossScaler,
+    lr_lambda, lr_multiplier, AdamW, AdamWConfig, ControlCounters, Lamb, LambConfig, LossScaler, Optimizer,
     OptimizerKind, Polynomial, Schedule,
 };
 use bertcuda::train::{train, StepMetrics, TrainConfig};
@@ -77,6 +77,47 @@ fn metrics(out: &Path) -> Vec<StepMetrics> {
         .collect()
 }
 
+/// `opt`'s steps as training makes them, on the CPU: per step of torch's fixture, its gradients, Σg², the
+/// step control (clipping at `max_norm`) and the update at `lrs`; the gradient norm and the parameters
+/// after each step held to torch's. How many steps were clipped.
+fn torch_steps(
+    be: &Cpu<f32>,
+    opt: &Optimizer,
+    p: Buf,
+    steps: &[serde_json::Value],
+    lrs: &[f64],
+    max_norm: f64,
+    what: &str,
+) -> usize {
+    let mut control = StepControl::new(be).unwrap();
+    control.set_schedule(be, &opt.schedule_rows(lrs.iter().copied())).unwrap();
+    control.start(be, &ControlCounters { updates: 0, scale: 1.0, good_steps: 0 }).unwrap();
+    let g = be.alloc(p.len).unwrap();
+    let mut clipped = 0;
+    for (k, step) in steps.iter().enumerate() {
+        let grads: Vec<Vec<f32>> = serde_json::from_value(step["grads"].clone()).unwrap();
+        be.upload(g, &grads.concat()).unwrap();
+        let h = ControlStep { max_grad_norm: max_norm, growth_interval: 0, slot: k };
+        opt.step(be, p, g, &control, &h).unwrap();
+        let (records, counters) = control.read(be, k + 1).unwrap();
+        let norm = records[k].squares.sqrt();
+        assert!(
+            (norm - step["grad_norm"].as_f64().unwrap()).abs() < 1e-5 * norm,
+            "{what}: grad norm at step {k}"
+        );
+        assert!(records[k].applied && counters.updates == k as u64 + 1, "{what}: step {k} applied");
+        clipped += (norm > max_norm) as usize;
+        let want: Vec<Vec<f32>> = serde_json::from_value(step["params"].clone()).unwrap();
+        for (j, (got, want)) in be.download(p).unwrap().iter().zip(want.concat()).enumerate() {
+            assert!(
+                (got - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                "{what} step {k} [{j}]: {got} vs {want}"
+            );
+        }
+    }
+    clipped
+}
+
 #[test]
 fn adamw_clipping_schedules_and_scaler_equal_torch() {
     let e: serde_json::Value =
@@ -85,35 +126,25 @@ fn adamw_clipping_schedules_and_scaler_equal_torch() {
     let a = &e["adamw"];
     let init: Vec<Vec<f32>> = serde_json::from_value(a["init"].clone()).unwrap();
     let params: Vec<f32> = init.concat();
-    let decay: Vec<u8> = [vec![1u8; 6], vec![0u8; 3]].concat();
     let be = Cpu::<f32>::new();
-    let (p, g) = (be.alloc(9).unwrap(), be.alloc(9).unwrap());
+    let p = be.alloc(9).unwrap();
     be.upload(p, &params).unwrap();
-    let mut opt = AdamW::new(
-        &be,
-        AdamWConfig { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-6, weight_decay: 0.01 },
-        &decay,
-    )
-    .unwrap();
-    let sq = be.alloc(1).unwrap();
-    for (k, step) in a["steps"].as_array().unwrap().iter().enumerate() {
-        let grads: Vec<Vec<f32>> = serde_json::from_value(step["grads"].clone()).unwrap();
-        be.upload(g, &grads.concat()).unwrap();
-        let lr = 1e-2 * lr_lambda(Schedule::Linear, k as u64, 2, 8);
-        assert!((lr - step["lr"].as_f64().unwrap()).abs() < 1e-12, "lr at step {k}");
-        be.sum_squares(sq, g).unwrap();
-        let norm = be.download_f64(sq).unwrap()[0].sqrt();
-        assert!((norm - step["grad_norm"].as_f64().unwrap()).abs() < 1e-5 * norm, "grad norm at step {k}");
-        let c = clip_coefficient(norm, 1.0);
-        if c < 1.0 {
-            be.scale(g, c as f32).unwrap();
-        }
-        opt.step(&be, p, g, lr).unwrap();
-        let want: Vec<Vec<f32>> = serde_json::from_value(step["params"].clone()).unwrap();
-        for (got, want) in be.download(p).unwrap().iter().zip(want.concat()) {
-            assert!((got - want).abs() <= 1e-6 * (1.0 + want.abs()), "step {k}: {got} vs {want}");
-        }
+    let opt = Optimizer::AdamW(
+        AdamW::new(
+            &be,
+            AdamWConfig { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-6, weight_decay: 0.01 },
+            &common::flat_tensors(&[(6, true), (3, false)]),
+        )
+        .unwrap(),
+    );
+    let steps = a["steps"].as_array().unwrap();
+    let lrs: Vec<f64> =
+        (0..steps.len()).map(|k| 1e-2 * lr_lambda(Schedule::Linear, k as u64, 2, 8)).collect();
+    for (k, step) in steps.iter().enumerate() {
+        assert!((lrs[k] - step["lr"].as_f64().unwrap()).abs() < 1e-12, "lr at step {k}");
     }
+    // Clipped at 1.0 as clip_grad_norm_, inside the update.
+    torch_steps(&be, &opt, p, steps, &lrs, 1.0, "adamw");
     let s = &e["schedules"];
     let (w, t) = (s["warmup"].as_u64().unwrap(), s["total"].as_u64().unwrap());
     for (name, kind) in [
@@ -130,10 +161,25 @@ fn adamw_clipping_schedules_and_scaler_equal_torch() {
     let sc = &e["scaler"];
     let mut scaler = LossScaler::new(true);
     scaler.growth_interval = sc["growth_interval"].as_u64().unwrap();
-    for (f, want) in sc["found_inf"].as_array().unwrap().iter().zip(sc["scales"].as_array().unwrap()) {
-        let applied = scaler.update(!f.as_bool().unwrap());
-        assert_eq!(applied, !f.as_bool().unwrap());
+    // The host's scaler (which replays the steps' records) and the step control's, on the backend.
+    let mut control = StepControl::new(&be).unwrap();
+    control.set_schedule(&be, &opt.schedule_rows(std::iter::repeat_n(1e-3, 64))).unwrap();
+    control.start(&be, &ControlCounters { updates: 0, scale: scaler.scale, good_steps: 0 }).unwrap();
+    let found = sc["found_inf"].as_array().unwrap();
+    for (k, (f, want)) in found.iter().zip(sc["scales"].as_array().unwrap()).enumerate() {
+        let found_inf = f.as_bool().unwrap();
+        let applied = scaler.update(!found_inf);
+        assert_eq!(applied, !found_inf);
         assert_eq!(scaler.scale, want.as_f64().unwrap());
+        be.upload(control.squares(), &[if found_inf { f32::INFINITY } else { 1.0 }]).unwrap();
+        let h = ControlStep { max_grad_norm: 0.0, growth_interval: scaler.growth_interval, slot: k };
+        be.step_control(&control, &h).unwrap();
+        let (records, counters) = control.read(&be, k + 1).unwrap();
+        assert_eq!(
+            (records[k].applied, counters.scale),
+            (!found_inf, scaler.scale),
+            "the device's scaler at {k}"
+        );
     }
 }
 
@@ -191,40 +237,26 @@ fn lamb_and_the_polynomial_schedule_equal_the_torch_reference() {
     let lpoly = Polynomial::for_peak(l["power"].as_f64().unwrap(), l["lr"].as_f64().unwrap());
     for (key, all_tensors) in [("steps", false), ("steps_all_tensors", true)] {
         let be = Cpu::<f32>::new();
-        let (p, g, sq) = (be.alloc(offset).unwrap(), be.alloc(offset).unwrap(), be.alloc(1).unwrap());
+        let p = be.alloc(offset).unwrap();
         be.upload(p, &init.concat()).unwrap();
         let config = LambConfig {
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-6,
             weight_decay: l["weight_decay"].as_f64().unwrap(),
-            max_grad_norm: l["max_grad_norm"].as_f64().unwrap(),
             all_tensors,
         };
-        let mut lamb = Lamb::new(&be, config, &tensors).unwrap();
-        let mut clipped = false;
-        for (k, step) in l[key].as_array().unwrap().iter().enumerate() {
-            let grads: Vec<Vec<f32>> = serde_json::from_value(step["grads"].clone()).unwrap();
-            be.upload(g, &grads.concat()).unwrap();
-            let lr = l["lr"].as_f64().unwrap() * lr_multiplier(Schedule::Polynomial, k as u64, lw, lt, lpoly);
-            assert!((lr - step["lr"].as_f64().unwrap()).abs() < 1e-12, "lr at step {k}");
-            be.sum_squares(sq, g).unwrap();
-            let norm = be.download_f64(sq).unwrap()[0].sqrt();
-            assert!(
-                (norm - step["grad_norm"].as_f64().unwrap()).abs() < 1e-5 * norm,
-                "grad norm at step {k}"
-            );
-            clipped |= norm > 1.0;
-            lamb.step(&be, p, g, lr, norm, 1.0).unwrap();
-            let want: Vec<Vec<f32>> = serde_json::from_value(step["params"].clone()).unwrap();
-            for (j, (got, want)) in be.download(p).unwrap().iter().zip(want.concat()).enumerate() {
-                assert!(
-                    (got - want).abs() <= 1e-6 * (1.0 + want.abs()),
-                    "{key} step {k} [{j}]: {got} vs {want}"
-                );
-            }
+        let lamb = Optimizer::Lamb(Lamb::new(&be, config, &tensors).unwrap());
+        let steps = l[key].as_array().unwrap();
+        let lrs: Vec<f64> = (0..steps.len())
+            .map(|k| l["lr"].as_f64().unwrap() * lr_multiplier(Schedule::Polynomial, k as u64, lw, lt, lpoly))
+            .collect();
+        for (k, step) in steps.iter().enumerate() {
+            assert!((lrs[k] - step["lr"].as_f64().unwrap()).abs() < 1e-12, "lr at step {k}");
         }
-        assert!(clipped, "the fixture has a clipped step");
+        let max_norm = l["max_grad_norm"].as_f64().unwrap();
+        let clipped = torch_steps(&be, &lamb, p, steps, &lrs, max_norm, key);
+        assert!(clipped > 0, "the fixture has a clipped step");
     }
 }
 
@@ -247,12 +279,17 @@ fn the_tiny_model_overfits_fixed_batches() {
     let model = Bert::new(&be, config.clone(), Capacity::new(4, 32)).unwrap();
     let table = ParamTable::new(&config);
     model.set_params(&table.init(&config, 0)).unwrap();
-    let mut opt = AdamW::new(
-        &be,
-        AdamWConfig { lr: 3e-3, beta1: 0.9, beta2: 0.999, eps: 1e-6, weight_decay: 0.0 },
-        &table.decay_mask(),
-    )
-    .unwrap();
+    let opt = Optimizer::AdamW(
+        AdamW::new(
+            &be,
+            AdamWConfig { lr: 3e-3, beta1: 0.9, beta2: 0.999, eps: 1e-6, weight_decay: 0.0 },
+            &table.params,
+        )
+        .unwrap(),
+    );
+    let mut control = StepControl::new(&be).unwrap();
+    control.set_schedule(&be, &opt.schedule_rows(std::iter::repeat_n(3e-3, 300))).unwrap();
+    control.start(&be, &ControlCounters { updates: 0, scale: 1.0, good_steps: 0 }).unwrap();
     let mut labels = Vec::new();
     let mut last = f64::MAX;
     let mut first = 0.0;
@@ -260,7 +297,8 @@ fn the_tiny_model_overfits_fixed_batches() {
         let b = &batches[step % 2];
         model.zero_grads().unwrap();
         let l = model.step(&Inputs::from_batch(b, &mut labels), StepOptions::grads()).unwrap();
-        opt.step(&be, model.params, model.grads, 3e-3).unwrap();
+        let h = ControlStep { max_grad_norm: 0.0, growth_interval: 0, slot: step };
+        opt.step(&be, model.params, model.grads, &control, &h).unwrap();
         if step == 0 {
             first = l.total().unwrap();
         }

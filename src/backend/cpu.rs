@@ -177,6 +177,17 @@ impl<T: Real> Cpu<T> {
         }
     }
 
+    /// The i32 region to write (the step control's counters).
+    /// SAFETY: no other view of the region lives while this one does.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn ints_mut(&self, i: Ints) -> Result<&mut [i32]> {
+        let ints = &mut *self.ints.get();
+        match ints.get_mut(i.id as usize) {
+            Some(buf) if i.off + i.len <= buf.len() => Ok(&mut buf[i.off..i.off + i.len]),
+            _ => bail!("internal: int region {i:?} out of bounds"),
+        }
+    }
+
     pub(crate) fn need(&self, what: &str, got: usize, want: usize) -> Result<()> {
         if got < want {
             bail!("internal: {what} holds {got} elements, {want} needed");

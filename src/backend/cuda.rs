@@ -95,7 +95,6 @@ pub(crate) struct Kernels {
     pub(crate) add_bias: KernelPerStorage,
     pub(crate) bias_grad_partial: KernelPerStorage,
     pub(crate) sum_partials: Kernel,
-    pub(crate) scale: KernelPerStorage,
     pub(crate) fill: KernelPerStorage,
     pub(crate) cast_bf16: Kernel,
     pub(crate) gelu_fwd: KernelPerStorage,
@@ -118,6 +117,7 @@ pub(crate) struct Kernels {
     pub(crate) argmax_rows: KernelPerStorage,
     pub(crate) sum_squares_partial: KernelPerStorage,
     pub(crate) sum_squares_final: Kernel,
+    pub(crate) step_control: Kernel,
     pub(crate) adamw: Kernel,
     pub(crate) lamb_moments: Kernel,
     pub(crate) lamb_norms: Kernel,
@@ -181,7 +181,6 @@ impl Kernels {
             add_bias: t("add_bias")?,
             bias_grad_partial: t("bias_grad_partial")?,
             sum_partials: f("sum_partials_f32")?,
-            scale: t("scale")?,
             fill: t("fill")?,
             cast_bf16: f("cast_f32_to_bf16")?,
             gelu_fwd: t("gelu_fwd")?,
@@ -204,6 +203,7 @@ impl Kernels {
             argmax_rows: t("argmax_rows")?,
             sum_squares_partial: t("sum_squares_partial")?,
             sum_squares_final: f("sum_squares_final_f32")?,
+            step_control: f("step_control_f32")?,
             adamw: f("adamw_f32")?,
             lamb_moments: f("lamb_moments_f32")?,
             lamb_norms: f("lamb_norms_f32")?,
@@ -707,6 +707,9 @@ mod tests {
     #[test]
     fn the_kernel_structs_match_their_c_layouts() {
         assert_eq!(std::mem::size_of::<DropoutArgs>(), 20);
-        assert_eq!(std::mem::size_of::<crate::ops::optim::AdamWArgs>(), 28);
+        use crate::ops::optim::{AdamWArgs, ControlArgs, LambArgs};
+        assert_eq!(std::mem::size_of::<ControlArgs>(), 24);
+        assert_eq!(std::mem::size_of::<AdamWArgs>(), 16);
+        assert_eq!(std::mem::size_of::<LambArgs>(), 28);
     }
 }

@@ -94,42 +94,36 @@ pub struct Dropout {
     pub key: DropoutKey,
 }
 
-/// The numbers of one AdamW step.
+/// AdamW's constants; the numbers that change from update to update are rows of the step's schedule
+/// (`StepControl::schedule`, made by `optim::AdamW::schedule_row`).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct AdamWStep {
-    pub lr: f32,
+pub struct AdamWConsts {
     pub beta1: f32,
     pub beta2: f32,
     pub eps: f32,
-    pub weight_decay: f32,
-    /// The step number t, from 1.
-    pub step: u64,
 }
 
-/// The numbers of one LAMB step (NVIDIA's FusedLAMB, adam_w_mode, bias correction, grad averaging).
+/// LAMB's constants (NVIDIA's FusedLAMB, adam_w_mode, bias correction, grad averaging); the learning rate
+/// and bias corrections are rows of the step's schedule, the gradients' divisor (the loss scale times the
+/// clipping ratio) is the step control's.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct LambStep {
-    pub lr: f32,
+pub struct LambConsts {
     pub beta1: f32,
     pub beta2: f32,
     pub eps: f32,
     /// Of the decay group; the no-decay group has 0.
     pub weight_decay: f32,
-    /// The step number t, from 1.
-    pub step: u64,
-    /// The gradients are divided by this: the loss scale times the global-norm clipping ratio
-    /// (‖g‖ / max_norm when ‖g‖ exceeds it, else 1).
-    pub grad_divisor: f32,
     /// The trust ratio for every tensor (FusedLAMB's use_nvlamb), not only the decayed ones.
     pub all_tensors: bool,
 }
 
-/// Where the tensors of the flat parameter buffer lie, for LAMB's per-tensor trust ratios: made once
-/// (`optim::Lamb::new`), resident on the backend.
+/// Where the tensors of the flat parameter buffer lie, in chunks: each chunk's decay flag (AdamW's decay
+/// per tensor) and tensor (LAMB's per-tensor trust ratios). Made once (`TensorChunks::new`), resident on
+/// the backend.
 #[derive(Debug, Clone, Copy)]
-pub struct LambLayout {
-    /// Per chunk `[start, len, tensor, decays]` (chunks of at most `launch::LAMB_CHUNK` elements, none
-    /// across a tensor's end), then per tensor `[first chunk, chunks]`.
+pub struct TensorChunks {
+    /// Per chunk `[start, len, tensor, decays]` (chunks of at most `launch::OPTIMIZER_CHUNK` elements,
+    /// none across a tensor's end), then per tensor `[first chunk, chunks]`.
     pub table: Ints,
     pub chunks: usize,
     pub tensors: usize,
@@ -137,6 +131,36 @@ pub struct LambLayout {
     pub partials: Buf,
     /// Scratch: ‖w‖² and ‖u‖² per tensor (2 × tensors).
     pub norms: Buf,
+}
+
+/// The decisions of an optimizer step, made and kept on the backend so that a step needs no host
+/// synchronisation: `Optim::step_control` reads the gradients' Σg² and the step's loss sums, decides
+/// whether the update applies (everything finite), the loss scaler's next scale, the gradients'
+/// multipliers (unscaling, clipping) and the schedule row, and records the step; the optimizer reads its
+/// numbers from here. The host reads the records when it logs or saves (`optim::StepRecord`).
+/// Slots: kernels/launch.cuh's `CONTROL_*`.
+#[derive(Debug, Clone, Copy)]
+pub struct StepControl {
+    /// `CONTROL_FLOATS` numbers (Σg², the MLM and NSP loss sums, the loss scale, 1/scale and the clipping
+    /// factor AdamW multiplies by, LAMB's divisor), then `CONTROL_RECORD` per step recorded (Σg², the
+    /// loss sums), `CONTROL_HISTORY` steps at most.
+    pub stats: Buf,
+    /// `CONTROL_INTS` numbers (applied, the schedule row, updates this phase, the scaler's good steps),
+    /// then per step recorded whether it applied.
+    pub counters: Ints,
+    /// `SCHEDULE_ROW` numbers per update of the phase; row k is the update after k updates.
+    pub schedule: Buf,
+}
+
+/// How `Optim::step_control` decides.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ControlStep {
+    /// Global-norm clipping (0: none).
+    pub max_grad_norm: f64,
+    /// The dynamic loss scaler's growth interval; 0 when the scaler is off.
+    pub growth_interval: u64,
+    /// Which record this step writes (steps since the host last read them).
+    pub slot: usize,
 }
 
 /// The buffers allocated up to a point (`Backend::allocation_mark`).

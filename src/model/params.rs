@@ -170,15 +170,6 @@ impl ParamTable {
         }
         out
     }
-
-    /// The weight-decay mask over the buffer (1 = decay).
-    pub fn decay_mask(&self) -> Vec<u8> {
-        let mut m = vec![0u8; self.total];
-        for p in &self.params {
-            m[p.offset..p.offset + p.len].fill(p.decay as u8);
-        }
-        m
-    }
 }
 
 /// Normal(0, std) by Box–Muller.

@@ -246,7 +246,7 @@ mod tests {
             outs: vec![
                 (rows * cols, Some(randn(9, rows * cols, 1.0))),
                 (cols, Some(randn(10, cols, 1.0))),
-                (1, None),
+                (1, Some(vec![0.75])), // the sum accumulates
                 (1, None),
             ],
         };

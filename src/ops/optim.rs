@@ -8,26 +8,119 @@
 use rayon::prelude::*;
 
 use crate::backend::cpu::{Cpu, Real};
-use crate::backend::cuda::launch::{SUM_SQUARES_BLOCKS, SUM_SQUARES_CHUNK, THREADS};
+use crate::backend::cuda::launch::{
+    CONTROL_APPLIED, CONTROL_CLIP, CONTROL_DIVISOR, CONTROL_FLOATS, CONTROL_GOOD_STEPS, CONTROL_INTS,
+    CONTROL_INV_SCALE, CONTROL_MLM, CONTROL_NSP, CONTROL_RECORD, CONTROL_ROW, CONTROL_SCALE, CONTROL_SQUARES,
+    CONTROL_UPDATES, SCHEDULE_ROW, SUM_SQUARES_BLOCKS, SUM_SQUARES_CHUNK, THREADS,
+};
 use crate::backend::cuda::{grid_for, Cuda, StorageType};
 use crate::backend::device::KernelArg;
-use crate::backend::{AdamWStep, Buf, Ints, LambLayout, LambStep};
+use crate::backend::{AdamWConsts, Buf, ControlStep, LambConsts, StepControl, TensorChunks};
 use crate::bail;
 use crate::error::Result;
+use crate::optim::clip_coefficient;
 
 pub trait Optim {
     /// out (1) = Σ x² over `x` (inf or NaN when any element is not finite): gradient norm and finite check.
     fn sum_squares(&self, out: Buf, x: Buf) -> Result<()>;
-    /// x *= factor.
-    fn scale(&self, x: Buf, factor: f32) -> Result<()>;
-    /// One AdamW update of the whole parameter buffer, torch semantics: p −= lr·wd·p where decay (1),
-    /// m = β1·m + (1−β1)·g, v = β2·v + (1−β2)·g², p −= lr/(1−β1ᵗ) · m / (√v/√(1−β2ᵗ) + ε).
-    fn adamw(&self, params: Buf, grads: Buf, m: Buf, v: Buf, decay: Ints, h: &AdamWStep) -> Result<()>;
-    /// One LAMB update, per tensor of `layout`: g' = g / divisor, m = β1·m + (1−β1)·g',
+    /// The step's decisions, from its Σg² and loss sums (slots of `c.stats`), with scale s: the step
+    /// applies when they are finite; ‖g‖ = √Σg² / s; AdamW's multipliers 1/s and
+    /// min(max / (‖g‖ + 1e-6), 1) (1 without clipping); LAMB's divisor s·max(‖g‖ / max, 1); the schedule
+    /// row (the updates so far), counted on when it applies; the dynamic loss scaler (with a growth
+    /// interval: halve on a step that does not apply, double after that many that do); the record of
+    /// the step in `h.slot`; the loss sums zeroed.
+    fn step_control(&self, c: &StepControl, h: &ControlStep) -> Result<()>;
+    /// One AdamW update of the whole parameter buffer when `c` applies it, torch semantics, with the
+    /// schedule row's numbers: g' = g·(1/s)·clip, p −= lr·wd·p where the tensor decays (`chunks`),
+    /// m = β1·m + (1−β1)·g', v = β2·v + (1−β2)·g'², p −= lr/(1−β1ᵗ) · m / (√v/√(1−β2ᵗ) + ε). The
+    /// gradients are left as they were.
+    #[allow(clippy::too_many_arguments)]
+    fn adamw(
+        &self,
+        params: Buf,
+        grads: Buf,
+        m: Buf,
+        v: Buf,
+        chunks: &TensorChunks,
+        c: &StepControl,
+        h: &AdamWConsts,
+    ) -> Result<()>;
+    /// One LAMB update when `c` applies it, per tensor of `chunks`: g' = g / divisor, m = β1·m + (1−β1)·g',
     /// v = β2·v + (1−β2)·g'², u = (m/(1−β1ᵗ)) / (√(v/(1−β2ᵗ)) + ε) + wd·p (wd 0 outside the decay group),
     /// r = ‖p‖/‖u‖ over the tensor (1 when either is 0, and for the no-decay group unless `all_tensors`),
-    /// p −= lr·r·u. The gradients are left as they were.
-    fn lamb(&self, params: Buf, grads: Buf, m: Buf, v: Buf, layout: &LambLayout, h: &LambStep) -> Result<()>;
+    /// p −= lr·r·u, lr and the bias corrections from the schedule row. The gradients are left as they were.
+    #[allow(clippy::too_many_arguments)]
+    fn lamb(
+        &self,
+        params: Buf,
+        grads: Buf,
+        m: Buf,
+        v: Buf,
+        chunks: &TensorChunks,
+        c: &StepControl,
+        h: &LambConsts,
+    ) -> Result<()>;
+}
+
+/// The slots of the step control a step's record needs: its floats and ints.
+fn control_spans(slot: usize) -> (usize, usize) {
+    (CONTROL_FLOATS as usize + CONTROL_RECORD as usize * (slot + 1), CONTROL_INTS as usize + slot + 1)
+}
+
+/// Each tensor's range [start, end) and decay flag, from the chunk table; an error unless they tile `n`.
+fn tensor_ranges(table: &[i32], chunks: usize, n: usize) -> Result<Vec<(usize, usize, bool)>> {
+    let (chunk_part, tensor_part) = table.split_at(4 * chunks);
+    let mut at = 0;
+    let mut ranges = Vec::new();
+    // an empty tensor has no chunks and nothing to update
+    for t in tensor_part.chunks_exact(2).filter(|t| t[1] > 0) {
+        let (first, count) = (t[0] as usize, t[1] as usize);
+        let (a, b) = (&chunk_part[4 * first..4 * first + 4], &chunk_part[4 * (first + count - 1)..][..4]);
+        let (start, end) = (a[0] as usize, (b[0] + b[1]) as usize);
+        if start != at || end > n {
+            bail!("internal: the optimizer's tensors do not tile the buffer");
+        }
+        ranges.push((start, end, a[3] != 0));
+        at = end;
+    }
+    if at != n {
+        bail!("internal: the optimizer's tensors do not tile the buffer");
+    }
+    Ok(ranges)
+}
+
+/// Disjoint mutable slices of `p`, `m`, `v` (and shared ones of `g`) per range.
+#[allow(clippy::type_complexity)]
+fn split_ranges<'a, T>(
+    ranges: &[(usize, usize, bool)],
+    p: &'a mut [T],
+    g: &'a [T],
+    m: &'a mut [T],
+    v: &'a mut [T],
+) -> Vec<(&'a mut [T], &'a [T], &'a mut [T], &'a mut [T], bool)> {
+    let mut parts = Vec::with_capacity(ranges.len());
+    let (mut p_rest, mut m_rest, mut v_rest, mut at) = (p, m, v, 0usize);
+    for &(start, end, decays) in ranges {
+        let (p0, p1) = std::mem::take(&mut p_rest).split_at_mut(end - at);
+        let (m0, m1) = std::mem::take(&mut m_rest).split_at_mut(end - at);
+        let (v0, v1) = std::mem::take(&mut v_rest).split_at_mut(end - at);
+        parts.push((p0, &g[start..end], m0, v0, decays));
+        (p_rest, m_rest, v_rest, at) = (p1, m1, v1, end);
+    }
+    parts
+}
+
+impl<T: Real> Cpu<T> {
+    /// The schedule row of the step the control applies, or None.
+    fn applied_row(&self, c: &StepControl) -> Result<Option<Vec<f64>>> {
+        let k = self.ints(c.counters)?;
+        if k[CONTROL_APPLIED as usize] == 0 {
+            return Ok(None);
+        }
+        let (w, row) = (SCHEDULE_ROW as usize, k[CONTROL_ROW as usize] as usize);
+        self.need("schedule", c.schedule.len, (row + 1) * w)?;
+        Ok(Some(unsafe { self.r(c.schedule) }[row * w..(row + 1) * w].iter().map(|x| x.to_f64()).collect()))
+    }
 }
 
 impl<T: Real> Optim for Cpu<T> {
@@ -41,87 +134,113 @@ impl<T: Real> Optim for Cpu<T> {
         Ok(())
     }
 
-    fn scale(&self, x: Buf, factor: f32) -> Result<()> {
-        self.check(&[x], &[])?;
-        let f = T::from_f64(factor as f64);
-        unsafe { self.w(x) }.par_iter_mut().for_each(|v| *v *= f);
+    fn step_control(&self, c: &StepControl, h: &ControlStep) -> Result<()> {
+        self.check(&[c.stats], &[c.schedule])?;
+        let (floats, ints) = control_spans(h.slot);
+        self.need("step control", c.stats.len, floats)?;
+        self.need("step control counters", c.counters.len, ints)?;
+        let rows = c.schedule.len / SCHEDULE_ROW as usize;
+        let (s, k) = unsafe { (self.w(c.stats), self.ints_mut(c.counters)?) };
+        let at = |slot: u32| slot as usize;
+        let (squares, mlm, nsp) = (s[at(CONTROL_SQUARES)], s[at(CONTROL_MLM)], s[at(CONTROL_NSP)]);
+        let scale = s[at(CONTROL_SCALE)].to_f64();
+        let updates = k[at(CONTROL_UPDATES)];
+        let applies = [squares, mlm, nsp].iter().all(|x| x.to_f64().is_finite()) && (updates as usize) < rows;
+        let record = at(CONTROL_FLOATS) + at(CONTROL_RECORD) * h.slot;
+        s[record..record + 3].copy_from_slice(&[squares, mlm, nsp]);
+        k[at(CONTROL_INTS) + h.slot] = applies as i32;
+        k[at(CONTROL_APPLIED)] = applies as i32;
+        k[at(CONTROL_ROW)] = updates;
+        // In f64 and rounded once to f32, as the device does.
+        let f32_of = |x: f64| T::from_f64(x as f32 as f64);
+        let norm = squares.to_f64().sqrt() / scale;
+        let max = h.max_grad_norm;
+        s[at(CONTROL_INV_SCALE)] = f32_of(1.0 / scale);
+        s[at(CONTROL_CLIP)] = f32_of(if max > 0.0 { clip_coefficient(norm, max) } else { 1.0 });
+        let ratio = if max > 0.0 && norm > max { norm / max } else { 1.0 };
+        s[at(CONTROL_DIVISOR)] = f32_of(ratio * scale);
+        if applies {
+            k[at(CONTROL_UPDATES)] = updates + 1;
+        }
+        if h.growth_interval > 0 {
+            let (mut good, mut next) =
+                if applies { (k[at(CONTROL_GOOD_STEPS)] + 1, scale) } else { (0, scale * 0.5) };
+            if good as u64 == h.growth_interval {
+                (good, next) = (0, scale * 2.0);
+            }
+            s[at(CONTROL_SCALE)] = f32_of(next);
+            k[at(CONTROL_GOOD_STEPS)] = good;
+        }
+        s[at(CONTROL_MLM)] = T::default();
+        s[at(CONTROL_NSP)] = T::default();
         Ok(())
     }
 
-    fn adamw(&self, params: Buf, grads: Buf, m: Buf, v: Buf, decay: Ints, h: &AdamWStep) -> Result<()> {
-        self.check(&[params, m, v], &[grads])?;
+    fn adamw(
+        &self,
+        params: Buf,
+        grads: Buf,
+        m: Buf,
+        v: Buf,
+        chunks: &TensorChunks,
+        c: &StepControl,
+        h: &AdamWConsts,
+    ) -> Result<()> {
+        self.check(&[params, m, v], &[grads, c.stats])?;
         let n = params.len;
-        if grads.len != n || m.len != n || v.len != n || decay.len != n {
+        if grads.len != n || m.len != n || v.len != n {
             bail!("internal: adamw buffers of different lengths");
         }
-        let decay = self.ints(decay)?;
+        let Some(row) = self.applied_row(c)? else { return Ok(()) };
+        let ranges = tensor_ranges(self.ints(chunks.table)?, chunks.chunks, n)?;
+        let stats = unsafe { self.r(c.stats) };
+        let (inv_scale, clip) = (stats[CONTROL_INV_SCALE as usize], stats[CONTROL_CLIP as usize]);
         let (p, g, mv, vv) = unsafe { (self.w(params), self.r(grads), self.w(m), self.w(v)) };
         // As torch's single-tensor AdamW, in the parameters' precision.
         let c = |x: f64| T::from_f64(x);
-        let (lr, b1, b2, eps, wd) =
-            (h.lr as f64, h.beta1 as f64, h.beta2 as f64, h.eps as f64, h.weight_decay as f64);
-        let bc1 = 1.0 - b1.powi(h.step as i32);
-        let bc2_sqrt = (1.0 - b2.powi(h.step as i32)).sqrt();
-        let (decay_f, step_size) = (c(1.0 - lr * wd), c(lr / bc1));
-        let (one_b1, b2t, one_b2, bc2s, epst) = (c(1.0 - b1), c(b2), c(1.0 - b2), c(bc2_sqrt), c(eps));
-        p.par_iter_mut()
-            .zip(g.par_iter())
-            .zip(mv.par_iter_mut().zip(vv.par_iter_mut()))
-            .zip(decay.par_iter())
-            .for_each(|(((p, &g), (m, v)), &d)| {
-                if d != 0 {
+        let (decay_f, step_size, bc2s) = (c(row[0]), c(row[1]), c(row[2]));
+        let (b1, b2) = (h.beta1 as f64, h.beta2 as f64);
+        let (one_b1, b2t, one_b2, epst) = (c(1.0 - b1), c(b2), c(1.0 - b2), c(h.eps as f64));
+        split_ranges(&ranges, p, g, mv, vv).into_par_iter().for_each(|(p, g, m, v, decays)| {
+            for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                let g = g * inv_scale * clip;
+                if decays {
                     *p *= decay_f;
                 }
                 *m += (g - *m) * one_b1;
                 *v = *v * b2t + g * g * one_b2;
                 let denom = v.sqrt() / bc2s + epst;
                 *p -= step_size * (*m / denom);
-            });
+            }
+        });
         Ok(())
     }
 
-    fn lamb(&self, params: Buf, grads: Buf, m: Buf, v: Buf, layout: &LambLayout, h: &LambStep) -> Result<()> {
-        self.check(&[params, m, v], &[grads])?;
+    fn lamb(
+        &self,
+        params: Buf,
+        grads: Buf,
+        m: Buf,
+        v: Buf,
+        chunks: &TensorChunks,
+        c: &StepControl,
+        h: &LambConsts,
+    ) -> Result<()> {
+        self.check(&[params, m, v], &[grads, c.stats])?;
         let n = params.len;
         if grads.len != n || m.len != n || v.len != n {
             bail!("internal: lamb buffers of different lengths");
         }
-        let table = self.ints(layout.table)?;
-        let (chunks, tensor_part) = table.split_at(4 * layout.chunks);
-        // Each tensor's range and decay flag, from its chunks.
-        let ranges: Vec<(usize, usize, bool)> = tensor_part
-            .chunks_exact(2)
-            .filter(|t| t[1] > 0) // an empty tensor has no chunks and nothing to update
-            .map(|t| {
-                let (first, count) = (t[0] as usize, t[1] as usize);
-                let (a, b) = (
-                    &chunks[4 * first..4 * first + 4],
-                    &chunks[4 * (first + count - 1)..4 * (first + count)],
-                );
-                (a[0] as usize, (b[0] + b[1]) as usize, a[3] != 0)
-            })
-            .collect();
+        let Some(row) = self.applied_row(c)? else { return Ok(()) };
+        let ranges = tensor_ranges(self.ints(chunks.table)?, chunks.chunks, n)?;
+        let div = unsafe { self.r(c.stats) }[CONTROL_DIVISOR as usize];
         let (p, g, mv, vv) = unsafe { (self.w(params), self.r(grads), self.w(m), self.w(v)) };
-        // Disjoint per-tensor slices, updated in parallel.
-        let mut parts = Vec::with_capacity(ranges.len());
-        let (mut p_rest, mut m_rest, mut v_rest, mut at) = (&mut p[..], &mut mv[..], &mut vv[..], 0usize);
-        for &(start, end, decays) in &ranges {
-            if start != at || end > n {
-                bail!("internal: lamb tensors do not tile the buffer");
-            }
-            let (p0, p1) = std::mem::take(&mut p_rest).split_at_mut(end - start);
-            let (m0, m1) = std::mem::take(&mut m_rest).split_at_mut(end - start);
-            let (v0, v1) = std::mem::take(&mut v_rest).split_at_mut(end - start);
-            parts.push((p0, &g[start..end], m0, v0, decays));
-            (p_rest, m_rest, v_rest, at) = (p1, m1, v1, end);
-        }
         // FusedLAMB in the parameters' precision; the two norms accumulated in f64.
         let c = |x: f64| T::from_f64(x);
         let (b1, b2) = (h.beta1 as f64, h.beta2 as f64);
-        let (bc1, bc2) = (1.0 - b1.powi(h.step as i32), 1.0 - b2.powi(h.step as i32));
         let (b1t, one_b1, b2t, one_b2) = (c(b1), c(1.0 - b1), c(b2), c(1.0 - b2));
-        let (bc1t, bc2t, eps, div) = (c(bc1), c(bc2), c(h.eps as f64), c(h.grad_divisor as f64));
-        parts.into_par_iter().for_each(|(p, g, m, v, decays)| {
+        let (lr, bc1t, bc2t, eps) = (row[0], c(row[1]), c(row[2]), c(h.eps as f64));
+        split_ranges(&ranges, p, g, mv, vv).into_par_iter().for_each(|(p, g, m, v, decays)| {
             let wd = c(if decays { h.weight_decay as f64 } else { 0.0 });
             let (mut wn, mut un) = (0f64, 0f64);
             for i in 0..p.len() {
@@ -135,7 +254,7 @@ impl<T: Real> Optim for Cpu<T> {
             let (wn, un) = (wn.sqrt(), un.sqrt());
             let trusted = h.all_tensors || (decays && h.weight_decay != 0.0);
             let ratio = if trusted && wn > 0.0 && un > 0.0 { wn / un } else { 1.0 };
-            let step = c(h.lr as f64 * ratio);
+            let step = c(lr * ratio);
             for i in 0..p.len() {
                 let u = (m[i] / bc1t) / ((v[i] / bc2t).sqrt() + eps) + wd * p[i];
                 p[i] -= step * u;
@@ -145,47 +264,50 @@ impl<T: Real> Optim for Cpu<T> {
     }
 }
 
+/// optim.cu's ControlArgs.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct ControlArgs {
+    max_grad_norm: f64,
+    growth_interval: i32,
+    slot: i32,
+    rows: i32,
+    unused: i32,
+}
+
 /// optim.cu's AdamWArgs.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 pub(crate) struct AdamWArgs {
-    decay_factor: f32,
-    step_size: f32,
     one_minus_beta1: f32,
     beta2: f32,
     one_minus_beta2: f32,
-    bias_correction2_sqrt: f32,
     eps: f32,
-}
-
-impl KernelArg for AdamWArgs {
-    fn bytes(&self) -> &[u8] {
-        bytemuck::bytes_of(self)
-    }
 }
 
 /// optim.cu's LambArgs.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct LambArgs {
+pub(crate) struct LambArgs {
     beta1: f32,
     one_minus_beta1: f32,
     beta2: f32,
     one_minus_beta2: f32,
-    bias_correction1: f32,
-    bias_correction2: f32,
     eps: f32,
     weight_decay: f32,
-    grad_divisor: f32,
-    lr: f32,
     all_tensors: i32,
 }
 
-impl KernelArg for LambArgs {
-    fn bytes(&self) -> &[u8] {
-        bytemuck::bytes_of(self)
-    }
+macro_rules! kernel_args {
+    ($($t:ty),*) => {$(
+        impl KernelArg for $t {
+            fn bytes(&self) -> &[u8] {
+                bytemuck::bytes_of(self)
+            }
+        }
+    )*};
 }
+kernel_args!(ControlArgs, AdamWArgs, LambArgs);
 
 impl Cuda {
     /// After an optimizer update: the bf16 copy of the weights (under --precision bf16) that the kernels and
@@ -196,6 +318,22 @@ impl Cuda {
         if shadow != master {
             let n = params.len as i64;
             self.launch(self.k.cast_bf16, (grid_for(params.len), 1, 1), THREADS, &[&shadow, &master, &n])?;
+        }
+        Ok(())
+    }
+
+    /// The optimizer's buffers, all fp32 and of one length.
+    fn optimizer_buffers(
+        &self,
+        what: &str,
+        bufs: &[Buf],
+        chunks: &TensorChunks,
+        c: &StepControl,
+    ) -> Result<()> {
+        self.need_f32(what, bufs)?;
+        self.need_f32("step control", &[c.stats, c.schedule, chunks.partials, chunks.norms])?;
+        if bufs.iter().any(|b| b.len != bufs[0].len) {
+            bail!("internal: {what} of different lengths");
         }
         Ok(())
     }
@@ -221,64 +359,97 @@ impl Optim for Cuda {
         Ok(())
     }
 
-    fn scale(&self, x: Buf, factor: f32) -> Result<()> {
-        let dt = self.storage(x)?;
-        let ([px], []) = self.ptrs_as(dt, [x], [])?;
-        self.elementwise(self.k.scale.of(dt), &[px], x.len, Some(&factor))
+    fn step_control(&self, c: &StepControl, h: &ControlStep) -> Result<()> {
+        self.need_f32("step control", &[c.stats, c.schedule])?;
+        let (floats, ints) = control_spans(h.slot);
+        Self::need("step control", c.stats.len, floats)?;
+        Self::need("step control counters", c.counters.len, ints)?;
+        let ([ps], [_]) = self.ptrs([c.stats], [c.schedule])?;
+        let pk = self.iptr(c.counters)?;
+        let args = ControlArgs {
+            max_grad_norm: h.max_grad_norm,
+            growth_interval: h.growth_interval.min(i32::MAX as u64) as i32,
+            slot: h.slot as i32,
+            rows: (c.schedule.len / SCHEDULE_ROW as usize) as i32,
+            unused: 0,
+        };
+        self.launch(self.k.step_control, (1, 1, 1), 32, &[&ps, &pk, &args])?;
+        Ok(())
     }
 
-    fn adamw(&self, params: Buf, grads: Buf, m: Buf, v: Buf, decay: Ints, h: &AdamWStep) -> Result<()> {
-        self.need_f32("AdamW buffers", &[params, grads, m, v])?;
-        let n = params.len;
-        if grads.len != n || m.len != n || v.len != n || decay.len != n {
-            bail!("internal: adamw buffers of different lengths");
-        }
-        let ([pp, pm, pv], [pg]) = self.ptrs([params, m, v], [grads])?;
-        let pd = self.iptr(decay)?;
-        let (lr, b1, b2, wd) = (h.lr as f64, h.beta1 as f64, h.beta2 as f64, h.weight_decay as f64);
+    fn adamw(
+        &self,
+        params: Buf,
+        grads: Buf,
+        m: Buf,
+        v: Buf,
+        chunks: &TensorChunks,
+        c: &StepControl,
+        h: &AdamWConsts,
+    ) -> Result<()> {
+        self.optimizer_buffers("AdamW buffers", &[params, grads, m, v], chunks, c)?;
+        let ([pp, pm, pv], [pg, psched, pstats]) = self.ptrs([params, m, v], [grads, c.schedule, c.stats])?;
+        let (pt, pk) = (self.iptr(chunks.table)?, self.iptr(c.counters)?);
+        let (b1, b2) = (h.beta1 as f64, h.beta2 as f64);
         let args = AdamWArgs {
-            decay_factor: (1.0 - lr * wd) as f32,
-            step_size: (lr / (1.0 - b1.powi(h.step as i32))) as f32,
             one_minus_beta1: (1.0 - b1) as f32,
-            beta2: b2 as f32,
+            beta2: h.beta2,
             one_minus_beta2: (1.0 - b2) as f32,
-            bias_correction2_sqrt: (1.0 - b2.powi(h.step as i32)).sqrt() as f32,
             eps: h.eps,
         };
-        let nn = n as i64;
-        self.launch(self.k.adamw, (grid_for(n), 1, 1), THREADS, &[&pp, &pg, &pm, &pv, &pd, &nn, &args])?;
+        if chunks.chunks > 0 {
+            self.launch(
+                self.k.adamw,
+                (chunks.chunks as u32, 1, 1),
+                THREADS,
+                &[&pp, &pg, &pm, &pv, &pt, &psched, &pstats, &pk, &args],
+            )?;
+        }
         self.refresh_bf16_copy(params)
     }
 
-    fn lamb(&self, params: Buf, grads: Buf, m: Buf, v: Buf, layout: &LambLayout, h: &LambStep) -> Result<()> {
-        self.need_f32("LAMB buffers", &[params, grads, m, v, layout.partials, layout.norms])?;
-        let n = params.len;
-        if grads.len != n || m.len != n || v.len != n {
-            bail!("internal: lamb buffers of different lengths");
-        }
-        let ([pp, pm, pv, ppart, pnorm], [pg]) =
-            self.ptrs([params, m, v, layout.partials, layout.norms], [grads])?;
-        let pt = self.iptr(layout.table)?;
+    fn lamb(
+        &self,
+        params: Buf,
+        grads: Buf,
+        m: Buf,
+        v: Buf,
+        chunks: &TensorChunks,
+        c: &StepControl,
+        h: &LambConsts,
+    ) -> Result<()> {
+        self.optimizer_buffers("LAMB buffers", &[params, grads, m, v], chunks, c)?;
+        let ([pp, pm, pv, ppart, pnorm], [pg, psched, pstats]) =
+            self.ptrs([params, m, v, chunks.partials, chunks.norms], [grads, c.schedule, c.stats])?;
+        let (pt, pk) = (self.iptr(chunks.table)?, self.iptr(c.counters)?);
         let (b1, b2) = (h.beta1 as f64, h.beta2 as f64);
         let args = LambArgs {
             beta1: h.beta1,
             one_minus_beta1: (1.0 - b1) as f32,
             beta2: h.beta2,
             one_minus_beta2: (1.0 - b2) as f32,
-            bias_correction1: (1.0 - b1.powi(h.step as i32)) as f32,
-            bias_correction2: (1.0 - b2.powi(h.step as i32)) as f32,
             eps: h.eps,
             weight_decay: h.weight_decay,
-            grad_divisor: h.grad_divisor,
-            lr: h.lr,
             all_tensors: h.all_tensors as i32,
         };
-        let chunks = layout.chunks as u32;
-        self.launch(self.k.lamb_moments, (chunks, 1, 1), THREADS, &[&pp, &pg, &pm, &pv, &pt, &ppart, &args])?;
-        let (c, t) = (layout.chunks as i32, layout.tensors as i32);
-        let blocks = layout.tensors.div_ceil(THREADS as usize) as u32;
-        self.launch(self.k.lamb_norms, (blocks, 1, 1), THREADS, &[&pt, &c, &t, &ppart, &pnorm])?;
-        self.launch(self.k.lamb_apply, (chunks, 1, 1), THREADS, &[&pp, &pm, &pv, &pt, &pnorm, &args])?;
+        if chunks.chunks > 0 {
+            let n = chunks.chunks as u32;
+            self.launch(
+                self.k.lamb_moments,
+                (n, 1, 1),
+                THREADS,
+                &[&pp, &pg, &pm, &pv, &pt, &ppart, &psched, &pstats, &pk, &args],
+            )?;
+            let (cc, t) = (chunks.chunks as i32, chunks.tensors as i32);
+            let blocks = chunks.tensors.div_ceil(THREADS as usize) as u32;
+            self.launch(self.k.lamb_norms, (blocks, 1, 1), THREADS, &[&pt, &cc, &t, &ppart, &pnorm, &pk])?;
+            self.launch(
+                self.k.lamb_apply,
+                (n, 1, 1),
+                THREADS,
+                &[&pp, &pm, &pv, &pt, &pnorm, &psched, &pk, &args],
+            )?;
+        }
         self.refresh_bf16_copy(params)
     }
 }
@@ -286,61 +457,85 @@ impl Optim for Cuda {
 #[cfg(test)]
 mod tests {
     use crate::ops::testing::*;
+    use bertcuda::optim::{AdamW, AdamWConfig, Lamb, LambConfig, Optimizer};
 
-    fn adamw_and_scale() {
-        let n = 100_003;
-        let decay: Vec<i32> = (0..n).map(|k| (k % 3 != 0) as i32).collect();
-        let c = Case {
-            floats: vec![randn(30, n, 0.01)],
-            ints: vec![decay],
-            outs: vec![
-                (n, Some(randn(31, n, 1.0))),
-                (n, Some(randn(32, n, 0.01))),
-                (n, Some(randn(33, n, 0.0001).iter().map(|x| x.abs()).collect())),
-            ],
+    /// Steps of `opt` (made on each backend by `make`) from `init` through `grads`, as training makes
+    /// them: the parameters, the moments, the step control's numbers (records included) and counters,
+    /// the CPU against the device.
+    fn same_steps(
+        what: &str,
+        init: &[f32],
+        grads: &[Vec<f32>],
+        settings: (f64, f64, u64),
+        make: &dyn Fn(&dyn Backend) -> bertcuda::Result<Optimizer>,
+    ) {
+        use bertcuda::backend::cuda::launch::{
+            CONTROL_FLOATS, CONTROL_HISTORY, CONTROL_INTS, CONTROL_RECORD,
         };
-        let h = AdamWStep { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-6, weight_decay: 0.01, step: 7 };
-        same("adamw", &c, 1e-7, 1e-5, &|be, f, i, o| {
-            be.adamw(o[0], f[0], o[1], o[2], i[0], &h)?;
-            be.scale(o[0], 0.5)
+        let lrs: Vec<f64> = (0..grads.len()).map(|k| 1e-3 * (k + 1) as f64).collect();
+        let n = init.len();
+        let (floats, ints) = (
+            (CONTROL_FLOATS + CONTROL_RECORD * CONTROL_HISTORY) as usize,
+            (CONTROL_INTS + CONTROL_HISTORY) as usize,
+        );
+        let c = Case {
+            floats: vec![],
+            ints: vec![],
+            outs: vec![(n, Some(init.to_vec())), (n, None), (n, None), (floats, None), (ints, None)],
+        };
+        same(what, &c, 1e-7, 1e-5, &|be, _, _, o| {
+            let opt = make(be)?;
+            let control = common::optimizer_steps(be, &opt, o[0], grads, &lrs, settings)?;
+            let (m, v) = opt.moments();
+            be.copy(o[1], m)?;
+            be.copy(o[2], v)?;
+            be.copy(o[3], control.stats)?;
+            let counters: Vec<f32> = be.download_ints(control.counters)?.iter().map(|&k| k as f32).collect();
+            be.upload(o[4], &counters)
         });
     }
 
-    /// LAMB over tensors of several chunks (launch.cuh's LAMB_CHUNK is 8192), a chunk-sized one, a bias and a
-    /// tensor at zero, with and without the trust ratio on every tensor.
+    fn adamw_over_chunked_tensors() {
+        // A tensor of several chunks (OPTIMIZER_CHUNK 8192), a short one not 16-byte aligned after it, a
+        // bias, a tensor at zero; a skipped step between two clipped ones under the loss scaler.
+        let tensors =
+            common::flat_tensors(&[(20_000, true), (5, true), (777, false), (1_000, true), (8_192, true)]);
+        let n: usize = tensors.iter().map(|t| t.len).sum();
+        let mut init = randn(30, n, 0.05);
+        init[20_782..21_782].fill(0.0);
+        let mut grads: Vec<Vec<f32>> = (0..3).map(|k| randn(31 + k, n, 0.3)).collect();
+        grads[1][17] = f32::INFINITY;
+        for (max_grad_norm, scale, growth) in [(1.0, 8.0, 2), (0.0, 1.0, 0), (1e6, 1.0, 0)] {
+            same_steps(
+                &format!("adamw max_grad_norm={max_grad_norm} scale={scale}"),
+                &init,
+                &grads,
+                (max_grad_norm, scale, growth),
+                &|be| {
+                    let c = AdamWConfig { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-6, weight_decay: 0.01 };
+                    Ok(Optimizer::AdamW(AdamW::new(be, c, &tensors)?))
+                },
+            );
+        }
+    }
+
+    /// LAMB over tensors of several chunks, a chunk-sized one, a bias and a tensor at zero, with and
+    /// without the trust ratio on every tensor.
     fn lamb_over_chunked_tensors() {
         let tensors =
             common::flat_tensors(&[(20_000, true), (5, true), (777, false), (1_000, true), (8_192, true)]);
-        let offset: usize = tensors.iter().map(|t| t.len).sum();
-        let n = offset;
-        let mut params = randn(40, n, 0.05);
-        params[20_005 + 777..20_005 + 777 + 1_000].fill(0.0);
-        let c = Case {
-            floats: vec![randn(41, n, 0.3)],
-            ints: vec![],
-            outs: vec![
-                (n, Some(params)),
-                (n, Some(randn(42, n, 0.01))),
-                (n, Some(randn(43, n, 0.0001).iter().map(|x| x.abs()).collect())),
-            ],
-        };
+        let n: usize = tensors.iter().map(|t| t.len).sum();
+        let mut init = randn(40, n, 0.05);
+        init[20_005 + 777..20_005 + 777 + 1_000].fill(0.0);
+        let mut grads: Vec<Vec<f32>> = (0..3).map(|k| randn(41 + k, n, 0.3)).collect();
+        grads[1][17] = f32::NAN;
         for all_tensors in [false, true] {
-            let h = LambStep {
-                lr: 6e-3,
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-6,
-                weight_decay: 0.01,
-                step: 7,
-                grad_divisor: 3.5,
-                all_tensors,
-            };
-            same(&format!("lamb all_tensors={all_tensors}"), &c, 1e-7, 1e-5, &|be, f, _, o| {
-                let layout = LambLayout::new(be, &tensors)?;
-                be.lamb(o[0], f[0], o[1], o[2], &layout, &h)
+            same_steps(&format!("lamb all_tensors={all_tensors}"), &init, &grads, (1.0, 2.0, 2), &|be| {
+                let c = LambConfig { beta1: 0.9, beta2: 0.999, eps: 1e-6, weight_decay: 0.01, all_tensors };
+                Ok(Optimizer::Lamb(Lamb::new(be, c, &tensors)?))
             });
         }
     }
 
-    on_both_devices!(adamw_and_scale, lamb_over_chunked_tensors,);
+    on_both_devices!(adamw_over_chunked_tensors, lamb_over_chunked_tensors,);
 }

@@ -12,7 +12,6 @@ use rayon::prelude::*;
 use crate::backend::cpu::{Cpu, Real};
 use crate::backend::cuda::launch::{PARTIAL_ROWS, THREADS};
 use crate::backend::cuda::Cuda;
-use crate::backend::device::Device;
 use crate::backend::{Buf, Ints};
 use crate::bail;
 use crate::error::Result;
@@ -20,7 +19,7 @@ use crate::error::Result;
 pub trait Tensor {
     /// out (n) = a + b.
     fn add(&self, out: Buf, a: Buf, b: Buf) -> Result<()>;
-    /// out (1) = Σ inp.
+    /// out (1) += Σ inp (loss sums accumulate over a step's micro-batches).
     fn sum(&self, out: Buf, inp: Buf) -> Result<()>;
     /// out (m, c) = inp[rows] (inp (·, c)).
     fn gather_rows(&self, out: Buf, inp: Buf, rows: Ints, m: usize, c: usize) -> Result<()>;
@@ -40,7 +39,7 @@ impl<T: Real> Tensor for Cpu<T> {
     fn sum(&self, out: Buf, inp: Buf) -> Result<()> {
         self.check(&[out], &[inp])?;
         let s: f64 = unsafe { self.r(inp) }.iter().map(|x| x.to_f64()).sum();
-        unsafe { self.w(out)[0] = T::from_f64(s) };
+        unsafe { self.w(out)[0] += T::from_f64(s) };
         Ok(())
     }
 
@@ -85,7 +84,6 @@ impl Tensor for Cuda {
         self.need_f32("sum output", &[out])?;
         let dt = self.storage(inp)?;
         let ([po], [pi]) = self.ptrs_as(dt, [out], [inp])?;
-        self.dev.memset_zero(po, 4)?;
         // Σ as the bias gradient of a one-column matrix: blocks of 64 rows, then the blocks in order.
         let chunks = inp.len.div_ceil(PARTIAL_ROWS as usize).max(1);
         let part = self.partials(chunks)?;

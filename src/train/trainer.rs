@@ -1,7 +1,9 @@
 //! The training loop. A [`Trainer`] is made once per run (per rank) from its [`Setup`]; each
 //! [`Trainer::step`] is one optimizer step, as named calls: the micro-batches, forward and backward (the
 //! gradients summed across ranks as backward completes each bucket), the non-finite check and clipping,
-//! the optimizer at the schedule's rate, the log. [`Trainer::save`] writes a checkpoint,
+//! the optimizer at the schedule's rate, the log. The step's decisions (finite or skipped, clipping, the
+//! loss scale) are made on the backend (`StepControl`), so a step waits for nothing: the host reads the
+//! steps' records back when it logs, evaluates or saves, and replays them into its state. [`Trainer::save`] writes a checkpoint,
 //! [`Trainer::finish`] the last one and the final model.
 //!
 //! Every choice is a function of the config, the seed and counters that checkpoints keep, so a resumed
@@ -18,7 +20,8 @@ use super::log::{print_plan, RunLog, StepMetrics};
 use super::setup::{Phase, Setup};
 use super::TrainSummary;
 use crate::backend::device::Traffic;
-use crate::backend::{AllocationMark, Backend, Buf, Kind};
+use crate::backend::{AllocationMark, Backend};
+use crate::backend::{ControlStep, StepControl};
 use crate::bail;
 use crate::checkpoint::{self, CheckpointData, TrainerState, STATE_VERSION};
 use crate::data::examples::{Corpus, ExampleConfig};
@@ -29,7 +32,9 @@ use crate::fsutil::SetAside;
 use crate::model::bert::{Bert, Capacity, Inputs, LossNorm, StepOptions, Train};
 use crate::model::config::ModelConfig;
 use crate::model::params::ParamTable;
-use crate::optim::{AdamW, AdamWConfig, Lamb, LambConfig, LossScaler, Optimizer, OptimizerKind};
+use crate::optim::{
+    AdamW, AdamWConfig, ControlCounters, Lamb, LambConfig, LossScaler, Optimizer, OptimizerKind, StepRecord,
+};
 
 /// Run training to its end or a stop signal: the seed's loop.
 pub(super) fn run<B: Backend>(
@@ -71,8 +76,12 @@ pub(super) struct Trainer<'a, B: Backend> {
     loader: Loader,
     /// Each phase's model and loader are allocated after this mark and released at the phase's end.
     mark: AllocationMark,
-    /// The gradients' sum of squares (one f64 on the device).
-    squares: Buf,
+    /// The steps' decisions and records on the backend; the schedule of the phase running.
+    control: StepControl,
+    /// Steps run since the host last read their records, oldest first.
+    pending: Vec<PendingStep>,
+    /// The last step read back: its losses and update, for the log.
+    last: Option<(StepLosses, Update)>,
     /// Label buffers, one per micro-batch, reused.
     labels: Vec<Vec<i32>>,
     /// Gradient buckets reduced across ranks as the backward pass completes each.
@@ -86,6 +95,19 @@ pub(super) struct Trainer<'a, B: Backend> {
     save_seconds: f64,
     /// The backend's traffic after this run's first step, and the step it was read at.
     traffic_start: Option<(Traffic, u64)>,
+}
+
+/// A step run on the backend whose record the host has not read yet: what the host knows of it.
+struct PendingStep {
+    /// The global step it ran at (before the count moved past it).
+    step: u64,
+    /// The whole step's predicted tokens and sequences (every rank's).
+    norm: LossNorm,
+    /// Whether any micro-batch of any rank had each loss.
+    mlm: bool,
+    nsp: bool,
+    /// The longest sequence of the step's micro-batches.
+    longest: usize,
 }
 
 /// What a step's forward and backward passes measured, summed over the ranks.
@@ -119,8 +141,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let (lead, world) = (comm.rank() == 0, comm.world());
         let phase_settings = cfg.phase_configs()?;
         let table = ParamTable::new(&config);
-        let mut optimizer = new_optimizer(be, &cfg, &table)?;
-        let squares = be.alloc_kind(1, Kind::Stat)?;
+        let optimizer = new_optimizer(be, &cfg, &table)?;
+        let mut control = StepControl::new(be)?;
         let mark = be.allocation_mark();
         let mut state = TrainerState {
             version: STATE_VERSION,
@@ -140,8 +162,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             config: serde_json::to_value(&cfg).expect("config serialises"),
         };
         if let Some((dir, saved)) = &resume {
-            state =
-                resumed_state(be, dir, saved, state, &mut optimizer, &table, world, phase_settings.len())?;
+            state = resumed_state(be, dir, saved, state, &optimizer, &table, world, phase_settings.len())?;
         }
         check_ranks_agree(&state, comm)?;
 
@@ -163,6 +184,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let mut log = RunLog::open(&cfg.output, lead, total, cfg.progress)?;
         log.progress.set(state.global_step);
         let phase = &phases[state.phase];
+        start_control(be, &mut control, &optimizer, phase, &state)?;
         let loader = start_loader(&corpus, phase, state.cursor, cfg.loader_threads)?;
         let labels = vec![Vec::new(); phase.cfg.gradient_accumulation_steps];
         let buckets =
@@ -191,7 +213,9 @@ impl<'a, B: Backend> Trainer<'a, B> {
             optimizer,
             loader,
             mark,
-            squares,
+            control,
+            pending: Vec::new(),
+            last: None,
             labels,
             buckets,
             log,
@@ -222,14 +246,18 @@ impl<'a, B: Backend> Trainer<'a, B> {
         if self.state.global_step == self.phase_end(self.state.phase) {
             self.next_phase()?;
         }
+        if self.state.scaler.enabled || self.pending.len() == StepControl::HISTORY {
+            // fp16: the forward pass scales the loss by the scale the last step left. Else the records
+            // are full.
+            self.read_back()?;
+        }
         let batches = self.next_batches()?;
-        let losses = self.forward_backward(&batches)?;
-        let update = self.clip_and_update(&losses)?;
+        let pending = self.forward_backward(&batches)?;
+        self.update(pending)?;
         self.state.global_step += 1;
-        self.summary.losses.push(losses.total());
         self.summary.steps = self.state.global_step;
         self.log.progress.set(self.state.global_step);
-        self.log_step(&losses, &update)?;
+        self.log_step()?;
         if self.traffic_start.is_none() {
             // The first step allocates and uploads what later steps reuse: count from its end.
             self.traffic_start = self.be.traffic().map(|t| (t, self.state.global_step));
@@ -255,6 +283,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
     /// The last checkpoint (unless this step has one) and, at the end of the run, the final model in the
     /// output directory itself, like save_pretrained.
     pub fn finish(mut self) -> Result<TrainSummary> {
+        self.read_back()?;
         self.summary.loop_seconds = self.loop_start.elapsed().as_secs_f64() - self.save_seconds;
         if let (Some((start, step)), Some(now)) = (self.traffic_start, self.be.traffic()) {
             let steps = self.state.global_step - step;
@@ -289,6 +318,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
     /// The next phase: the end of this one kept (a failure to start the next, its batches too large say,
     /// loses nothing), its model, loader and schedule, the optimizer's moments kept or reset.
     fn next_phase(&mut self) -> Result<()> {
+        self.read_back()?;
         if self.state.global_step != self.last_saved {
             if let Some(dir) = self.checkpoint()? {
                 tracing::info!("saved {} at the end of phase {}", dir.display(), self.state.phase + 1);
@@ -301,7 +331,6 @@ impl<'a, B: Backend> Trainer<'a, B> {
         state.phase_start_updates = state.updates;
         state.cursor = Cursor::default();
         let phase = &self.phases[state.phase];
-        *self.optimizer.steps_mut() = 0;
         if phase.optimizer_state == OptimizerState::Reset {
             let (m, v) = self.optimizer.moments();
             self.be.fill(m, 0.0)?;
@@ -311,6 +340,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         // new phase's are allocated; the old loader's thread ends as the new loader replaces it.
         self.be.release_since(self.mark)?;
         self.model = phase_model(&phase.cfg, self.be, &self.config, &params)?;
+        start_control(self.be, &mut self.control, &self.optimizer, phase, state)?;
         self.loader = start_loader(&self.corpus, phase, state.cursor, self.cfg.loader_threads)?;
         self.labels = vec![Vec::new(); phase.cfg.gradient_accumulation_steps];
         self.log.progress.println(&format!(
@@ -346,9 +376,9 @@ impl<'a, B: Backend> Trainer<'a, B> {
     }
 
     /// Forward and backward over the micro-batches, the gradients accumulated and (with several ranks)
-    /// summed across them; each loss's denominator is the whole step's predicted tokens or sequences, so
-    /// accumulation equals one larger batch.
-    fn forward_backward(&mut self, batches: &[Batch]) -> Result<StepLosses> {
+    /// summed across them, the loss sums added on the backend; each loss's denominator is the whole
+    /// step's predicted tokens or sequences, so accumulation equals one larger batch.
+    fn forward_backward(&mut self, batches: &[Batch]) -> Result<PendingStep> {
         let mut counts = [
             batches.iter().map(|b| b.masked_positions.len()).sum::<usize>() as f64,
             batches.iter().map(|b| b.batch_size).sum::<usize>() as f64,
@@ -356,8 +386,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
         self.comm.all_reduce_sum_f64(&mut counts)?;
         let norm = LossNorm { mlm_tokens: counts[0] as usize, sequences: counts[1] as usize };
         self.model.zero_grads()?;
-        // Loss sums, and whether any micro-batch had each loss.
-        let mut sums = [0.0, 0.0, 0.0, 0.0];
+        // Whether any micro-batch had each loss.
+        let mut had = [0.0, 0.0];
         let last_micro = batches.len() - 1;
         for (k, (b, labels)) in batches.iter().zip(self.labels.iter_mut()).enumerate() {
             let inp = Inputs::from_batch(b, labels);
@@ -367,6 +397,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 loss_scale: self.state.scaler.scale as f32,
                 norm: Some(norm),
                 accuracy: false,
+                loss_sums: Some(self.control.loss_sums()),
             };
             let l = if self.comm.world() > 1 && k == last_micro {
                 // Sum each bucket across the ranks as soon as the backward pass has completed it (no
@@ -393,61 +424,103 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 self.model.step(&inp, opts)?
             };
             self.state.micro_step += 1;
-            if let Some(m) = l.mlm {
-                sums[0] += m * l.mlm_tokens as f64;
-                sums[2] = 1.0;
-            }
-            if let Some(s) = l.nsp {
-                sums[1] += s * l.sequences as f64;
-                sums[3] = 1.0;
-            }
+            had[0] += (l.mlm_tokens > 0) as u8 as f64;
+            had[1] += (l.sequences > 0) as u8 as f64;
             self.log.sequences += b.batch_size;
             self.log.tokens += b.lengths.iter().map(|&x| x as usize).sum::<usize>();
         }
-        // Sum the ranks' gradients (each already divided by the global counts) and loss sums.
+        // The ranks' gradients (each already divided by the global counts) and loss sums summed.
+        self.be.all_reduce_sum(self.control.loss_sums(), self.comm)?;
         self.be.all_reduce_wait()?;
-        self.comm.all_reduce_sum_f64(&mut sums)?;
-        Ok(StepLosses {
-            mlm: (sums[2] > 0.0).then(|| sums[0] / norm.mlm_tokens.max(1) as f64),
-            nsp: (sums[3] > 0.0).then(|| sums[1] / norm.sequences.max(1) as f64),
+        self.comm.all_reduce_sum_f64(&mut had)?;
+        Ok(PendingStep {
+            step: self.state.global_step,
+            norm,
+            mlm: had[0] > 0.0,
+            nsp: had[1] > 0.0,
             longest: batches.iter().flat_map(|b| b.lengths.iter()).map(|&l| l as usize).max().unwrap_or(0),
         })
     }
 
-    /// The gradient norm (of the scaled gradients) and the finite check in one pass; then the optimizer
-    /// at the schedule's rate, clipping inside it — or, with a non-finite loss or gradient, the step
-    /// skipped and counted.
-    fn clip_and_update(&mut self, losses: &StepLosses) -> Result<Update> {
-        let (be, state) = (self.be, &mut self.state);
-        if self.cfg.debug_nonfinite_steps.contains(&state.global_step) {
+    /// The step's decisions and update, on the backend: the gradient norm (of the scaled gradients) and
+    /// the finite check in one pass, then the optimizer at the schedule's rate with the unscaling and
+    /// clipping inside it, or, with a non-finite loss or gradient, the step skipped. Nothing is read back.
+    fn update(&mut self, pending: PendingStep) -> Result<()> {
+        let be = self.be;
+        if self.cfg.debug_nonfinite_steps.contains(&pending.step) {
             be.fill(self.model.grads.prefix(1), f32::NAN)?;
         }
-        be.sum_squares(self.squares, self.model.grads)?;
-        let squares = be.download_f64(self.squares)?[0];
-        let loss_scale = state.scaler.scale;
-        let finite = squares.is_finite() && losses.total().is_finite();
-        let grad_norm = squares.sqrt() / loss_scale;
-        let applied = state.scaler.update(finite);
-        let lr = self.phases[state.phase].schedule.lr(state.updates - state.phase_start_updates);
-        if applied {
-            state.consecutive_nonfinite = 0;
-            let (params, grads) = (self.model.params, self.model.grads);
-            self.optimizer.step(be, params, grads, lr, grad_norm, loss_scale, self.cfg.max_grad_norm)?;
-            state.updates += 1;
-        } else {
-            count_skipped_step(state, &self.cfg)?;
-        }
-        Ok(Update { lr, grad_norm, loss_scale })
+        let scaler = &self.state.scaler;
+        let h = ControlStep {
+            max_grad_norm: self.cfg.max_grad_norm,
+            growth_interval: if scaler.enabled { scaler.growth_interval } else { 0 },
+            slot: self.pending.len(),
+        };
+        self.optimizer.step(be, self.model.params, self.model.grads, &self.control, &h)?;
+        self.pending.push(pending);
+        Ok(())
     }
 
-    /// At a logging (or evaluation) step: the metrics, evaluation on --eval-data, the log written.
-    fn log_step(&mut self, losses: &StepLosses, update: &Update) -> Result<()> {
+    /// The records of the steps run since the last read, read back (two copies) and replayed in order
+    /// into the host's state as the backend decided them: the losses and gradient norms, the loss
+    /// scaler, the updates and skipped steps, and the checks that stop a run (at the step they name). The
+    /// backend's counters must then equal the host's.
+    fn read_back(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let (records, device) = self.control.read(self.be, self.pending.len())?;
+        for (p, r) in std::mem::take(&mut self.pending).iter().zip(&records) {
+            self.replay(p, r)?;
+        }
+        let state = &self.state;
+        let host = ControlCounters {
+            updates: state.updates - state.phase_start_updates,
+            scale: state.scaler.scale as f32 as f64,
+            good_steps: state.scaler.good_steps,
+        };
+        if device != host {
+            bail!("internal: the backend's step counters {device:?} differ from the host's {host:?}");
+        }
+        Ok(())
+    }
+
+    /// One step's record into the host's state.
+    fn replay(&mut self, p: &PendingStep, r: &StepRecord) -> Result<()> {
+        let state = &mut self.state;
+        let losses = StepLosses {
+            mlm: p.mlm.then(|| r.mlm_sum / p.norm.mlm_tokens.max(1) as f64),
+            nsp: p.nsp.then(|| r.nsp_sum / p.norm.sequences.max(1) as f64),
+            longest: p.longest,
+        };
+        let finite = r.squares.is_finite() && losses.total().is_finite();
+        if finite != r.applied {
+            bail!("internal: step {}: the backend's decision differs from its record {r:?}", p.step);
+        }
+        let loss_scale = state.scaler.scale;
+        let lr = self.phases[state.phase].schedule.lr(state.updates - state.phase_start_updates);
+        if state.scaler.update(finite) {
+            state.consecutive_nonfinite = 0;
+            state.updates += 1;
+        } else {
+            count_skipped_step(state, &self.cfg, p.step)?;
+        }
+        self.summary.losses.push(losses.total());
+        self.last = Some((losses, Update { lr, grad_norm: r.squares.sqrt() / loss_scale, loss_scale }));
+        Ok(())
+    }
+
+    /// At a logging (or evaluation) step: the steps read back, the metrics, evaluation on --eval-data,
+    /// the log written.
+    fn log_step(&mut self) -> Result<()> {
         let step = self.state.global_step;
         let log_now = step % self.cfg.logging_steps == 0 || step == self.total;
         let eval_now = self.eval_corpus.is_some() && (step % self.cfg.eval_steps == 0 || step == self.total);
         if !log_now && !eval_now {
             return Ok(());
         }
+        self.read_back()?;
+        let Some((losses, update)) = &self.last else { bail!("internal: no step read back to log") };
         let secs = self.log.window_seconds();
         // Throughput of the whole job.
         let mut seen = [self.log.sequences as f64, self.log.tokens as f64];
@@ -486,6 +559,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
     /// Rank 0 writes a checkpoint of this step and rotates the old ones; the others wait at the barrier
     /// so no rank runs ahead of a checkpoint. The output `--overwrite-output` replaced goes with the first.
     fn checkpoint(&mut self) -> Result<Option<PathBuf>> {
+        self.read_back()?;
         self.last_saved = self.state.global_step;
         if !self.lead {
             self.comm.barrier()?;
@@ -528,7 +602,7 @@ fn resumed_state<B: Backend>(
     dir: &std::path::Path,
     saved: &TrainerState,
     fresh: TrainerState,
-    optimizer: &mut Optimizer,
+    optimizer: &Optimizer,
     table: &ParamTable,
     world: usize,
     phases: usize,
@@ -537,7 +611,6 @@ fn resumed_state<B: Backend>(
     let (bm, bv) = optimizer.moments();
     be.upload(bm, &m)?;
     be.upload(bv, &v)?;
-    *optimizer.steps_mut() = saved.updates - saved.phase_start_updates;
     if saved.world_size != world {
         bail!(
             "cannot resume from {}: it was trained with {} ranks and this run has {world}; the loader's order depends on the world size, so resume with {} ranks",
@@ -572,6 +645,24 @@ fn check_phase_span(state: &TrainerState, phases: &[Phase]) -> Result<()> {
     Ok(())
 }
 
+/// The step control at the start of a phase, or at a resumed checkpoint's point in it: the phase's
+/// schedule (a row per update it can make), the counters from `state`.
+fn start_control<B: Backend>(
+    be: &B,
+    control: &mut StepControl,
+    optimizer: &Optimizer,
+    phase: &Phase,
+    state: &TrainerState,
+) -> Result<()> {
+    control.set_schedule(be, &optimizer.schedule_rows((0..phase.steps).map(|k| phase.schedule.lr(k))))?;
+    let counters = ControlCounters {
+        updates: state.updates - state.phase_start_updates,
+        scale: state.scaler.scale,
+        good_steps: state.scaler.good_steps,
+    };
+    control.start(be, &counters)
+}
+
 /// The model sized for a phase's batches (`cfg`), with `params`.
 fn phase_model<'a, B: Backend>(
     cfg: &TrainConfig,
@@ -602,7 +693,6 @@ fn new_optimizer<B: Backend>(be: &B, cfg: &TrainConfig, table: &ParamTable) -> R
                 beta2: cfg.adam_beta2,
                 eps: cfg.adam_epsilon,
                 weight_decay: cfg.weight_decay,
-                max_grad_norm: cfg.max_grad_norm,
                 all_tensors: cfg.lamb_all_tensors,
             },
             &table.params,
@@ -617,7 +707,7 @@ fn new_optimizer<B: Backend>(be: &B, cfg: &TrainConfig, table: &ParamTable) -> R
                 eps: cfg.adam_epsilon,
                 weight_decay: cfg.weight_decay,
             },
-            &table.decay_mask(),
+            &table.params,
         )?)
     })
 }
@@ -651,18 +741,14 @@ fn check_ranks_agree(state: &TrainerState, comm: &dyn Comm) -> Result<()> {
 
 /// A step whose gradients are not finite: skipped and counted; with fp16 the scaler has halved the scale.
 /// The run stops when the scale falls below 1, or after `--max-nonfinite-steps` such steps in a row.
-fn count_skipped_step(state: &mut TrainerState, cfg: &TrainConfig) -> Result<()> {
+fn count_skipped_step(state: &mut TrainerState, cfg: &TrainConfig, step: u64) -> Result<()> {
     state.skipped_steps += 1;
     if state.scaler.enabled {
-        tracing::warn!(
-            "step {}: non-finite gradients; skipped, loss scale now {}",
-            state.global_step,
-            state.scaler.scale
-        );
+        tracing::warn!("step {}: non-finite gradients; skipped, loss scale now {}", step, state.scaler.scale);
         if state.scaler.scale < 1.0 {
             bail!(
                 "step {}: the fp16 loss scale fell below 1 (the gradients are not finite at any scale); stopping. The last good checkpoint in {} is intact: lower --learning-rate, or train in fp32",
-                state.global_step,
+                step,
                 cfg.output.display()
             );
         }
@@ -670,13 +756,13 @@ fn count_skipped_step(state: &mut TrainerState, cfg: &TrainConfig) -> Result<()>
         state.consecutive_nonfinite += 1;
         tracing::warn!(
             "step {}: non-finite loss or gradients; step skipped ({} in a row)",
-            state.global_step,
+            step,
             state.consecutive_nonfinite
         );
         if state.consecutive_nonfinite >= cfg.max_nonfinite_steps {
             bail!(
                 "step {}: {} non-finite steps in a row (--max-nonfinite-steps {}); stopping. The last good checkpoint in {} is intact: lower --learning-rate or check the data, then --resume auto",
-                state.global_step,
+                step,
                 state.consecutive_nonfinite,
                 cfg.max_nonfinite_steps,
                 cfg.output.display()

@@ -78,3 +78,28 @@ pub fn flat_tensors(sizes: &[(usize, bool)]) -> Vec<bertcuda::model::params::Par
         })
         .collect()
 }
+
+/// Optimizer steps as training makes them, on `be`: for each gradient set in turn, its upload, Σg², the
+/// step control's decisions (clipping at `max_grad_norm`, the loss scale `scale`, the scaler's growth
+/// interval `growth`: 0 for none) and the update, with the schedule of `lrs`; the step control after, its
+/// records of the steps unread.
+pub fn optimizer_steps(
+    be: &dyn bertcuda::backend::Backend,
+    opt: &bertcuda::optim::Optimizer,
+    params: bertcuda::backend::Buf,
+    grads: &[Vec<f32>],
+    lrs: &[f64],
+    (max_grad_norm, scale, growth): (f64, f64, u64),
+) -> bertcuda::Result<bertcuda::backend::StepControl> {
+    use bertcuda::backend::{ControlStep, StepControl};
+    use bertcuda::optim::ControlCounters;
+    let mut control = StepControl::new(be)?;
+    control.set_schedule(be, &opt.schedule_rows(lrs.iter().copied()))?;
+    control.start(be, &ControlCounters { updates: 0, scale, good_steps: 0 })?;
+    let g = be.alloc(params.len)?;
+    for (slot, values) in grads.iter().enumerate() {
+        be.upload(g, values)?;
+        opt.step(be, params, g, &control, &ControlStep { max_grad_norm, growth_interval: growth, slot })?;
+    }
+    Ok(control)
+}

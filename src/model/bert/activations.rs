@@ -53,13 +53,14 @@ pub(super) struct Acts {
     pub dgelu: Buf,    // (N, I)
     pub dhead: Buf,    // (R, H)
     pub dhead2: Buf,   // (R, H)
-    // inputs
+    // inputs: regions of one buffer, in this order, which one copy fills (`Bert::upload_inputs`)
+    pub inputs: Ints,      // (5N + 2B)
     pub ids: Ints,         // (N)
     pub types: Ints,       // (N)
     pub mask: Ints,        // (N)
     pub cls_rows: Ints,    // (B)
-    pub head_rows: Ints,   // (R)
-    pub head_labels: Ints, // (R)
+    pub head_rows: Ints,   // (N)
+    pub head_labels: Ints, // (N)
     pub nsp_labels: Ints,  // (B)
     pub predictions: Ints, // (max(logit_rows, B)) argmax, for accuracy
 }
@@ -81,6 +82,7 @@ impl Acts {
             be.alloc_kind(len, Kind::Stat)
         };
         let state = be.attention_state_len(capacity.max_batch, capacity.max_seq, config.num_attention_heads);
+        let inputs = be.alloc_ints(5 * n + 2 * b)?;
         let mut layers = Vec::with_capacity(l);
         for _ in 0..l {
             layers.push(LayerActs {
@@ -126,15 +128,16 @@ impl Acts {
             dgelu: f(n * i)?,
             dhead: f(n * h)?,
             dhead2: f(n * h)?,
-            ids: be.alloc_ints(n)?,
-            types: be.alloc_ints(n)?,
-            mask: be.alloc_ints(n)?,
-            cls_rows: be.alloc_ints(b)?,
-            head_rows: be.alloc_ints(n)?,
-            head_labels: be.alloc_ints(n)?,
-            nsp_labels: be.alloc_ints(b)?,
+            inputs,
+            ids: inputs.at(0, n),
+            types: inputs.at(n, n),
+            mask: inputs.at(2 * n, n),
+            head_rows: inputs.at(3 * n, n),
+            head_labels: inputs.at(4 * n, n),
+            cls_rows: inputs.at(5 * n, b),
+            nsp_labels: inputs.at(5 * n + b, b),
             predictions: be.alloc_ints(capacity.logit_rows.max(b))?,
         };
-        Ok((a, floats.get() + 7 * n))
+        Ok((a, floats.get() + 5 * n + 2 * b))
     }
 }

@@ -60,6 +60,19 @@ impl<'a, B: Backend> Bert<'a, B> {
         )
     }
 
+    /// Σ of a head's per-row losses: added into element `which` of `o.loss_sums` on the backend (None),
+    /// or read back.
+    fn loss_sum(&self, row_losses: Buf, o: &StepOptions, which: usize) -> Result<Option<f64>> {
+        let be = self.be;
+        if let Some(sums) = o.loss_sums {
+            be.sum(sums.at(which, 1), row_losses)?;
+            return Ok(None);
+        }
+        be.fill(self.a.loss_sum, 0.0)?;
+        be.sum(self.a.loss_sum, row_losses)?;
+        Ok(Some(be.download_f64(self.a.loss_sum)?[0]))
+    }
+
     /// Logits of head rows [r0, r0 + k) into the logits buffer: head_h · word_embeddingsᵀ + bias.
     pub(super) fn decoder_fwd(&self, r0: usize, k: usize) -> Result<Buf> {
         let (be, a, top, c) = (self.be, &self.a, &self.table.top, &self.config);
@@ -98,8 +111,7 @@ impl<'a, B: Backend> Bert<'a, B> {
             2,
             scale,
         )?;
-        be.sum(a.loss_sum, a.nsp_losses.prefix(b))?;
-        losses.nsp = Some(be.download_f64(a.loss_sum)?[0] / nsp.len() as f64);
+        losses.nsp = self.loss_sum(a.nsp_losses.prefix(b), o, 1)?.map(|s| s / nsp.len() as f64);
         losses.sequences = b;
         if backward {
             // nsp_logits now hold d(loss)/d(logits)
@@ -184,8 +196,7 @@ impl<'a, B: Backend> Bert<'a, B> {
                 }
                 r0 += k;
             }
-            be.sum(a.loss_sum, a.mlm_losses.prefix(rows))?;
-            losses.mlm = Some(be.download_f64(a.loss_sum)?[0] / counted as f64);
+            losses.mlm = self.loss_sum(a.mlm_losses.prefix(rows), o, 0)?.map(|s| s / counted as f64);
             losses.mlm_tokens = counted;
             if backward {
                 let rh = rows * h;

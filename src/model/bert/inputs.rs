@@ -73,12 +73,22 @@ pub struct StepOptions {
     pub norm: Option<LossNorm>,
     /// Count correct predictions (argmax) for accuracy.
     pub accuracy: bool,
+    /// Add the loss sums (MLM, NSP: two elements) into this region on the backend rather than reading
+    /// them back: `Losses` then has counts and no values (training, which reads them when it logs).
+    pub loss_sums: Option<crate::backend::Buf>,
 }
 
 impl StepOptions {
     /// Evaluation: no dropout, no gradients.
     pub fn eval() -> Self {
-        StepOptions { train: None, backward: false, loss_scale: 1.0, norm: None, accuracy: false }
+        StepOptions {
+            train: None,
+            backward: false,
+            loss_scale: 1.0,
+            norm: None,
+            accuracy: false,
+            loss_sums: None,
+        }
     }
     /// Gradients of this batch's loss, no dropout.
     pub fn grads() -> Self {
@@ -88,13 +98,15 @@ impl StepOptions {
 
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Losses {
-    /// Mean MLM cross-entropy over this batch's predicted tokens.
+    /// Mean MLM cross-entropy over this batch's predicted tokens (None without them, or with
+    /// `StepOptions::loss_sums`).
     pub mlm: Option<f64>,
-    /// Mean NSP cross-entropy over this batch's sequences.
+    /// Mean NSP cross-entropy over this batch's sequences (None without NSP labels, or with
+    /// `StepOptions::loss_sums`).
     pub nsp: Option<f64>,
-    /// Rows whose label counted in the MLM loss.
+    /// Rows whose label counted in the MLM loss (0: no MLM loss).
     pub mlm_tokens: usize,
-    /// Sequences in the NSP loss.
+    /// Sequences in the NSP loss (0: no NSP loss).
     pub sequences: usize,
     /// With `accuracy`: correct argmax predictions.
     pub mlm_correct: usize,
@@ -154,19 +166,27 @@ impl<'a, B: Backend> Bert<'a, B> {
                 bail!("next_sentence_label {bad} must be 0 (B follows A) or 1 (B is random)");
             }
         }
-        let as_i32 = |v: &[u32]| v.iter().map(|&x| x as i32).collect::<Vec<_>>();
-        self.be.upload_ints(self.a.ids, &as_i32(inp.input_ids))?;
-        self.be.upload_ints(self.a.types, &as_i32(inp.token_type_ids))?;
-        self.be
-            .upload_ints(self.a.mask, &inp.attention_mask.iter().map(|&x| x as i32).collect::<Vec<_>>())?;
-        self.be.upload_ints(self.a.cls_rows, &(0..b).map(|i| (i * t) as i32).collect::<Vec<_>>())?;
-        self.be.upload_ints(self.a.head_rows, &as_i32(inp.head_rows))?;
+        // Every table at its region's place in one host vector, and one copy of it.
+        let a = &self.a;
+        let mut host = vec![0i32; a.inputs.len];
+        let mut put = |region: crate::backend::Ints, values: &mut dyn Iterator<Item = i32>| {
+            let at = region.off - a.inputs.off;
+            for (dst, v) in host[at..at + region.len].iter_mut().zip(values) {
+                *dst = v;
+            }
+        };
+        let as_i32 = |v: &[u32]| v.iter().map(|&x| x as i32).collect::<Vec<_>>().into_iter();
+        put(a.ids, &mut as_i32(inp.input_ids));
+        put(a.types, &mut as_i32(inp.token_type_ids));
+        put(a.mask, &mut inp.attention_mask.iter().map(|&x| x as i32));
+        put(a.cls_rows, &mut (0..b).map(|i| (i * t) as i32));
+        put(a.head_rows, &mut as_i32(inp.head_rows));
         if let Some(l) = inp.head_labels {
-            self.be.upload_ints(self.a.head_labels, l)?;
+            put(a.head_labels, &mut l.iter().copied());
         }
         if let Some(l) = inp.nsp_labels {
-            self.be.upload_ints(self.a.nsp_labels, &as_i32(l))?;
+            put(a.nsp_labels, &mut as_i32(l));
         }
-        Ok(())
+        self.be.upload_ints(a.inputs, &host)
     }
 }
