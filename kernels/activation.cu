@@ -1,41 +1,38 @@
 // Activations and dropout, elementwise over flat element counts n (the fused ones over (rows, cols)).
-//   gelu_fwd/bwd:    out = gelu(inp); dinp = dout · gelu'(inp), erf (approx = 0) or tanh form          (=)
+//   gelu_fwd/bwd:    out = gelu(inp); dinp = dout · gelu'(inp), erf (approx = 0) or tanh form; these
+//                    and tanh in 16-byte vectors where the pointers allow (common.cuh's map16, zip16)  (=)
 //   tanh_fwd/bwd:    out = tanh(inp); dinp = dout · (1 − out²)                                          (=)
 //   dropout_:        out = inp · keep(e) / (1 − p), keep from Philox at element e; the forward and the
 //                    backward (the same mask) alike                                                   (=)
 //   bias_gelu_fwd:   pre += bias (per row, in place); out = gelu(pre) — in 16-byte vectors where the
 //                    width and the pointers allow                                                     (=)
 //   gelu_bias_bwd:   dpre = dout · gelu'(pre) (=); stage 1 of dbias += Σ_r dpre (partials, summed by
-//                    tensor.cu's sum_partials_f32)                                                     (+=)
+//                    tensor.cu's sum_partials_f32); a 16-byte vector of columns per thread where the
+//                    width and pointers allow                                                         (+=)
 // GELU is computed from the values as stored (rounded to T), so the backward passes, which read the
 // stored tensors, see exactly what the forward used. Elementwise kernels take their pointers, then n,
 // then any scalar.
 #include "common.cuh"
 
+// The elementwise maps go through common.cuh's map16 / zip16: 16-byte vectors where the pointers allow.
 template <typename T>
 __device__ void gelu_fwd_impl(T* out, const T* inp, long n, int approx) {
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
-        out[i] = from_f32<T>(gelu_f(to_f32(inp[i]), approx));
+    map16(out, inp, n, [&](float x) { return gelu_f(x, approx); });
 }
 
 template <typename T>
 __device__ void gelu_bwd_impl(T* dinp, const T* dout, const T* inp, long n, int approx) {
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
-        dinp[i] = from_f32<T>(to_f32(dout[i]) * gelu_grad_f(to_f32(inp[i]), approx));
+    zip16(dinp, dout, inp, n, [&](float d, float x) { return d * gelu_grad_f(x, approx); });
 }
 
 template <typename T>
 __device__ void tanh_fwd_impl(T* out, const T* inp, long n) {
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
-        out[i] = from_f32<T>(tanhf(to_f32(inp[i])));
+    map16(out, inp, n, [](float x) { return tanhf(x); });
 }
 
 template <typename T>
 __device__ void tanh_bwd_impl(T* dinp, const T* dout, const T* out, long n) {
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        const float y = to_f32(out[i]);
-        dinp[i] = from_f32<T>(to_f32(dout[i]) * (1.f - y * y));
-    }
+    zip16(dinp, dout, out, n, [](float d, float y) { return d * (1.f - y * y); });
 }
 
 // Four elements per thread-step: the four outputs of one Philox call; the tail (n mod 4) one by one.
@@ -81,15 +78,37 @@ __device__ void bias_gelu_impl(T* pre, T* out, const T* bias, long rows, int col
 }
 
 // Backward of out = gelu(pre), pre = x·Wᵀ + bias: block (k, y) handles rows [k·64, (k+1)·64) of the
-// columns [y·blockDim, (y+1)·blockDim), one column per thread (coalesced across the warp); it writes dpre
-// and the column sums of its rows to partial[k, c], summed in order by sum_partials (deterministic). The
-// sums read dpre as stored, as the unfused bias_grad would.
+// columns [y·blockDim·w, (y+1)·blockDim·w), w = `per_thread` consecutive columns per thread — a 16-byte
+// vector (16 / sizeof(T) columns) where the launcher found the width and pointers allow, else one —
+// coalesced across the warp; it writes dpre and the column sums of its rows to partial[k, c], summed in
+// order by sum_partials (deterministic). The sums read dpre as stored, as the unfused bias_grad would.
 template <typename T>
 __device__ void gelu_bias_bwd_impl(T* __restrict__ dpre, float* __restrict__ partial, const T* __restrict__ dout,
-                                   const T* __restrict__ pre, long rows, int cols, int approx) {
+                                   const T* __restrict__ pre, long rows, int cols, int approx, int per_thread) {
+    constexpr int V = 16 / sizeof(T);
+    const long r0 = (long)blockIdx.x * PARTIAL_ROWS, r1 = min(rows, r0 + PARTIAL_ROWS);
+    if (per_thread == V) {
+        const int c = (blockIdx.y * blockDim.x + threadIdx.x) * V;
+        if (c >= cols) return;
+        float s[V] = {};
+        for (long r = r0; r < r1; r++) {
+            const long e = r * cols + c;
+            float d[V], x[V];
+            load16<T>(d, dout + e);
+            load16<T>(x, pre + e);
+#pragma unroll
+            for (int k = 0; k < V; k++) {
+                d[k] = to_f32(from_f32<T>(d[k] * gelu_grad_f(x[k], approx)));
+                s[k] += d[k];
+            }
+            store16<T>(dpre + e, d);
+        }
+#pragma unroll
+        for (int k = 0; k < V; k++) partial[(long)blockIdx.x * cols + c + k] = s[k];
+        return;
+    }
     const int c = blockIdx.y * blockDim.x + threadIdx.x;
     if (c >= cols) return;
-    const long r0 = (long)blockIdx.x * PARTIAL_ROWS, r1 = min(rows, r0 + PARTIAL_ROWS);
     float s = 0.f;
 #pragma unroll 4
     for (long r = r0; r < r1; r++) {
@@ -123,8 +142,8 @@ BERTCUDA_INSTANTIATE_FLOAT_TYPES(ACTIVATION)
         bias_gelu_impl(pre, out, bias, rows, cols, approx);                                                   \
     }                                                                                                         \
     BERTCUDA_KERNEL(gelu_bias_bwd_##N, T* dpre, float* partial, const T* dout, const T* pre, long rows,       \
-                                                 int cols, int approx) {                                      \
-        gelu_bias_bwd_impl(dpre, partial, dout, pre, rows, cols, approx);                                     \
+                    int cols, int approx, int per_thread) {                                                   \
+        gelu_bias_bwd_impl(dpre, partial, dout, pre, rows, cols, approx, per_thread);                         \
     }
 
 BERTCUDA_INSTANTIATE_FLOAT_TYPES(FUSED_ACTIVATION)

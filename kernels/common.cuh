@@ -194,6 +194,70 @@ __device__ __forceinline__ void store16(T* p, const float (&in)[16 / sizeof(T)])
     *reinterpret_cast<uint4*>(p) = v;
 }
 
+// Elementwise over n elements of T, grid-stride: with every pointer 16-byte aligned and n below 2^31,
+// thread i takes vectors i, i + threads, … of V = 16 / sizeof(T) elements (`vec(k)`: elements k·V …
+// k·V + V − 1, 32-bit indices), then the tail (n mod V) element by element (`one(e)`); unaligned tensors
+// element by element throughout.
+template <typename T, typename Vec, typename One>
+__device__ __forceinline__ void elementwise16(long n, bool aligned, Vec vec, One one) {
+    constexpr int V = 16 / sizeof(T);
+    const long first = blockIdx.x * (long)blockDim.x + threadIdx.x, stride = (long)gridDim.x * blockDim.x;
+    long done = 0;
+    if (aligned && n < (1L << 31)) {
+        const int vectors = (int)(n / V);
+        for (int k = (int)first; k < vectors; k += (int)stride) vec(k);
+        done = (long)vectors * V;
+    }
+    for (long e = done + first; e < n; e += stride) one(e);
+}
+
+// A unary elementwise map out = f(in) over n elements of T, in 16-byte vectors where elementwise16 allows.
+template <typename T, typename F>
+__device__ __forceinline__ void map16(T* out, const T* in, long n, F f) {
+    constexpr int V = 16 / sizeof(T);
+    elementwise16<T>(
+        n, aligned16(out) && aligned16(in),
+        [&](int k) {
+            float x[V];
+            load16<T>(x, in + (long)k * V);
+#pragma unroll
+            for (int e = 0; e < V; e++) x[e] = f(x[e]);
+            store16<T>(out + (long)k * V, x);
+        },
+        [&](long e) { out[e] = from_f32<T>(f(to_f32(in[e]))); });
+}
+
+// A binary elementwise map out = f(a, b) over n elements of T, as map16.
+template <typename T, typename F>
+__device__ __forceinline__ void zip16(T* out, const T* a, const T* b, long n, F f) {
+    constexpr int V = 16 / sizeof(T);
+    elementwise16<T>(
+        n, aligned16(out) && aligned16(a) && aligned16(b),
+        [&](int k) {
+            float x[V], y[V];
+            load16<T>(x, a + (long)k * V);
+            load16<T>(y, b + (long)k * V);
+#pragma unroll
+            for (int e = 0; e < V; e++) x[e] = f(x[e], y[e]);
+            store16<T>(out + (long)k * V, x);
+        },
+        [&](long e) { out[e] = from_f32<T>(f(to_f32(a[e]), to_f32(b[e]))); });
+}
+
+// The elements of one row of `len` T, over a block's threads: element by element up to the row's first
+// 16-byte boundary (`one(j)`), then 16-byte vectors (`vec(j)`: elements j … j + V − 1, V = 16 / sizeof(T)),
+// then the tail element by element. Each thread meets its elements in increasing order.
+template <typename T, typename Vec, typename One>
+__device__ __forceinline__ void row16(const T* row, int len, Vec vec, One one) {
+    constexpr int V = 16 / sizeof(T);
+    const int misaligned = (int)(((uintptr_t)row & 15) / sizeof(T));
+    const int head = ((uintptr_t)row % sizeof(T)) != 0 ? len : min(len, (V - misaligned) % V);
+    const int vectors = (len - head) / V;
+    for (int j = threadIdx.x; j < head; j += blockDim.x) one(j);
+    for (int k = threadIdx.x; k < vectors; k += blockDim.x) vec(head + k * V);
+    for (int j = head + vectors * V + threadIdx.x; j < len; j += blockDim.x) one(j);
+}
+
 // LayerNorm of a row held in registers (`sum`: this lane's part of its sum) into dst; mean and rstd saved.
 template <typename T, int V>
 __device__ __forceinline__ void layernorm_regs(T* dst, float* mean, float* rstd, const float (&v)[row_vectors<T>][V],

@@ -13,14 +13,16 @@
 
 template <typename T>
 __device__ void add_impl(T* out, const T* a, const T* b, long n) {
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
-        out[i] = from_f32<T>(to_f32(a[i]) + to_f32(b[i]));
+    zip16(out, a, b, n, [](float x, float y) { return x + y; });
 }
 
 template <typename T>
 __device__ void fill_impl(T* x, float value, long n) {
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
-        x[i] = from_f32<T>(value);
+    constexpr int V = 16 / sizeof(T);
+    float v[V];
+    for (int e = 0; e < V; e++) v[e] = value;
+    elementwise16<T>(
+        n, aligned16(x), [&](int k) { store16<T>(x + (long)k * V, v); }, [&](long e) { x[e] = from_f32<T>(value); });
 }
 
 // Stage 2: acc[c] += Σ_k partial[k·stride + c], k in order.

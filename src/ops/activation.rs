@@ -239,11 +239,17 @@ impl Activations for Cuda {
         let chunks = rows.div_ceil(PARTIAL_ROWS as usize);
         let part = self.partials(chunks * cols)?;
         let (r, c, approx) = (rows as i64, cols as i32, (act == Activation::GeluTanh) as i32);
+        // A 16-byte vector of columns per thread where the rows hold whole vectors and start aligned.
+        let vector = 16 / dt.size();
+        let per_thread =
+            if cols % vector == 0 && [pd, pg, pp].iter().all(|p| p % 16 == 0) { vector } else { 1 };
+        let columns_per_block = THREADS as usize * per_thread;
+        let w = per_thread as i32;
         self.launch(
             self.k.gelu_bias_bwd.of(dt),
-            (chunks as u32, cols.div_ceil(THREADS as usize) as u32, 1),
+            (chunks as u32, cols.div_ceil(columns_per_block) as u32, 1),
             THREADS,
-            &[&pd, &part, &pg, &pp, &r, &c, &approx],
+            &[&pd, &part, &pg, &pp, &r, &c, &approx, &w],
         )?;
         self.sum_partials(pb, part, chunks, cols, cols)
     }

@@ -11,7 +11,7 @@ use crate::backend::cpu::{reduce_rows, Cpu, Real};
 use crate::backend::cuda::launch::{PARTIAL_ROWS, THREADS};
 use crate::backend::cuda::{grid_for, Cuda, StorageType};
 use crate::backend::device::Device;
-use crate::backend::device::{Compute, Elem, Gemm};
+use crate::backend::device::{Compute, Elem, Epilogue, Gemm};
 use crate::backend::Buf;
 use crate::bail;
 use crate::error::Result;
@@ -35,6 +35,50 @@ pub trait Linear {
     fn add_bias(&self, out: Buf, bias: Buf, rows: usize, cols: usize) -> Result<()>;
     /// dbias (cols) += Σ_rows dout (rows, cols).
     fn bias_grad(&self, dbias: Buf, dout: Buf, rows: usize, cols: usize) -> Result<()>;
+    /// out (rows, out_f) = inp (rows, in_f) · Wᵀ + bias, W stored (out_f, in_f): a linear layer's forward.
+    /// This default is `matmul` then `add_bias`; the CUDA backend adds the bias in the product's epilogue.
+    #[allow(clippy::too_many_arguments)]
+    fn linear(
+        &self,
+        out: Buf,
+        inp: Buf,
+        w: Buf,
+        bias: Buf,
+        rows: usize,
+        in_f: usize,
+        out_f: usize,
+    ) -> Result<()> {
+        self.matmul(
+            out.prefix(rows * out_f),
+            inp.prefix(rows * in_f),
+            w,
+            rows,
+            out_f,
+            in_f,
+            false,
+            true,
+            false,
+        )?;
+        self.add_bias(out, bias, rows, out_f)
+    }
+    /// dW (out_f, in_f) += doutᵀ · inp and dbias (out_f) += Σ_rows dout (dout (rows, out_f), inp (rows,
+    /// in_f)): a linear layer's parameter gradients. This default is `matmul` then `bias_grad`; the CUDA
+    /// backend reduces the bias gradient in the product's epilogue.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_param_grads(
+        &self,
+        dw: Buf,
+        dbias: Buf,
+        dout: Buf,
+        inp: Buf,
+        rows: usize,
+        in_f: usize,
+        out_f: usize,
+    ) -> Result<()> {
+        let dout = dout.prefix(rows * out_f);
+        self.matmul(dw, dout, inp.prefix(rows * in_f), out_f, in_f, rows, true, false, true)?;
+        self.bias_grad(dbias, dout, rows, out_f)
+    }
 }
 
 impl<T: Real> Linear for Cpu<T> {
@@ -125,19 +169,30 @@ impl<T: Real> Linear for Cpu<T> {
     }
 }
 
-impl Linear for Cuda {
-    fn matmul(
+/// What a CUDA product adds to `matmul`'s: a bias on its output, or the bias gradient of its first
+/// operand (`a`, which must be transposed: the weight gradient's doutᵀ).
+#[derive(Clone, Copy)]
+enum Extra {
+    None,
+    Bias(Buf),
+    BiasGrad,
+}
+
+impl Cuda {
+    /// `matmul`, with `extra` in the product's epilogue; the bias gradient of `Extra::BiasGrad` (m floats)
+    /// is left in the partials scratch, whose pointer is returned.
+    #[allow(clippy::too_many_arguments)]
+    fn product(
         &self,
         c: Buf,
         a: Buf,
         b: Buf,
-        m: usize,
-        n: usize,
-        k: usize,
+        (m, n, k): (usize, usize, usize),
         a_t: bool,
         b_t: bool,
         accumulate: bool,
-    ) -> Result<()> {
+        extra: Extra,
+    ) -> Result<Option<u64>> {
         if c.len < m * n || a.len < m * k || b.len < k * n {
             bail!("internal: matmul regions too small for ({m}, {n}, {k})");
         }
@@ -148,18 +203,38 @@ impl Linear for Cuda {
             if [dc, da, db].contains(&StorageType::Bf16) { StorageType::Bf16 } else { StorageType::F32 };
         let ([pc], [pa, pb]) = self.ptrs_as(op_dt, [c], [a, b])?;
         let pc = if dc == StorageType::F32 { self.ptrs([c], [])?.0[0] } else { pc };
-        if m == 0 || n == 0 {
-            return Ok(());
-        }
-        if k == 0 {
-            if !accumulate {
+        let elem = |d: StorageType| if d == StorageType::Bf16 { Elem::Bf16 } else { Elem::F32 };
+        // Row-major C (m, n) = op(A) op(B) is column-major Cᵀ (n, m) = op(B)ᵀ op(A)ᵀ: B first; a bias of
+        // C's n columns is the column-major bias of its n rows, and the bias gradient of row-major A's
+        // columns (A transposed) is that of the column-major B operand.
+        let epilogue = match extra {
+            Extra::None => Epilogue::None,
+            Extra::Bias(bias) => {
+                Self::need("bias", bias.len, n)?;
+                let ([], [p]) = self.ptrs_as(dc, [], [bias])?;
+                Epilogue::Bias { bias: p, elem: elem(dc) }
+            }
+            Extra::BiasGrad => {
+                if !a_t {
+                    bail!("internal: a bias gradient in a product's epilogue needs the transposed operand");
+                }
+                Epilogue::BiasGradB { grad: self.partials(m)? }
+            }
+        };
+        let grad = match epilogue {
+            Epilogue::BiasGradB { grad } => Some(grad),
+            _ => None,
+        };
+        if m == 0 || n == 0 || k == 0 {
+            if !accumulate && m * n > 0 {
                 self.dev.memset_zero(pc, dc.size() * m * n)?;
             }
-            return Ok(());
+            if epilogue != Epilogue::None && m * n > 0 {
+                bail!("internal: a product with an epilogue and an empty inner dimension");
+            }
+            return Ok(grad);
         }
-        // Row-major C (m, n) = op(A) op(B) is column-major Cᵀ (n, m) = op(B)ᵀ op(A)ᵀ: B first.
         let (ldb, lda) = (if b_t { k } else { n }, if a_t { m } else { k });
-        let elem = |d: StorageType| if d == StorageType::Bf16 { Elem::Bf16 } else { Elem::F32 };
         let compute = if op_dt == StorageType::Bf16 { Compute::F32 } else { self.gemm.get().0 };
         self.dev.gemm(&Gemm {
             trans_a: b_t,
@@ -179,7 +254,67 @@ impl Linear for Cuda {
             c_type: elem(dc),
             ldc: n,
             compute,
-        })
+            epilogue,
+        })?;
+        Ok(grad)
+    }
+}
+
+impl Linear for Cuda {
+    fn matmul(
+        &self,
+        c: Buf,
+        a: Buf,
+        b: Buf,
+        m: usize,
+        n: usize,
+        k: usize,
+        a_t: bool,
+        b_t: bool,
+        accumulate: bool,
+    ) -> Result<()> {
+        self.product(c, a, b, (m, n, k), a_t, b_t, accumulate, Extra::None).map(|_| ())
+    }
+
+    fn linear(
+        &self,
+        out: Buf,
+        inp: Buf,
+        w: Buf,
+        bias: Buf,
+        rows: usize,
+        in_f: usize,
+        out_f: usize,
+    ) -> Result<()> {
+        if rows * in_f * out_f == 0 {
+            self.matmul(out.prefix(rows * out_f), inp, w, rows, out_f, in_f, false, true, false)?;
+            return self.add_bias(out, bias, rows, out_f);
+        }
+        let (out, inp) = (out.prefix(rows * out_f), inp.prefix(rows * in_f));
+        self.product(out, inp, w, (rows, out_f, in_f), false, true, false, Extra::Bias(bias)).map(|_| ())
+    }
+
+    fn linear_param_grads(
+        &self,
+        dw: Buf,
+        dbias: Buf,
+        dout: Buf,
+        inp: Buf,
+        rows: usize,
+        in_f: usize,
+        out_f: usize,
+    ) -> Result<()> {
+        self.need_f32_out("bias gradient", &[dbias])?;
+        Self::need("bias gradient", dbias.len, out_f)?;
+        let (dout, inp) = (dout.prefix(rows * out_f), inp.prefix(rows * in_f));
+        if rows * in_f * out_f == 0 {
+            self.matmul(dw, dout, inp, out_f, in_f, rows, true, false, true)?;
+            return self.bias_grad(dbias, dout, rows, out_f);
+        }
+        // The epilogue writes the bias gradient (=) into scratch; it is added to dbias (+=).
+        let part = self.product(dw, dout, inp, (out_f, in_f, rows), true, false, true, Extra::BiasGrad)?;
+        let ([pdb], []) = self.ptrs([dbias], [])?;
+        self.sum_partials(pdb, part.expect("the bias gradient's scratch"), 1, out_f, out_f)
     }
 
     fn add_bias(&self, out: Buf, bias: Buf, rows: usize, cols: usize) -> Result<()> {
@@ -273,9 +408,38 @@ mod tests {
         });
     }
 
+    /// A linear layer's forward and parameter gradients — on the device the bias in the product's
+    /// epilogue and the bias gradient reduced by it — against the CPU's matmul + add_bias and matmul +
+    /// bias_grad, in fp32 and with bf16 activations; the gradients accumulate.
+    fn linear_layers_with_epilogues() {
+        use Kind::{Activation as A, Grad as G, Param as P};
+        let (rows, in_f, out_f) = (37, 29, 53);
+        let c = Case {
+            floats: vec![
+                randn(50, rows * in_f, 1.0),
+                randn(51, out_f * in_f, 0.3),
+                randn(52, out_f, 1.0),
+                randn(53, rows * out_f, 1.0),
+            ],
+            ints: vec![],
+            outs: vec![
+                (rows * out_f, None),
+                (out_f * in_f, Some(randn(54, out_f * in_f, 1.0))),
+                (out_f, Some(randn(55, out_f, 1.0))),
+            ],
+        };
+        let op: Op = &|be, f, _, o| {
+            be.linear(o[0], f[0], f[1], f[2], rows, in_f, out_f)?;
+            be.linear_param_grads(o[1], o[2], f[3], f[0], rows, in_f, out_f)
+        };
+        same("linear and its parameter gradients", &c, 1e-4, 1e-4, op);
+        same_bf16("linear and its parameter gradients", &c, &[A, P, P, A], &[A, G, G], 3e-2, op);
+    }
+
     on_both_devices!(
         matmul_in_every_transpose,
         elementwise_ops_bias_and_reductions,
         bf16_ops_against_the_fp32_cpu,
+        linear_layers_with_epilogues,
     );
 }

@@ -1,19 +1,21 @@
-//! A real GPU: the CUDA driver (the kernels of `kernels/` in one fatbin built by build.rs), cuBLAS and
-//! NCCL, through cudarc with dynamic loading — a machine without a driver or a GPU gets a clear error from
-//! `Driver::new`, never a panic. Work runs on one compute stream; NCCL's reductions on a second stream that
-//! waits for the compute which completed their bucket.
+//! A real GPU: the CUDA driver (the kernels of `kernels/` in one fatbin built by build.rs), cuBLAS (and
+//! cuBLASLt for the products with an epilogue) and NCCL, through cudarc with dynamic loading — a machine
+//! without a driver or a GPU gets a clear error from `Driver::new`, never a panic. Work runs on one compute
+//! stream of our own (not the legacy default stream); NCCL's reductions on a second stream that waits for
+//! the compute which completed their bucket.
 
 use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 use std::time::Duration;
 
 use cudarc::cublas::{result as blas, sys as blas_sys};
+use cudarc::cublaslt::{result as lt, sys as lt_sys};
 use cudarc::driver::{
     result as drv, sys as drv_sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr,
 };
 use cudarc::nccl::{result as nccl_res, sys as nccl_sys};
 
-use super::{Compute, DevPtr, Device, Elem, Gemm, Kernel, KernelArg, Launch, Mem};
+use super::{Compute, DevPtr, Device, Elem, Epilogue, Gemm, Kernel, KernelArg, Launch, Mem};
 use crate::bail;
 use crate::dist::Comm;
 use crate::error::{Error, Result};
@@ -59,6 +61,11 @@ pub fn probe() -> std::result::Result<(), String> {
             "cuBLAS (libcublas.so) cannot be opened; put the CUDA libraries on LD_LIBRARY_PATH".into()
         );
     }
+    if !unsafe { lt_sys::is_culib_present() } {
+        return Err(
+            "cuBLASLt (libcublasLt.so) cannot be opened; put the CUDA libraries on LD_LIBRARY_PATH".into()
+        );
+    }
     Ok(())
 }
 
@@ -73,6 +80,51 @@ impl Drop for BlasHandle {
     }
 }
 
+/// What fixes a cuBLASLt plan: the shapes, layouts, types and epilogue of a product (its pointers are
+/// set per call).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PlanKey {
+    trans: (bool, bool),
+    mnk: (usize, usize, usize),
+    ld: (usize, usize, usize),
+    types: (Elem, Elem, Elem),
+    compute: Compute,
+    /// 0 none, 1 bias (with its type), 2 the bias gradient of B.
+    epilogue: (u8, Elem),
+}
+
+/// A product's cuBLASLt descriptors and algorithm, chosen once per shape.
+struct Plan {
+    desc: lt_sys::cublasLtMatmulDesc_t,
+    layouts: [lt_sys::cublasLtMatrixLayout_t; 3],
+    algo: lt_sys::cublasLtMatmulAlgo_t,
+}
+
+/// cuBLASLt: its handle, one workspace set once, and the plans made so far.
+struct Lt {
+    handle: lt_sys::cublasLtHandle_t,
+    workspace: CudaSlice<u8>,
+    plans: RefCell<Vec<(PlanKey, Plan)>>,
+}
+
+impl Drop for Lt {
+    fn drop(&mut self) {
+        // SAFETY: every descriptor was created by this Lt and is destroyed once, here.
+        unsafe {
+            for (_, p) in self.plans.get_mut().drain(..) {
+                let _ = lt::destroy_matmul_desc(p.desc);
+                for l in p.layouts {
+                    let _ = lt::destroy_matrix_layout(l);
+                }
+            }
+            let _ = lt::destroy_handle(self.handle);
+        }
+    }
+}
+
+/// cuBLASLt's workspace: 32 MiB, as cuBLAS recommends for Hopper.
+const LT_WORKSPACE: usize = 32 << 20;
+
 pub struct Driver {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -81,6 +133,7 @@ pub struct Driver {
     comm_stream: Arc<CudaStream>,
     comm_pending: Cell<bool>,
     blas: BlasHandle,
+    lt: Lt,
     functions: RefCell<Vec<(String, CudaFunction)>>,
     module: Arc<CudaModule>,
 }
@@ -115,7 +168,8 @@ impl Driver {
         let ctx = map_driver_error(CudaContext::new(ordinal))?;
         // One compute stream: the allocation events cudarc records for multi-stream safety are not needed.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        // A stream of our own, not the legacy default stream (which waits for and blocks every other).
+        let stream = map_driver_error(ctx.new_stream())?;
         let comm_stream = map_driver_error(ctx.new_stream())?;
         let module = map_driver_error(ctx.load_module(cudarc::nvrtc::Ptx::from_binary(FATBIN.to_vec())))
             .map_err(|e| {
@@ -132,12 +186,18 @@ impl Driver {
                 blas_sys::cublasSetMathMode(handle, blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH).result(),
             )?;
         }
+        let lt = Lt {
+            handle: map_driver_error(lt::create_handle())?,
+            workspace: map_driver_error(stream.alloc_zeros::<u8>(LT_WORKSPACE))?,
+            plans: RefCell::new(Vec::new()),
+        };
         Ok(Driver {
             ctx,
             stream,
             comm_stream,
             comm_pending: Cell::new(false),
             blas: BlasHandle(handle),
+            lt,
             functions: RefCell::new(Vec::new()),
             module,
         })
@@ -149,6 +209,147 @@ impl Driver {
 
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+}
+
+impl Driver {
+    /// A product with an epilogue through cuBLASLt: its plan (descriptors, layouts, the heuristic's
+    /// algorithm) made on first use of the shape, the epilogue's pointer set, the product queued.
+    fn lt_matmul(&self, g: &Gemm) -> Result<()> {
+        let (kind, bias_elem) = match g.epilogue {
+            Epilogue::None => (0, Elem::F32),
+            Epilogue::Bias { elem, .. } => (1, elem),
+            Epilogue::BiasGradB { .. } => (2, Elem::F32),
+        };
+        let key = PlanKey {
+            trans: (g.trans_a, g.trans_b),
+            mnk: (g.m, g.n, g.k),
+            ld: (g.lda, g.ldb, g.ldc),
+            types: (g.a_type, g.b_type, g.c_type),
+            compute: g.compute,
+            epilogue: (kind, bias_elem),
+        };
+        let mut plans = self.lt.plans.borrow_mut();
+        let at = match plans.iter().position(|(k, _)| *k == key) {
+            Some(at) => at,
+            None => {
+                let plan = self.lt_plan(g, &key)?;
+                plans.push((key, plan));
+                plans.len() - 1
+            }
+        };
+        let plan = &plans[at].1;
+        let (attr, ptr) = match g.epilogue {
+            Epilogue::Bias { bias, .. } => {
+                (lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias)
+            }
+            Epilogue::BiasGradB { grad } => {
+                (lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, grad)
+            }
+            Epilogue::None => unreachable!("products without an epilogue go through cublasGemmEx"),
+        };
+        let (ws, _guard) = self.lt.workspace.device_ptr(&self.stream);
+        // SAFETY: the descriptors are this plan's; the caller bounds-checked every operand and the
+        // epilogue's vector for these shapes; the workspace lives as long as self; our stream.
+        unsafe {
+            map_driver_error(lt::set_matmul_desc_attribute(
+                plan.desc,
+                attr,
+                &ptr as *const DevPtr as *const std::ffi::c_void,
+                std::mem::size_of::<DevPtr>(),
+            ))?;
+            map_driver_error(lt::matmul(
+                self.lt.handle,
+                plan.desc,
+                &g.alpha as *const f32 as *const std::ffi::c_void,
+                &g.beta as *const f32 as *const std::ffi::c_void,
+                g.a as *const std::ffi::c_void,
+                plan.layouts[0],
+                g.b as *const std::ffi::c_void,
+                plan.layouts[1],
+                g.c as *const std::ffi::c_void,
+                plan.layouts[2],
+                g.c as *mut std::ffi::c_void,
+                plan.layouts[2],
+                &plan.algo,
+                ws as *mut std::ffi::c_void,
+                LT_WORKSPACE,
+                self.stream.cu_stream() as lt_sys::cudaStream_t,
+            ))
+        }
+    }
+
+    /// The descriptors of a product and the algorithm cuBLASLt's heuristic picks for them.
+    fn lt_plan(&self, g: &Gemm, key: &PlanKey) -> Result<Plan> {
+        use blas_sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        use lt_sys::cublasLtMatmulDescAttributes_t as A;
+        use lt_sys::cudaDataType::{CUDA_R_16BF, CUDA_R_32F};
+        let ty = |e: Elem| if e == Elem::Bf16 { CUDA_R_16BF } else { CUDA_R_32F };
+        let compute = match g.compute {
+            Compute::F32 => lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            Compute::Fast16Bf => lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
+            Compute::Fast16F => lt_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16F,
+        };
+        let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
+        let (ar, ac) = if g.trans_a { (g.k, g.m) } else { (g.m, g.k) };
+        let (br, bc) = if g.trans_b { (g.n, g.k) } else { (g.k, g.n) };
+        let epilogue = match key.epilogue.0 {
+            1 => lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
+            _ => lt_sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BGRADB,
+        };
+        let bias_type = ty(key.epilogue.1);
+        let desc = map_driver_error(lt::create_matmul_desc(compute, CUDA_R_32F))?;
+        let layouts = [
+            map_driver_error(lt::create_matrix_layout(ty(g.a_type), ar as u64, ac as u64, g.lda as i64))?,
+            map_driver_error(lt::create_matrix_layout(ty(g.b_type), br as u64, bc as u64, g.ldb as i64))?,
+            map_driver_error(lt::create_matrix_layout(ty(g.c_type), g.m as u64, g.n as u64, g.ldc as i64))?,
+        ];
+        let configure = || -> Result<lt_sys::cublasLtMatmulAlgo_t> {
+            let set = |attr: A, v: *const std::ffi::c_void, size: usize| {
+                // SAFETY: desc is live; v points at a value of `size` bytes of the attribute's type.
+                map_driver_error(unsafe { lt::set_matmul_desc_attribute(desc, attr, v, size) })
+            };
+            let (ta, tb) = (op(g.trans_a), op(g.trans_b));
+            set(A::CUBLASLT_MATMUL_DESC_TRANSA, &ta as *const _ as *const _, std::mem::size_of_val(&ta))?;
+            set(A::CUBLASLT_MATMUL_DESC_TRANSB, &tb as *const _ as *const _, std::mem::size_of_val(&tb))?;
+            let e = &epilogue as *const _ as *const _;
+            set(A::CUBLASLT_MATMUL_DESC_EPILOGUE, e, std::mem::size_of_val(&epilogue))?;
+            let b = &bias_type as *const _ as *const _;
+            set(A::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, b, std::mem::size_of_val(&bias_type))?;
+            let pref = map_driver_error(lt::create_matmul_pref())?;
+            let workspace = LT_WORKSPACE as u64;
+            // SAFETY: every descriptor is live; the preference is destroyed once, after the query.
+            let heuristic = unsafe {
+                let r = lt::set_matmul_pref_attribute(
+                    pref,
+                    lt_sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                    &workspace as *const u64 as *const std::ffi::c_void,
+                    std::mem::size_of::<u64>(),
+                )
+                .and_then(|()| {
+                    let [a, b, c] = layouts;
+                    lt::get_matmul_algo_heuristic(self.lt.handle, desc, a, b, c, c, pref)
+                });
+                let _ = lt::destroy_matmul_pref(pref);
+                r
+            };
+            map_driver_error(heuristic).map(|h| h.algo).map_err(|e| {
+                Error::Invalid(format!("{e}: cuBLASLt has no algorithm for the product {key:?}"))
+            })
+        };
+        match configure() {
+            Ok(algo) => Ok(Plan { desc, layouts, algo }),
+            Err(e) => {
+                // SAFETY: created above, used by nothing else.
+                unsafe {
+                    let _ = lt::destroy_matmul_desc(desc);
+                    for l in layouts {
+                        let _ = lt::destroy_matrix_layout(l);
+                    }
+                }
+                Err(e)
+            }
+        }
     }
 }
 
@@ -230,6 +431,9 @@ impl Device for Driver {
     }
 
     fn gemm(&self, g: &Gemm) -> Result<()> {
+        if g.epilogue != Epilogue::None {
+            return self.lt_matmul(g);
+        }
         use blas_sys::cublasOperation_t::{CUBLAS_OP_N as N, CUBLAS_OP_T as T};
         use blas_sys::cudaDataType::{CUDA_R_16BF, CUDA_R_32F};
         let ty = |e: Elem| if e == Elem::Bf16 { CUDA_R_16BF } else { CUDA_R_32F };

@@ -17,7 +17,7 @@
 
 use std::time::Duration;
 
-use super::{operand_span, Compute, DevPtr, Device, Elem, Gemm, Kernel, KernelArg, Launch, Mem};
+use super::{operand_span, Compute, DevPtr, Device, Elem, Epilogue, Gemm, Kernel, KernelArg, Launch, Mem};
 use crate::bail;
 use crate::dist::Comm;
 use crate::error::{Error, Result};
@@ -426,6 +426,29 @@ impl Device for Emu {
                 for i in 0..g.m {
                     c[i + j * g.ldc] *= g.beta;
                 }
+            }
+        }
+        match g.epilogue {
+            Epilogue::None => {}
+            Epilogue::Bias { bias, elem } => {
+                self.region(bias, g.m * elem.size(), false, "matrix product bias")?;
+                // SAFETY: the region was checked to lie inside one live allocation.
+                let b = unsafe { read_operand(bias, elem, g.m, Compute::F32) };
+                for j in 0..g.n {
+                    for (x, &bi) in c[j * g.ldc..j * g.ldc + g.m].iter_mut().zip(&b) {
+                        *x += bi;
+                    }
+                }
+            }
+            Epilogue::BiasGradB { grad } => {
+                self.region(grad, 4 * g.n, true, "matrix product bias gradient")?;
+                // Σ_p op(B)(p, j), p in order.
+                let sums: Vec<f32> = (0..g.n)
+                    .map(|j| {
+                        (0..g.k).map(|p| b[(p as isize * b_rs + j as isize * b_cs) as usize]).sum::<f32>()
+                    })
+                    .collect();
+                self.htod(grad, bytemuck::cast_slice(&sums))?;
             }
         }
         // Only the m × n elements are written back (the rest of each leading dimension is untouched).

@@ -93,8 +93,26 @@ pub enum Compute {
     Fast16F,
 }
 
-/// One `cublasGemmEx` call, in cuBLAS's terms: column-major C (m × n, leading dimension ldc) =
-/// alpha · op(A) op(B) + beta · C, op(A) m × k, op(B) k × n; C is not read when beta is 0.
+/// What a matrix product does besides the product, as cuBLASLt's epilogues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Epilogue {
+    None,
+    /// C(i, j) += bias(i) for every column j, in fp32 before C is rounded to its type
+    /// (CUBLASLT_EPILOGUE_BIAS; `bias` has m elements of `elem`).
+    Bias {
+        bias: DevPtr,
+        elem: Elem,
+    },
+    /// grad(j) = Σ_p op(B)(p, j) over the k rows, written (=) as n fp32 values: the bias gradient of the
+    /// product's B operand (CUBLASLT_EPILOGUE_BGRADB).
+    BiasGradB {
+        grad: DevPtr,
+    },
+}
+
+/// One matrix product, in cuBLAS's terms: column-major C (m × n, leading dimension ldc) =
+/// alpha · op(A) op(B) + beta · C, op(A) m × k, op(B) k × n, then the epilogue; C is not read when beta
+/// is 0. Without an epilogue it is a `cublasGemmEx` call; with one, `cublasLtMatmul`.
 #[derive(Debug, Clone, Copy)]
 pub struct Gemm {
     pub trans_a: bool,
@@ -114,6 +132,7 @@ pub struct Gemm {
     pub c_type: Elem,
     pub ldc: usize,
     pub compute: Compute,
+    pub epilogue: Epilogue,
 }
 
 /// What the CUDA backend needs of a device. All work is queued in order on one compute stream; the host

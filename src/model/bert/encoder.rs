@@ -30,19 +30,7 @@ impl<'a, B: Backend> Bert<'a, B> {
         in_f: usize,
         out_f: usize,
     ) -> Result<()> {
-        let be = self.be;
-        be.matmul(
-            out.prefix(rows * out_f),
-            inp.prefix(rows * in_f),
-            self.p(w, out_f * in_f),
-            rows,
-            out_f,
-            in_f,
-            false,
-            true,
-            false,
-        )?;
-        be.add_bias(out, self.p(b, out_f), rows, out_f)
+        self.be.linear(out, inp, self.p(w, out_f * in_f), self.p(b, out_f), rows, in_f, out_f)
     }
 
     /// dinp (rows, in) = or += dout · W; dW += doutᵀ · inp; db += Σ dout (unless `b` is None: the bias
@@ -73,20 +61,21 @@ impl<'a, B: Backend> Bert<'a, B> {
                 acc,
             )?;
         }
-        be.matmul(
-            self.g(w, out_f * in_f),
-            dout,
-            inp.prefix(rows * in_f),
-            out_f,
-            in_f,
-            rows,
-            true,
-            false,
-            true,
-        )?;
         match b {
-            Some(b) => be.bias_grad(self.g(b, out_f), dout, rows, out_f),
-            None => Ok(()),
+            Some(b) => {
+                be.linear_param_grads(self.g(w, out_f * in_f), self.g(b, out_f), dout, inp, rows, in_f, out_f)
+            }
+            None => be.matmul(
+                self.g(w, out_f * in_f),
+                dout,
+                inp.prefix(rows * in_f),
+                out_f,
+                in_f,
+                rows,
+                true,
+                false,
+                true,
+            ),
         }
     }
 

@@ -78,8 +78,15 @@ impl<'a, B: Backend> Bert<'a, B> {
         let (be, a, top, c) = (self.be, &self.a, &self.table.top, &self.config);
         let (h, v) = (c.hidden_size, c.vocab_size);
         let logits = a.logits.prefix(k * v);
-        be.matmul(logits, a.head_h.at(r0 * h, k * h), self.p(top.word, v * h), k, v, h, false, true, false)?;
-        be.add_bias(logits, self.p(top.mlm_bias, v), k, v)?;
+        be.linear(
+            logits,
+            a.head_h.at(r0 * h, k * h),
+            self.p(top.word, v * h),
+            self.p(top.mlm_bias, v),
+            k,
+            h,
+            v,
+        )?;
         Ok(logits)
     }
 
@@ -181,18 +188,15 @@ impl<'a, B: Backend> Bert<'a, B> {
                         false,
                         false,
                     )?;
-                    be.matmul(
+                    be.linear_param_grads(
                         self.g(top.word, v * h),
+                        self.g(top.mlm_bias, v),
                         logits,
                         a.head_h.at(r0 * h, k * h),
-                        v,
-                        h,
                         k,
-                        true,
-                        false,
-                        true,
+                        h,
+                        v,
                     )?;
-                    be.bias_grad(self.g(top.mlm_bias, v), logits, k, v)?;
                 }
                 r0 += k;
             }
