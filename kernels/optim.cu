@@ -11,13 +11,15 @@
 //   adamw_f32: torch's AdamW on every element of an applied step, fp32 master weights and moments, a block
 //     per chunk of OPTIMIZER_CHUNK elements (decay per tensor, from the chunk table), 16-byte accesses:
 //     g = g·(1/scale)·clip; p −= lr·wd·p where the tensor decays; m = m + (1−β1)(g − m);
-//     v = β2·v + (1−β2)·g²; p −= lr/(1−β1ᵗ) · m / (√v/√(1−β2ᵗ) + ε)                                 (in place)
+//     v = β2·v + (1−β2)·g²; p −= lr/(1−β1ᵗ) · m / (√v/√(1−β2ᵗ) + ε); with a bf16 copy of the weights
+//     (`shadow`, else null), bf16(p) into it in the same pass                                   (in place)
 //   lamb_moments_f32 / lamb_norms_f32 / lamb_apply_f32: NVIDIA's FusedLAMB in three deterministic passes
 //     over the same chunks, on an applied step:
 //     1. per chunk: g' = g / divisor, m, v updated, u = (m/(1−β1ᵗ)) / (√(v/(1−β2ᵗ)) + ε) + wd·p,
 //        Σp² and Σu² of the chunk;
 //     2. per tensor: its chunks' sums in order → ‖p‖², ‖u‖²;
-//     3. per chunk: r = ‖p‖/‖u‖ (1 when either is 0, or outside the trusted tensors), p −= lr·r·u.   (in place)
+//     3. per chunk: r = ‖p‖/‖u‖ (1 when either is 0, or outside the trusted tensors), p −= lr·r·u, and
+//        bf16(p) into the weights' bf16 copy where there is one.                               (in place)
 // The chunk table: per chunk [start, len, tensor, decays], then per tensor [first chunk, chunks]. A schedule
 // row: AdamW (1 − lr·wd, lr/(1−β1ᵗ), √(1−β2ᵗ)); LAMB (lr, 1−β1ᵗ, 1−β2ᵗ), computed on the host in f64
 // and rounded once, as the CPU backend does.
@@ -105,8 +107,8 @@ __device__ __forceinline__ void adamw_element(float& p, float g, float& m, float
     p = p - s.step_size * (m / denom);
 }
 
-BERTCUDA_KERNEL(adamw_f32, float* params, const float* grads, float* m, float* v, const int* table,
-                const float* schedule, const float* stats, const int* counters, AdamWArgs a) {
+BERTCUDA_KERNEL(adamw_f32, float* params, __nv_bfloat16* shadow, const float* grads, float* m, float* v,
+                const int* table, const float* schedule, const float* stats, const int* counters, AdamWArgs a) {
     if (!counters[CONTROL_APPLIED]) return;
     const float* row = schedule + SCHEDULE_ROW * counters[CONTROL_ROW];
     const int* c = table + 4 * blockIdx.x;
@@ -128,9 +130,15 @@ BERTCUDA_KERNEL(adamw_f32, float* params, const float* grads, float* m, float* v
             store16<float>(pc + i, pv);
             store16<float>(mc + i, mv);
             store16<float>(vc + i, vv);
+            if (shadow)
+#pragma unroll
+                for (int k = 0; k < 4; k++) shadow[start + i + k] = __float2bfloat16(pv[k]);
         }
     }
-    for (int i = done + threadIdx.x; i < len; i += blockDim.x) adamw_element(pc[i], gc[i], mc[i], vc[i], s, a);
+    for (int i = done + threadIdx.x; i < len; i += blockDim.x) {
+        adamw_element(pc[i], gc[i], mc[i], vc[i], s, a);
+        if (shadow) shadow[start + i] = __float2bfloat16(pc[i]);
+    }
 }
 
 struct LambArgs {
@@ -189,8 +197,8 @@ BERTCUDA_KERNEL(lamb_norms_f32, const int* table, int chunks, int tensors, const
     norms[2 * t + 1] = u;
 }
 
-BERTCUDA_KERNEL(lamb_apply_f32, float* params, const float* m, const float* v, const int* table, const float* norms,
-                const float* schedule, const int* counters, LambArgs a) {
+BERTCUDA_KERNEL(lamb_apply_f32, float* params, __nv_bfloat16* shadow, const float* m, const float* v,
+                const int* table, const float* norms, const float* schedule, const int* counters, LambArgs a) {
     if (!counters[CONTROL_APPLIED]) return;
     const float* row = schedule + SCHEDULE_ROW * counters[CONTROL_ROW];
     const int* c = table + 4 * blockIdx.x;
@@ -204,6 +212,7 @@ BERTCUDA_KERNEL(lamb_apply_f32, float* params, const float* m, const float* v, c
     for (int i = threadIdx.x; i < len; i += blockDim.x) {
         const int k = start + i;
         params[k] -= step * lamb_update(m[k], v[k], params[k], wd, row, a);
+        if (shadow) shadow[k] = __float2bfloat16(params[k]);
     }
 }
 

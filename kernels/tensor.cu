@@ -1,8 +1,6 @@
 // Generic tensor ops, no model math in them; flat element counts n, or (rows, c) row-major.
 //   add_:              out[i] = a[i] + b[i]                                                         (=)
 //   fill_:             x[i] = value                                                                 (=)
-//   cast_f32_to_bf16:  out[i] = bf16(in[i]), the low-precision copy of the parameters the matrix
-//                      products read                                                               (=)
 //   sum_partials_f32:  acc[c] += Σ_k partial[k·stride + c], k in order: the second stage of every
 //                      two-stage reduction over rows (bias, LayerNorm and GELU + bias gradients)      (+=)
 //   gather_rows_:      out[k] = inp[rows[k]]                                                        (=)
@@ -64,12 +62,6 @@ BERTCUDA_INSTANTIATE_FLOAT_TYPES(TENSOR)
     }
 
 BERTCUDA_INSTANTIATE_FLOAT_TYPES(ROWS)
-
-// The low-precision copy of the parameters the matrix products read: out[i] = bf16(in[i]).
-BERTCUDA_KERNEL(cast_f32_to_bf16, __nv_bfloat16* out, const float* in, long n) {
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
-        out[i] = __float2bfloat16(in[i]);
-}
 
 BERTCUDA_KERNEL(sum_partials_f32, float* acc, const float* partial, int chunks, int cols, int stride) {
     sum_partials_impl(acc, partial, chunks, cols, stride);

@@ -96,7 +96,6 @@ pub(crate) struct Kernels {
     pub(crate) bias_grad_partial: KernelPerStorage,
     pub(crate) sum_partials: Kernel,
     pub(crate) fill: KernelPerStorage,
-    pub(crate) cast_bf16: Kernel,
     pub(crate) gelu_fwd: KernelPerStorage,
     pub(crate) gelu_bwd: KernelPerStorage,
     pub(crate) tanh_fwd: KernelPerStorage,
@@ -182,7 +181,6 @@ impl Kernels {
             bias_grad_partial: t("bias_grad_partial")?,
             sum_partials: f("sum_partials_f32")?,
             fill: t("fill")?,
-            cast_bf16: f("cast_f32_to_bf16")?,
             gelu_fwd: t("gelu_fwd")?,
             gelu_bwd: t("gelu_bwd")?,
             tanh_fwd: t("tanh_fwd")?,
@@ -220,7 +218,7 @@ impl Kernels {
 }
 
 /// One float allocation: its bytes, storage type, and for parameters under bf16 a bf16 copy the matrix
-/// products and kernels read (refreshed on upload and after every AdamW step).
+/// products and kernels read (written on upload and by the optimizer's last pass).
 pub(crate) struct Floats {
     mem: Mem,
     len: usize,

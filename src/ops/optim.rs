@@ -13,7 +13,7 @@ use crate::backend::cuda::launch::{
     CONTROL_INV_SCALE, CONTROL_MLM, CONTROL_NSP, CONTROL_RECORD, CONTROL_ROW, CONTROL_SCALE, CONTROL_SQUARES,
     CONTROL_UPDATES, SCHEDULE_ROW, SUM_SQUARES_BLOCKS, SUM_SQUARES_CHUNK, THREADS,
 };
-use crate::backend::cuda::{grid_for, Cuda, StorageType};
+use crate::backend::cuda::{Cuda, StorageType};
 use crate::backend::device::KernelArg;
 use crate::backend::{AdamWConsts, Buf, ControlStep, LambConsts, StepControl, TensorChunks};
 use crate::bail;
@@ -310,16 +310,12 @@ macro_rules! kernel_args {
 kernel_args!(ControlArgs, AdamWArgs, LambArgs);
 
 impl Cuda {
-    /// After an optimizer update: the bf16 copy of the weights (under --precision bf16) that the kernels and
-    /// matrix products read follows the new fp32 master weights.
-    fn refresh_bf16_copy(&self, params: Buf) -> Result<()> {
+    /// The bf16 copy of the weights (under --precision bf16) that the kernels and matrix products read,
+    /// which the optimizer's last pass writes beside the fp32 master weights; null without one.
+    fn bf16_copy(&self, params: Buf) -> Result<u64> {
         let ([master], []) = self.ptrs([params], [])?;
         let ([shadow], []) = self.ptrs_as(StorageType::Bf16, [params], [])?;
-        if shadow != master {
-            let n = params.len as i64;
-            self.launch(self.k.cast_bf16, (grid_for(params.len), 1, 1), THREADS, &[&shadow, &master, &n])?;
-        }
-        Ok(())
+        Ok(if shadow != master { shadow } else { 0 })
     }
 
     /// The optimizer's buffers, all fp32 and of one length.
@@ -397,15 +393,16 @@ impl Optim for Cuda {
             one_minus_beta2: (1.0 - b2) as f32,
             eps: h.eps,
         };
+        let shadow = self.bf16_copy(params)?;
         if chunks.chunks > 0 {
             self.launch(
                 self.k.adamw,
                 (chunks.chunks as u32, 1, 1),
                 THREADS,
-                &[&pp, &pg, &pm, &pv, &pt, &psched, &pstats, &pk, &args],
+                &[&pp, &shadow, &pg, &pm, &pv, &pt, &psched, &pstats, &pk, &args],
             )?;
         }
-        self.refresh_bf16_copy(params)
+        Ok(())
     }
 
     fn lamb(
@@ -443,14 +440,11 @@ impl Optim for Cuda {
             let (cc, t) = (chunks.chunks as i32, chunks.tensors as i32);
             let blocks = chunks.tensors.div_ceil(THREADS as usize) as u32;
             self.launch(self.k.lamb_norms, (blocks, 1, 1), THREADS, &[&pt, &cc, &t, &ppart, &pnorm, &pk])?;
-            self.launch(
-                self.k.lamb_apply,
-                (n, 1, 1),
-                THREADS,
-                &[&pp, &pm, &pv, &pt, &pnorm, &psched, &pk, &args],
-            )?;
+            let shadow = self.bf16_copy(params)?;
+            let a: [&dyn KernelArg; 9] = [&pp, &shadow, &pm, &pv, &pt, &pnorm, &psched, &pk, &args];
+            self.launch(self.k.lamb_apply, (n, 1, 1), THREADS, &a)?;
         }
-        self.refresh_bf16_copy(params)
+        Ok(())
     }
 }
 
@@ -537,5 +531,48 @@ mod tests {
         }
     }
 
-    on_both_devices!(adamw_over_chunked_tensors, lamb_over_chunked_tensors,);
+    /// Under bf16 the optimizer's last pass also writes the weights' bf16 copy, which the kernels and
+    /// products read: it equals bf16 of the new fp32 weights after AdamW and after LAMB (read through a
+    /// row gather into a bf16 activation).
+    fn the_bf16_copy_follows_the_optimizer() {
+        use bertcuda::backend::Tensor;
+        let be = gpu();
+        assert_eq!(be.set_precision("bf16").unwrap(), "bf16");
+        let tensors = common::flat_tensors(&[(9_000, true), (5, false), (301, true)]);
+        let n: usize = tensors.iter().map(|t| t.len).sum();
+        let grads: Vec<Vec<f32>> = (0..2).map(|k| randn(60 + k, n, 0.3)).collect();
+        let rows = be.alloc_ints(n).unwrap();
+        be.upload_ints(rows, &(0..n as i32).collect::<Vec<_>>()).unwrap();
+        let copy = be.alloc_kind(n, Kind::Activation).unwrap();
+        for lamb in [false, true] {
+            let p = be.alloc_kind(n, Kind::Param).unwrap();
+            be.upload(p, &randn(59, n, 0.05)).unwrap();
+            let opt = if lamb {
+                let c = LambConfig {
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-6,
+                    weight_decay: 0.01,
+                    all_tensors: false,
+                };
+                Optimizer::Lamb(Lamb::new(&be, c, &tensors).unwrap())
+            } else {
+                let c = AdamWConfig { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-6, weight_decay: 0.01 };
+                Optimizer::AdamW(AdamW::new(&be, c, &tensors).unwrap())
+            };
+            common::optimizer_steps(&be, &opt, p, &grads, &[1e-2, 1e-2], (1.0, 1.0, 0)).unwrap();
+            be.gather_rows(copy, p, rows, n, 1).unwrap();
+            let (master, bf16) = (be.download(p).unwrap(), be.download(copy).unwrap());
+            for (k, (w, c)) in master.iter().zip(&bf16).enumerate() {
+                assert_eq!(half::bf16::from_f32(*w).to_f32(), *c, "lamb={lamb}: the bf16 copy of weight {k}");
+            }
+            assert!(master.iter().zip(randn(59, n, 0.05)).any(|(a, b)| *a != b), "the weights moved");
+        }
+    }
+
+    on_both_devices!(
+        adamw_over_chunked_tensors,
+        lamb_over_chunked_tensors,
+        the_bf16_copy_follows_the_optimizer,
+    );
 }
