@@ -468,6 +468,7 @@ pub fn bench_kernels() -> Result<(String, Vec<KernelBench>)> {
     let params = format!("{:.0} M parameters, {} tensors", nt as f64 / 1e6, table.params.len());
     mem(&format!("adamw ({params})"), 4.0 * 7.0 * nt as f64, ms);
     let lamb = LambConsts { beta1: 0.9, beta2: 0.999, eps: 1e-6, weight_decay: 0.01, all_tensors: false };
+    control.set_schedule(&be, &[1e-3, 0.1, 0.001])?; // LAMB's row: lr, 1 − β1, 1 − β2 (t = 1)
     let ms = time(10, &mut || be.lamb(p, g, m1, m2, &chunks, &control, &lamb))?;
     mem(&format!("lamb ({params})"), 4.0 * 10.0 * nt as f64, ms);
     let sq = be.alloc(1)?;
@@ -502,6 +503,21 @@ fn bf16_rows(copy_gbs: f64, out: &mut Vec<KernelBench>) -> Result<()> {
     let time16 = |reps: usize, f: &mut dyn FnMut() -> Result<()>| time_cuda(&b16, reps, f);
     let ms = time16(20, &mut || b16.matmul(ya, xa, wa, n, i, h, false, true, false))?;
     out.push(KernelBench::compute("gemm bf16 (4096×3072×768)", ms, 2.0 * (n * i * h) as f64));
+    // The encoder's linear layers as training runs them: the bias in the forward product's epilogue, the
+    // bias gradient reduced by the weight-gradient product's (cuBLASLt), rated as the products are.
+    for (name, in_f, out_f) in
+        [("qkv", h, 3 * h), ("attention output", h, h), ("ffn up", h, i), ("ffn down", i, h)]
+    {
+        let (x, y) =
+            (b16.alloc_kind(n * in_f, Kind::Activation)?, b16.alloc_kind(n * out_f, Kind::Activation)?);
+        let (w, b) = (b16.alloc_kind(out_f * in_f, Kind::Param)?, b16.alloc_kind(out_f, Kind::Param)?);
+        let (dw, db) = (b16.alloc_kind(out_f * in_f, Kind::Grad)?, b16.alloc_kind(out_f, Kind::Grad)?);
+        let flops = 2.0 * (n * in_f * out_f) as f64;
+        let ms = time16(20, &mut || b16.linear(y, x, w, b, n, in_f, out_f))?;
+        out.push(KernelBench::compute(format!("linear + bias bf16, {name} ({n}×{out_f}×{in_f})"), ms, flops));
+        let ms = time16(20, &mut || b16.linear_param_grads(dw, db, y, x, n, in_f, out_f))?;
+        out.push(KernelBench::compute(format!("weight + bias gradient bf16, {name}"), ms, flops));
+    }
     let (ya2, ln_w) = (b16.alloc_kind(n * i, Kind::Activation)?, b16.alloc_kind(h, Kind::Param)?);
     let (m16, r16) = (b16.alloc_kind(n, Kind::Stat)?, b16.alloc_kind(n, Kind::Stat)?);
     let ms = time16(50, &mut || b16.gelu_fwd(ya2, ya, Activation::GeluErf))?;

@@ -11,7 +11,7 @@ use crate::backend::cpu::{reduce_rows, Cpu, Real};
 use crate::backend::cuda::launch::{PARTIAL_ROWS, THREADS};
 use crate::backend::cuda::{grid_for, Cuda, StorageType};
 use crate::backend::device::Device;
-use crate::backend::device::{Compute, Elem, Epilogue, Gemm};
+use crate::backend::device::{Compute, Elem, Epilogue, Gemm, EPILOGUE_ALIGNMENT};
 use crate::backend::Buf;
 use crate::bail;
 use crate::error::Result;
@@ -179,6 +179,36 @@ enum Extra {
 }
 
 impl Cuda {
+    /// The output's storage and the operands': bf16 when any activation involved is (parameters then
+    /// come from their bf16 copy); the output keeps its own storage (fp32 for parameter gradients).
+    fn product_types(&self, c: Buf, a: Buf, b: Buf) -> Result<(StorageType, StorageType)> {
+        let (dc, da, db) = (self.storage(c)?, self.storage(a)?, self.storage(b)?);
+        let op_dt =
+            if [dc, da, db].contains(&StorageType::Bf16) { StorageType::Bf16 } else { StorageType::F32 };
+        Ok((dc, op_dt))
+    }
+
+    /// Whether a product's output `c`, operands `a`, `b` and bias (row-major, rows of the lengths given)
+    /// start at addresses and have rows in bytes that are multiples of EPILOGUE_ALIGNMENT, as a product
+    /// with an epilogue needs.
+    fn fits_epilogue(
+        &self,
+        (c, c_row): (Buf, usize),
+        (a, a_row): (Buf, usize),
+        (b, b_row): (Buf, usize),
+        bias: Option<Buf>,
+    ) -> Result<bool> {
+        let (dc, op_dt) = self.product_types(c, a, b)?;
+        let ([pc], [pa, pb]) = self.ptrs_as(op_dt, [c], [a, b])?;
+        let pc = if dc == StorageType::F32 { self.ptrs([c], [])?.0[0] } else { pc };
+        let mut at = vec![(pc, c_row * dc.size()), (pa, a_row * op_dt.size()), (pb, b_row * op_dt.size())];
+        if let Some(bias) = bias {
+            at.push((self.ptrs_as(dc, [], [bias])?.1[0], 0));
+        }
+        let align = EPILOGUE_ALIGNMENT as u64;
+        Ok(at.iter().all(|&(p, row)| p % align == 0 && row as u64 % align == 0))
+    }
+
     /// `matmul`, with `extra` in the product's epilogue; the bias gradient of `Extra::BiasGrad` (m floats)
     /// is left in the partials scratch, whose pointer is returned.
     #[allow(clippy::too_many_arguments)]
@@ -196,11 +226,7 @@ impl Cuda {
         if c.len < m * n || a.len < m * k || b.len < k * n {
             bail!("internal: matmul regions too small for ({m}, {n}, {k})");
         }
-        // Operands in bf16 when any activation involved is (parameters then come from their bf16 copy);
-        // the output keeps its own storage (fp32 for parameter gradients).
-        let (dc, da, db) = (self.storage(c)?, self.storage(a)?, self.storage(b)?);
-        let op_dt =
-            if [dc, da, db].contains(&StorageType::Bf16) { StorageType::Bf16 } else { StorageType::F32 };
+        let (dc, op_dt) = self.product_types(c, a, b)?;
         let ([pc], [pa, pb]) = self.ptrs_as(op_dt, [c], [a, b])?;
         let pc = if dc == StorageType::F32 { self.ptrs([c], [])?.0[0] } else { pc };
         let elem = |d: StorageType| if d == StorageType::Bf16 { Elem::Bf16 } else { Elem::F32 };
@@ -286,7 +312,10 @@ impl Linear for Cuda {
         in_f: usize,
         out_f: usize,
     ) -> Result<()> {
-        if rows * in_f * out_f == 0 {
+        // The product with its epilogue where the layout allows, else the product and add_bias.
+        if rows * in_f * out_f == 0
+            || !self.fits_epilogue((out, out_f), (inp, in_f), (w, in_f), Some(bias))?
+        {
             self.matmul(out.prefix(rows * out_f), inp, w, rows, out_f, in_f, false, true, false)?;
             return self.add_bias(out, bias, rows, out_f);
         }
@@ -307,7 +336,8 @@ impl Linear for Cuda {
         self.need_f32_out("bias gradient", &[dbias])?;
         Self::need("bias gradient", dbias.len, out_f)?;
         let (dout, inp) = (dout.prefix(rows * out_f), inp.prefix(rows * in_f));
-        if rows * in_f * out_f == 0 {
+        // The product with its epilogue where the layout allows, else the product and bias_grad.
+        if rows * in_f * out_f == 0 || !self.fits_epilogue((dw, in_f), (dout, out_f), (inp, in_f), None)? {
             self.matmul(dw, dout, inp, out_f, in_f, rows, true, false, true)?;
             return self.bias_grad(dbias, dout, rows, out_f);
         }
@@ -409,11 +439,17 @@ mod tests {
     }
 
     /// A linear layer's forward and parameter gradients — on the device the bias in the product's
-    /// epilogue and the bias gradient reduced by it — against the CPU's matmul + add_bias and matmul +
-    /// bias_grad, in fp32 and with bf16 activations; the gradients accumulate.
+    /// epilogue and the bias gradient reduced by it (rows of whole 16-byte vectors), or the plain product
+    /// and our kernels (odd widths) — against the CPU's matmul + add_bias and matmul + bias_grad, in fp32
+    /// and with bf16 activations; the gradients accumulate.
     fn linear_layers_with_epilogues() {
         use Kind::{Activation as A, Grad as G, Param as P};
-        let (rows, in_f, out_f) = (37, 29, 53);
+        for (rows, in_f, out_f) in [(37, 32, 48), (37, 29, 53)] {
+            linear_layer(rows, in_f, out_f, &[A, P, P, A], &[A, G, G]);
+        }
+    }
+
+    fn linear_layer(rows: usize, in_f: usize, out_f: usize, kinds: &[Kind], out_kinds: &[Kind]) {
         let c = Case {
             floats: vec![
                 randn(50, rows * in_f, 1.0),
@@ -432,8 +468,9 @@ mod tests {
             be.linear(o[0], f[0], f[1], f[2], rows, in_f, out_f)?;
             be.linear_param_grads(o[1], o[2], f[3], f[0], rows, in_f, out_f)
         };
-        same("linear and its parameter gradients", &c, 1e-4, 1e-4, op);
-        same_bf16("linear and its parameter gradients", &c, &[A, P, P, A], &[A, G, G], 3e-2, op);
+        let what = format!("linear {rows}×{in_f} → {out_f} and its parameter gradients");
+        same(&what, &c, 1e-4, 1e-4, op);
+        same_bf16(&what, &c, kinds, out_kinds, 3e-2, op);
     }
 
     on_both_devices!(

@@ -619,6 +619,14 @@ fn resumed_state<B: Backend>(
             saved.world_size
         );
     }
+    if saved.scaler.enabled && !(1..=i32::MAX as u64).contains(&saved.scaler.growth_interval) {
+        bail!(
+            "cannot resume from {}: its loss scaler's growth interval {} is not between 1 and {}; the checkpoint is damaged",
+            dir.display(),
+            saved.scaler.growth_interval,
+            i32::MAX
+        );
+    }
     if saved.phase >= phases {
         bail!(
             "cannot resume from {}: it is in phase {} and this run has {phases}",

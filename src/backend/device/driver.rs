@@ -81,42 +81,50 @@ impl Drop for BlasHandle {
 }
 
 /// What fixes a cuBLASLt plan: the shapes, layouts, types and epilogue of a product (its pointers are
-/// set per call).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// set per call; `Cuda` hands cuBLASLt only 16-byte aligned ones).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct PlanKey {
     trans: (bool, bool),
     mnk: (usize, usize, usize),
     ld: (usize, usize, usize),
     types: (Elem, Elem, Elem),
     compute: Compute,
-    /// 0 none, 1 bias (with its type), 2 the bias gradient of B.
+    /// 1 bias (with its type), 2 the bias gradient of B.
     epilogue: (u8, Elem),
 }
 
-/// A product's cuBLASLt descriptors and algorithm, chosen once per shape.
+/// A product's cuBLASLt descriptors and algorithm, chosen once per shape; destroyed with it.
 struct Plan {
     desc: lt_sys::cublasLtMatmulDesc_t,
-    layouts: [lt_sys::cublasLtMatrixLayout_t; 3],
+    /// A, B, C (= D).
+    layouts: Vec<lt_sys::cublasLtMatrixLayout_t>,
     algo: lt_sys::cublasLtMatmulAlgo_t,
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        // SAFETY: created by lt_plan for this plan alone and destroyed once, here.
+        unsafe {
+            let _ = lt::destroy_matmul_desc(self.desc);
+            for l in self.layouts.drain(..) {
+                let _ = lt::destroy_matrix_layout(l);
+            }
+        }
+    }
 }
 
 /// cuBLASLt: its handle, one workspace set once, and the plans made so far.
 struct Lt {
     handle: lt_sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
-    plans: RefCell<Vec<(PlanKey, Plan)>>,
+    plans: RefCell<std::collections::HashMap<PlanKey, Plan>>,
 }
 
 impl Drop for Lt {
     fn drop(&mut self) {
-        // SAFETY: every descriptor was created by this Lt and is destroyed once, here.
+        self.plans.get_mut().clear();
+        // SAFETY: created by Driver::new and destroyed once, here, after every plan of it.
         unsafe {
-            for (_, p) in self.plans.get_mut().drain(..) {
-                let _ = lt::destroy_matmul_desc(p.desc);
-                for l in p.layouts {
-                    let _ = lt::destroy_matrix_layout(l);
-                }
-            }
             let _ = lt::destroy_handle(self.handle);
         }
     }
@@ -124,6 +132,9 @@ impl Drop for Lt {
 
 /// cuBLASLt's workspace: 32 MiB, as cuBLAS recommends for Hopper.
 const LT_WORKSPACE: usize = 32 << 20;
+
+/// The alignment of every pointer a product with an epilogue gets: the plans' algorithms may assume it.
+const LT_ALIGNMENT: u32 = super::EPILOGUE_ALIGNMENT;
 
 pub struct Driver {
     ctx: Arc<CudaContext>,
@@ -186,11 +197,8 @@ impl Driver {
                 blas_sys::cublasSetMathMode(handle, blas_sys::cublasMath_t::CUBLAS_DEFAULT_MATH).result(),
             )?;
         }
-        let lt = Lt {
-            handle: map_driver_error(lt::create_handle())?,
-            workspace: map_driver_error(stream.alloc_zeros::<u8>(LT_WORKSPACE))?,
-            plans: RefCell::new(Vec::new()),
-        };
+        let workspace = map_driver_error(stream.alloc_zeros::<u8>(LT_WORKSPACE))?;
+        let lt = Lt { handle: map_driver_error(lt::create_handle())?, workspace, plans: RefCell::default() };
         Ok(Driver {
             ctx,
             stream,
@@ -217,7 +225,7 @@ impl Driver {
     /// algorithm) made on first use of the shape, the epilogue's pointer set, the product queued.
     fn lt_matmul(&self, g: &Gemm) -> Result<()> {
         let (kind, bias_elem) = match g.epilogue {
-            Epilogue::None => (0, Elem::F32),
+            Epilogue::None => unreachable!("products without an epilogue go through cublasGemmEx"),
             Epilogue::Bias { elem, .. } => (1, elem),
             Epilogue::BiasGradB { .. } => (2, Elem::F32),
         };
@@ -230,15 +238,10 @@ impl Driver {
             epilogue: (kind, bias_elem),
         };
         let mut plans = self.lt.plans.borrow_mut();
-        let at = match plans.iter().position(|(k, _)| *k == key) {
-            Some(at) => at,
-            None => {
-                let plan = self.lt_plan(g, &key)?;
-                plans.push((key, plan));
-                plans.len() - 1
-            }
+        let plan = match plans.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.lt_plan(g, &key)?),
         };
-        let plan = &plans[at].1;
         let (attr, ptr) = match g.epilogue {
             Epilogue::Bias { bias, .. } => {
                 (lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias)
@@ -299,57 +302,60 @@ impl Driver {
         };
         let bias_type = ty(key.epilogue.1);
         let desc = map_driver_error(lt::create_matmul_desc(compute, CUDA_R_32F))?;
-        let layouts = [
-            map_driver_error(lt::create_matrix_layout(ty(g.a_type), ar as u64, ac as u64, g.lda as i64))?,
-            map_driver_error(lt::create_matrix_layout(ty(g.b_type), br as u64, bc as u64, g.ldb as i64))?,
-            map_driver_error(lt::create_matrix_layout(ty(g.c_type), g.m as u64, g.n as u64, g.ldc as i64))?,
-        ];
-        let configure = || -> Result<lt_sys::cublasLtMatmulAlgo_t> {
-            let set = |attr: A, v: *const std::ffi::c_void, size: usize| {
-                // SAFETY: desc is live; v points at a value of `size` bytes of the attribute's type.
-                map_driver_error(unsafe { lt::set_matmul_desc_attribute(desc, attr, v, size) })
-            };
-            let (ta, tb) = (op(g.trans_a), op(g.trans_b));
-            set(A::CUBLASLT_MATMUL_DESC_TRANSA, &ta as *const _ as *const _, std::mem::size_of_val(&ta))?;
-            set(A::CUBLASLT_MATMUL_DESC_TRANSB, &tb as *const _ as *const _, std::mem::size_of_val(&tb))?;
-            let e = &epilogue as *const _ as *const _;
-            set(A::CUBLASLT_MATMUL_DESC_EPILOGUE, e, std::mem::size_of_val(&epilogue))?;
-            let b = &bias_type as *const _ as *const _;
-            set(A::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, b, std::mem::size_of_val(&bias_type))?;
-            let pref = map_driver_error(lt::create_matmul_pref())?;
-            let workspace = LT_WORKSPACE as u64;
-            // SAFETY: every descriptor is live; the preference is destroyed once, after the query.
-            let heuristic = unsafe {
-                let r = lt::set_matmul_pref_attribute(
-                    pref,
-                    lt_sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                    &workspace as *const u64 as *const std::ffi::c_void,
-                    std::mem::size_of::<u64>(),
-                )
-                .and_then(|()| {
-                    let [a, b, c] = layouts;
-                    lt::get_matmul_algo_heuristic(self.lt.handle, desc, a, b, c, c, pref)
-                });
-                let _ = lt::destroy_matmul_pref(pref);
-                r
-            };
-            map_driver_error(heuristic).map(|h| h.algo).map_err(|e| {
-                Error::Invalid(format!("{e}: cuBLASLt has no algorithm for the product {key:?}"))
-            })
-        };
-        match configure() {
-            Ok(algo) => Ok(Plan { desc, layouts, algo }),
-            Err(e) => {
-                // SAFETY: created above, used by nothing else.
-                unsafe {
-                    let _ = lt::destroy_matmul_desc(desc);
-                    for l in layouts {
-                        let _ = lt::destroy_matrix_layout(l);
-                    }
-                }
-                Err(e)
-            }
+        // From here the plan destroys what it holds if a later step fails.
+        // SAFETY: the algorithm is plain data, filled in by the heuristic below.
+        let mut plan = Plan { desc, layouts: Vec::with_capacity(3), algo: unsafe { std::mem::zeroed() } };
+        for (t, rows, cols, ld) in
+            [(g.a_type, ar, ac, g.lda), (g.b_type, br, bc, g.ldb), (g.c_type, g.m, g.n, g.ldc)]
+        {
+            plan.layouts.push(map_driver_error(lt::create_matrix_layout(
+                ty(t),
+                rows as u64,
+                cols as u64,
+                ld as i64,
+            ))?);
         }
+        let set = |attr: A, v: *const std::ffi::c_void, size: usize| {
+            // SAFETY: desc is live; v points at a value of `size` bytes of the attribute's type.
+            map_driver_error(unsafe { lt::set_matmul_desc_attribute(desc, attr, v, size) })
+        };
+        let (ta, tb) = (op(g.trans_a), op(g.trans_b));
+        set(A::CUBLASLT_MATMUL_DESC_TRANSA, &ta as *const _ as *const _, std::mem::size_of_val(&ta))?;
+        set(A::CUBLASLT_MATMUL_DESC_TRANSB, &tb as *const _ as *const _, std::mem::size_of_val(&tb))?;
+        let e = &epilogue as *const _ as *const _;
+        set(A::CUBLASLT_MATMUL_DESC_EPILOGUE, e, std::mem::size_of_val(&epilogue))?;
+        let b = &bias_type as *const _ as *const _;
+        set(A::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, b, std::mem::size_of_val(&bias_type))?;
+        let pref = map_driver_error(lt::create_matmul_pref())?;
+        let (workspace, alignment) = (LT_WORKSPACE as u64, LT_ALIGNMENT);
+        use lt_sys::cublasLtMatmulPreferenceAttributes_t as P;
+        let prefs = [
+            (
+                P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &workspace as *const u64 as *const std::ffi::c_void,
+                8,
+            ),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &alignment as *const u32 as *const _, 4),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &alignment as *const u32 as *const _, 4),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &alignment as *const u32 as *const _, 4),
+            (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &alignment as *const u32 as *const _, 4),
+        ];
+        // SAFETY: every descriptor is live; the preference is destroyed once, after the query.
+        let heuristic = unsafe {
+            let r = prefs
+                .iter()
+                .try_for_each(|&(attr, v, size)| lt::set_matmul_pref_attribute(pref, attr, v, size))
+                .and_then(|()| {
+                    let l = &plan.layouts;
+                    lt::get_matmul_algo_heuristic(self.lt.handle, desc, l[0], l[1], l[2], l[2], pref)
+                });
+            let _ = lt::destroy_matmul_pref(pref);
+            r
+        };
+        plan.algo = map_driver_error(heuristic)
+            .map_err(|e| Error::Invalid(format!("{e}: cuBLASLt has no algorithm for the product {key:?}")))?
+            .algo;
+        Ok(plan)
     }
 }
 

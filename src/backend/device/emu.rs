@@ -442,7 +442,8 @@ impl Device for Emu {
             }
             Epilogue::BiasGradB { grad } => {
                 self.region(grad, 4 * g.n, true, "matrix product bias gradient")?;
-                // Σ_p op(B)(p, j), p in order.
+                // Σ_p op(B)(p, j), p in order, of B as stored (not rounded to the compute type).
+                let b = if g.k > 0 { unsafe { read_operand(g.b, g.b_type, sb, Compute::F32) } } else { b };
                 let sums: Vec<f32> = (0..g.n)
                     .map(|j| {
                         (0..g.k).map(|p| b[(p as isize * b_rs + j as isize * b_cs) as usize]).sum::<f32>()

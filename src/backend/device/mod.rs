@@ -70,7 +70,7 @@ macro_rules! pod_arg {
 pod_arg!(u64, i64, i32, u32, f32);
 
 /// Storage types of matrix operands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Elem {
     F32,
     Bf16,
@@ -86,12 +86,17 @@ impl Elem {
 }
 
 /// cuBLAS compute types: fp32, or fp32 accumulation of operands rounded to bf16 / fp16.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Compute {
     F32,
     Fast16Bf,
     Fast16F,
 }
+
+/// A product with an epilogue gets operands, output and epilogue vector at addresses, and leading
+/// dimensions in bytes, that are multiples of this (the CUDA backend runs the plain product and a kernel
+/// of ours otherwise), so the algorithms chosen for it may assume 16-byte vectors.
+pub const EPILOGUE_ALIGNMENT: u32 = 16;
 
 /// What a matrix product does besides the product, as cuBLASLt's epilogues.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
