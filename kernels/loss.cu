@@ -1,7 +1,8 @@
 // Softmax cross-entropy per row, fused with its gradient; used for the MLM head (rows = the predicted
 // positions, classes = the vocabulary) and the NSP head (classes = 2).
 //   cross_entropy_: losses[r] = logsumexp(logits[r]) − logits[r, label_r]; 0 where label_r = -100  (=)
-//     with grad: logits[r] is overwritten by (softmax(logits[r]) − onehot(label_r)) · scale (0 on ignored rows)
+//     with grad: logits[r] is overwritten by (softmax(logits[r]) − onehot(label_r)) · scale (0 on ignored rows),
+//     scale times *scale_by when scale_by is not null (the loss scale on the device)
 //   argmax_rows_:   out[r] = the index of the largest logit of row r (the first on ties)          (=)
 // One block per row; the row in 16-byte vectors between its unaligned ends.
 #include "common.cuh"
@@ -9,7 +10,8 @@
 // One pass for the maximum and the sum together (online: the sum rescaled when the maximum grows), a
 // second for the gradient; both in 16-byte vectors between the row's unaligned ends (common.cuh's row16).
 template <typename T>
-__device__ void cross_entropy_impl(float* losses, T* logits, const int* labels, int m, int v, int grad, float scale) {
+__device__ void cross_entropy_impl(float* losses, T* logits, const int* labels, int m, int v, int grad, float scale,
+                                   const float* scale_by) {
     __shared__ float sh[32];
     constexpr int V = 16 / sizeof(T);
     const int r = blockIdx.x;
@@ -50,6 +52,7 @@ __device__ void cross_entropy_impl(float* losses, T* logits, const int* labels, 
     __syncthreads();  // every thread has read z[label] before it is overwritten
     if (threadIdx.x == 0) losses[r] = lse - target;
     if (!grad) return;
+    if (scale_by) scale *= *scale_by;  // a power of two (the loss scale): exact
     auto dz = [&](float x, int j) {
         const float p = expf(x - lse) * scale;
         return j == label ? p - scale : p;
@@ -104,9 +107,9 @@ __device__ void argmax_impl(int* out, const T* logits, int m, int v) {
 }
 
 #define CROSS_ENTROPY(T, N)                                                                                  \
-    BERTCUDA_KERNEL(cross_entropy_##N, float* losses, T* logits, const int* labels, int m,     \
-                                                     int v, int grad, float scale) {                         \
-        cross_entropy_impl(losses, logits, labels, m, v, grad, scale);                                      \
+    BERTCUDA_KERNEL(cross_entropy_##N, float* losses, T* logits, const int* labels, int m, int v, int grad,   \
+                    float scale, const float* scale_by) {                                                    \
+        cross_entropy_impl(losses, logits, labels, m, v, grad, scale, scale_by);                            \
     }                                                                                                        \
     BERTCUDA_KERNEL(argmax_rows_##N, int* out, const T* logits, int m, int v) {                     \
         argmax_impl(out, logits, m, v);                                                                     \

@@ -443,7 +443,7 @@ pub fn bench_kernels() -> Result<(String, Vec<KernelBench>)> {
     be.upload_ints(labels, &(0..rows as i32).map(|r| r % v as i32).collect::<Vec<_>>())?;
     let ms = time(20, &mut || {
         be.fill(logits, 0.1)?;
-        be.cross_entropy(losses, logits, labels, rows, v, Some(1.0 / rows as f64))
+        be.cross_entropy(losses, logits, labels, rows, v, Some(1.0 / rows as f64), None)
     })?;
     let fill_ms = time(20, &mut || be.fill(logits, 0.1))?;
     mem("cross_entropy fwd+bwd (614×30522)", 4.0 * 2.0 * (rows * v) as f64, ms - fill_ms);

@@ -346,6 +346,11 @@ impl StepControl {
         self.stats.at(CONTROL_MLM as usize, 2)
     }
 
+    /// The loss scale the next step's backward pass multiplies by (fp16), as the control keeps it.
+    pub fn loss_scale(&self) -> Buf {
+        self.stats.at(CONTROL_SCALE as usize, 1)
+    }
+
     /// Where `sum_squares` writes the gradients' Σg².
     pub fn squares(&self) -> Buf {
         self.stats.at(CONTROL_SQUARES as usize, 1)

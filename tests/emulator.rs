@@ -101,7 +101,8 @@ fn scenario(be: &dyn Backend, name: &str) -> bertcuda::Result<Vec<Vec<f32>>> {
             let z = upload(be, &randn(7, m * v, 3.0))?;
             let l = upload_ints(be, &labels)?;
             let losses = be.alloc(m)?;
-            be.cross_entropy(losses, z, l, m, v, Some(1.0 / 15.0))?;
+            let loss_scale = upload(be, &[4.0])?; // on the device, as training keeps it under fp16
+            be.cross_entropy(losses, z, l, m, v, Some(1.0 / 15.0), Some(loss_scale))?;
             get(&[losses, z])
         }
         "argmax" => {

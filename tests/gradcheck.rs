@@ -271,7 +271,7 @@ fn embeddings_gather_and_cross_entropy_gradients() {
         let l = be.alloc_ints(m).unwrap();
         be.upload_ints(l, &labels).unwrap();
         let (z, loss) = (buf(&be, x), be.alloc(m).unwrap());
-        be.cross_entropy(loss, z, l, m, classes, scale).unwrap();
+        be.cross_entropy(loss, z, l, m, classes, scale, None).unwrap();
         (be.download_f64(loss).unwrap(), be.download_f64(z).unwrap())
     };
     let x = randn(9, m * classes, 2.0);

@@ -17,7 +17,8 @@ use crate::error::Result;
 pub trait Loss {
     /// Softmax cross-entropy per row: losses (m) = logsumexp(logits) − logits[label], 0 where the label is
     /// IGNORE_INDEX. With `grad_scale`, logits (m, v) are overwritten by (softmax − onehot) · grad_scale
-    /// (0 on ignored rows).
+    /// (0 on ignored rows), and with `scale_by` also by its one element as the backend holds it (the fp16
+    /// loss scale, which the step control keeps on the device).
     fn cross_entropy(
         &self,
         losses: Buf,
@@ -26,6 +27,7 @@ pub trait Loss {
         m: usize,
         v: usize,
         grad_scale: Option<f64>,
+        scale_by: Option<Buf>,
     ) -> Result<()>;
     /// out (m) = the index of each row's largest logit (logits (m, v)); ties take the first.
     fn argmax_rows(&self, out: Ints, logits: Buf, m: usize, v: usize) -> Result<()>;
@@ -40,14 +42,16 @@ impl<T: Real> Loss for Cpu<T> {
         m: usize,
         v: usize,
         grad_scale: Option<f64>,
+        scale_by: Option<Buf>,
     ) -> Result<()> {
-        self.check(&[losses, logits], &[])?;
+        self.check(&[losses, logits], &scale_by.into_iter().collect::<Vec<_>>())?;
         self.need("cross_entropy logits", logits.len, m * v)?;
         let labels = self.ints(labels)?;
         if let Some(&bad) = labels[..m].iter().find(|&&l| l != IGNORE_INDEX && (l < 0 || l as usize >= v)) {
             bail!("label {bad} is outside the {v} classes (and not {IGNORE_INDEX})");
         }
         let (lv, z) = unsafe { (self.w(losses), self.w(logits)) };
+        let by = scale_by.map(|b| unsafe { self.r(b) }[0]);
         let scale = grad_scale.map(T::from_f64);
         lv[..m].par_iter_mut().zip(z[..m * v].par_chunks_mut(v)).zip(&labels[..m]).for_each(
             |((loss, row), &label)| {
@@ -72,6 +76,9 @@ impl<T: Real> Loss for Cpu<T> {
                         *x = (*x - lse).exp() * sc;
                     }
                     row[label as usize] -= sc;
+                    if let Some(by) = by {
+                        row.iter_mut().for_each(|x| *x *= by);
+                    }
                 }
             },
         );
@@ -107,6 +114,7 @@ impl Loss for Cuda {
         m: usize,
         v: usize,
         grad_scale: Option<f64>,
+        scale_by: Option<Buf>,
     ) -> Result<()> {
         self.need_f32("losses", &[losses])?;
         let dt = self.storage(logits)?;
@@ -121,13 +129,20 @@ impl Loss for Cuda {
         }
         let ([pl, pz], []) = self.ptrs_as(dt, [losses, logits], [])?;
         let pb = self.iptr(labels)?;
+        let by = match scale_by {
+            Some(b) => {
+                self.need_f32("loss scale", &[b])?;
+                self.ptrs([], [b])?.1[0]
+            }
+            None => 0,
+        };
         let (mm, vv, grad, scale) =
             (m as i32, v as i32, grad_scale.is_some() as i32, grad_scale.unwrap_or(0.0) as f32);
         self.launch(
             self.k.cross_entropy.of(dt),
             (m as u32, 1, 1),
             THREADS,
-            &[&pl, &pz, &pb, &mm, &vv, &grad, &scale],
+            &[&pl, &pz, &pb, &mm, &vv, &grad, &scale, &by],
         )?;
         Ok(())
     }
@@ -165,7 +180,7 @@ mod tests {
                 outs: vec![(m, None), (m * V, Some(randn(27, m * V, 3.0)))],
             };
             same(&format!("cross_entropy grad={grad:?}"), &c, 1e-5, 1e-5, &|be, _, i, o| {
-                be.cross_entropy(o[0], o[1], i[0], m, V, grad)
+                be.cross_entropy(o[0], o[1], i[0], m, V, grad, None)
             });
         }
         // All rows ignored.
@@ -175,7 +190,7 @@ mod tests {
             outs: vec![(m, None), (m * V, Some(randn(28, m * V, 3.0)))],
         };
         same("cross_entropy all ignored", &c, 0.0, 0.0, &|be, _, i, o| {
-            be.cross_entropy(o[0], o[1], i[0], m, V, Some(1.0))
+            be.cross_entropy(o[0], o[1], i[0], m, V, Some(1.0), None)
         });
         for be in [&Cpu::<f32>::new() as &dyn Backend, &gpu()] {
             let z = be.alloc(m * V).unwrap();
@@ -212,7 +227,7 @@ mod tests {
             be.gelu_fwd(o[0], f[0], Activation::GeluErf)?;
             be.add_bias(o[0], f[1], 17, cols)?;
             be.bias_grad(o[3], o[0], 17, cols)?;
-            be.cross_entropy(o[1], o[2], i[0], 17, cols, Some(1.0 / 16.0))
+            be.cross_entropy(o[1], o[2], i[0], 17, cols, Some(1.0 / 16.0), None)
         });
     }
 

@@ -246,9 +246,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         if self.state.global_step == self.phase_end(self.state.phase) {
             self.next_phase()?;
         }
-        if self.state.scaler.enabled || self.pending.len() == StepControl::HISTORY {
-            // fp16: the forward pass scales the loss by the scale the last step left. Else the records
-            // are full.
+        if self.pending.len() == StepControl::HISTORY {
             self.read_back()?;
         }
         let batches = self.next_batches()?;
@@ -394,7 +392,9 @@ impl<'a, B: Backend> Trainer<'a, B> {
             let opts = StepOptions {
                 train: Some(Train { seed: self.cfg.seed, step: self.state.micro_step }),
                 backward: true,
-                loss_scale: self.state.scaler.scale as f32,
+                // fp16: the scale the last step's control left, read on the device.
+                loss_scale: 1.0,
+                loss_scale_by: self.state.scaler.enabled.then(|| self.control.loss_scale()),
                 norm: Some(norm),
                 accuracy: false,
                 loss_sums: Some(self.control.loss_sums()),

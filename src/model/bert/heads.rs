@@ -117,6 +117,7 @@ impl<'a, B: Backend> Bert<'a, B> {
             b,
             2,
             scale,
+            o.loss_scale_by,
         )?;
         losses.nsp = self.loss_sum(a.nsp_losses.prefix(b), o, 1)?.map(|s| s / nsp.len() as f64);
         losses.sequences = b;
@@ -174,7 +175,8 @@ impl<'a, B: Backend> Bert<'a, B> {
                     let labels = &inp.head_labels.expect("counted > 0")[r0..r0 + k];
                     losses.mlm_correct += pred.iter().zip(labels).filter(|(p, l)| *p == *l).count();
                 }
-                be.cross_entropy(a.mlm_losses.at(r0, k), logits, a.head_labels.at(r0, k), k, v, scale)?;
+                let labels = a.head_labels.at(r0, k);
+                be.cross_entropy(a.mlm_losses.at(r0, k), logits, labels, k, v, scale, o.loss_scale_by)?;
                 if backward {
                     // logits now hold d(loss)/d(logits): the decoder's backward, tied weight included
                     be.matmul(

@@ -69,6 +69,9 @@ pub struct StepOptions {
     pub backward: bool,
     /// Multiplies the gradients (the fp16 loss scale).
     pub loss_scale: f32,
+    /// Multiplies the gradients too: a one-element region holding the loss scale on the backend (training
+    /// under fp16, where the step control keeps the scale).
+    pub loss_scale_by: Option<crate::backend::Buf>,
     /// The gradients' denominators; None = this batch's own counts.
     pub norm: Option<LossNorm>,
     /// Count correct predictions (argmax) for accuracy.
@@ -85,6 +88,7 @@ impl StepOptions {
             train: None,
             backward: false,
             loss_scale: 1.0,
+            loss_scale_by: None,
             norm: None,
             accuracy: false,
             loss_sums: None,
