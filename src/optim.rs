@@ -181,9 +181,8 @@ pub struct AdamW {
 impl AdamW {
     /// `tensors` tile the flat buffer in order (the parameter table's); each says whether it decays.
     pub fn new(be: &(impl Backend + ?Sized), config: AdamWConfig, tensors: &[ParamInfo]) -> Result<Self> {
-        let chunks = TensorChunks::new(be, tensors)?;
-        let n: usize = tensors.iter().map(|p| p.len).sum();
-        Ok(AdamW { config, m: be.alloc_kind(n, Kind::Stat)?, v: be.alloc_kind(n, Kind::Stat)?, chunks })
+        let (m, v, chunks) = moments_and_chunks(be, tensors)?;
+        Ok(AdamW { config, m, v, chunks })
     }
 
     /// The schedule row of the update with learning rate `lr` after `updates` updates (t = updates + 1):
@@ -231,9 +230,8 @@ impl Lamb {
     /// `tensors` tile the flat buffer in order: the parameter table's, as transformers names them (query,
     /// key and value apart).
     pub fn new(be: &(impl Backend + ?Sized), config: LambConfig, tensors: &[ParamInfo]) -> Result<Self> {
-        let chunks = TensorChunks::new(be, tensors)?;
-        let n: usize = tensors.iter().map(|p| p.len).sum();
-        Ok(Lamb { config, m: be.alloc_kind(n, Kind::Stat)?, v: be.alloc_kind(n, Kind::Stat)?, chunks })
+        let (m, v, chunks) = moments_and_chunks(be, tensors)?;
+        Ok(Lamb { config, m, v, chunks })
     }
 
     /// The schedule row of the update with learning rate `lr` after `updates` updates: lr, 1 − β1ᵗ,
@@ -262,6 +260,16 @@ impl Lamb {
         };
         be.lamb(params, grads, self.m, self.v, &self.chunks, control, &h)
     }
+}
+
+/// An optimizer's two moments over the flat buffer that `tensors` tile, and their chunk table.
+fn moments_and_chunks(
+    be: &(impl Backend + ?Sized),
+    tensors: &[ParamInfo],
+) -> Result<(Buf, Buf, TensorChunks)> {
+    let chunks = TensorChunks::new(be, tensors)?;
+    let n: usize = tensors.iter().map(|p| p.len).sum();
+    Ok((be.alloc_kind(n, Kind::Stat)?, be.alloc_kind(n, Kind::Stat)?, chunks))
 }
 
 impl TensorChunks {
