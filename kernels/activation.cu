@@ -35,18 +35,23 @@ __device__ void tanh_bwd_impl(T* dinp, const T* dout, const T* out, long n) {
     zip16(dinp, dout, out, n, [](float d, float y) { return d * (1.f - y * y); });
 }
 
-// Four elements per thread-step: the four outputs of one Philox call; the tail (n mod 4) one by one.
+// A 16-byte vector per thread-step (4 fp32 or 8 bf16 elements: the outputs of one or two Philox calls);
+// unaligned tensors and the tail (n mod the vector) one by one, with the same draws.
 template <typename T>
 __device__ void dropout_impl(T* out, const T* inp, long n, DropoutArgs d) {
-    const long quads = n / 4;
-    for (long q = blockIdx.x * (long)blockDim.x + threadIdx.x; q < quads; q += (long)gridDim.x * blockDim.x) {
-        float f[4];
-        dropout_factors4(d, (unsigned long long)(4 * q), f);
+    constexpr int V = 16 / sizeof(T);
+    elementwise16<T>(
+        n, aligned16(out) && aligned16(inp),
+        [&](int k) {
+            float x[V], f[V];
+            load16<T>(x, inp + (long)k * V);
 #pragma unroll
-        for (int e = 0; e < 4; e++) out[4 * q + e] = from_f32<T>(to_f32(inp[4 * q + e]) * f[e]);
-    }
-    for (long i = 4 * quads + blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
-        out[i] = from_f32<T>(to_f32(inp[i]) * dropout_factor(d, (unsigned long long)i));
+            for (int q = 0; q < V / 4; q++) dropout_factors4(d, (unsigned long long)k * V + 4 * q, f + 4 * q);
+#pragma unroll
+            for (int e = 0; e < V; e++) x[e] *= f[e];
+            store16<T>(out + (long)k * V, x);
+        },
+        [&](long e) { out[e] = from_f32<T>(to_f32(inp[e]) * dropout_factor(d, (unsigned long long)e)); });
 }
 
 template <typename T>

@@ -14,7 +14,7 @@
 //     v = β2·v + (1−β2)·g²; p −= lr/(1−β1ᵗ) · m / (√v/√(1−β2ᵗ) + ε); with a bf16 copy of the weights
 //     (`shadow`, else null), bf16(p) into it in the same pass                                   (in place)
 //   lamb_moments_f32 / lamb_norms_f32 / lamb_apply_f32: NVIDIA's FusedLAMB in three deterministic passes
-//     over the same chunks, on an applied step:
+//     over the same chunks (16-byte accesses where a chunk's arrays are aligned), on an applied step:
 //     1. per chunk: g' = g / divisor, m, v updated, u = (m/(1−β1ᵗ)) / (√(v/(1−β2ᵗ)) + ε) + wd·p,
 //        Σp² and Σu² of the chunk;
 //     2. per tensor: its chunks' sums in order → ‖p‖², ‖u‖²;
@@ -107,6 +107,18 @@ __device__ __forceinline__ void adamw_element(float& p, float g, float& m, float
     p = p - s.step_size * (m / denom);
 }
 
+// A chunk's elements [0, len) over a block's threads: 16-byte vectors of 4 floats where every array of it
+// starts aligned (`vec(i)`: elements i … i + 3), the rest element by element (`one(i)`).
+template <typename Vec, typename One>
+__device__ __forceinline__ void chunk4(int len, bool aligned, Vec vec, One one) {
+    int done = 0;
+    if (aligned) {
+        done = len / 4 * 4;
+        for (int i = 4 * threadIdx.x; i < done; i += 4 * blockDim.x) vec(i);
+    }
+    for (int i = done + threadIdx.x; i < len; i += blockDim.x) one(i);
+}
+
 BERTCUDA_KERNEL(adamw_f32, float* params, __nv_bfloat16* shadow, const float* grads, float* m, float* v,
                 const int* table, const float* schedule, const float* stats, const int* counters, AdamWArgs a) {
     if (!counters[CONTROL_APPLIED]) return;
@@ -116,10 +128,10 @@ BERTCUDA_KERNEL(adamw_f32, float* params, __nv_bfloat16* shadow, const float* gr
     const AdamWStep s{row[0], row[1], row[2], stats[CONTROL_INV_SCALE], stats[CONTROL_CLIP], c[3] != 0};
     float *pc = params + start, *mc = m + start, *vc = v + start;
     const float* gc = grads + start;
-    int done = 0;
-    if (aligned16(pc) && aligned16(gc) && aligned16(mc) && aligned16(vc)) {
-        done = len / 4 * 4;
-        for (int i = 4 * threadIdx.x; i < done; i += 4 * blockDim.x) {
+    __nv_bfloat16* sc = shadow ? shadow + start : nullptr;
+    chunk4(
+        len, aligned16(pc) && aligned16(gc) && aligned16(mc) && aligned16(vc),
+        [&](int i) {
             float pv[4], gv[4], mv[4], vv[4];
             load16<float>(pv, pc + i);
             load16<float>(gv, gc + i);
@@ -130,15 +142,14 @@ BERTCUDA_KERNEL(adamw_f32, float* params, __nv_bfloat16* shadow, const float* gr
             store16<float>(pc + i, pv);
             store16<float>(mc + i, mv);
             store16<float>(vc + i, vv);
-            if (shadow)
+            if (sc)
 #pragma unroll
-                for (int k = 0; k < 4; k++) shadow[start + i + k] = __float2bfloat16(pv[k]);
-        }
-    }
-    for (int i = done + threadIdx.x; i < len; i += blockDim.x) {
-        adamw_element(pc[i], gc[i], mc[i], vc[i], s, a);
-        if (shadow) shadow[start + i] = __float2bfloat16(pc[i]);
-    }
+                for (int k = 0; k < 4; k++) sc[i + k] = __float2bfloat16(pv[k]);
+        },
+        [&](int i) {
+            adamw_element(pc[i], gc[i], mc[i], vc[i], s, a);
+            if (sc) sc[i] = __float2bfloat16(pc[i]);
+        });
 }
 
 struct LambArgs {
@@ -161,19 +172,32 @@ BERTCUDA_KERNEL(lamb_moments_f32, const float* params, const float* grads, float
     const int* c = table + 4 * blockIdx.x;
     const int start = c[0], len = c[1];
     const float wd = c[3] ? a.weight_decay : 0.f;
+    const float* pc = params + start;
+    const float* gc = grads + start;
+    float *mc = m + start, *vc = v + start;
     float wsum = 0.f, usum = 0.f;
-    for (int i = threadIdx.x; i < len; i += blockDim.x) {
-        const int k = start + i;
-        const float g = grads[k] / divisor;
-        const float mi = a.beta1 * m[k] + a.one_minus_beta1 * g;
-        const float vi = a.beta2 * v[k] + a.one_minus_beta2 * g * g;
-        m[k] = mi;
-        v[k] = vi;
-        const float p = params[k];
+    auto moments = [&](float p, float g, float& mi, float& vi) {
+        g = g / divisor;
+        mi = a.beta1 * mi + a.one_minus_beta1 * g;
+        vi = a.beta2 * vi + a.one_minus_beta2 * g * g;
         const float u = lamb_update(mi, vi, p, wd, row, a);
         wsum += p * p;
         usum += u * u;
-    }
+    };
+    chunk4(
+        len, aligned16(pc) && aligned16(gc) && aligned16(mc) && aligned16(vc),
+        [&](int i) {
+            float pv[4], gv[4], mv[4], vv[4];
+            load16<float>(pv, pc + i);
+            load16<float>(gv, gc + i);
+            load16<float>(mv, mc + i);
+            load16<float>(vv, vc + i);
+#pragma unroll
+            for (int k = 0; k < 4; k++) moments(pv[k], gv[k], mv[k], vv[k]);
+            store16<float>(mc + i, mv);
+            store16<float>(vc + i, vv);
+        },
+        [&](int i) { moments(pc[i], gc[i], mc[i], vc[i]); });
     wsum = block_sum(wsum, sh);
     usum = block_sum(usum, sh);
     if (threadIdx.x == 0) {
@@ -209,11 +233,27 @@ BERTCUDA_KERNEL(lamb_apply_f32, float* params, __nv_bfloat16* shadow, const floa
     const bool trusted = a.all_tensors || (decays && a.weight_decay != 0.f);
     const float ratio = (trusted && wn > 0.f && un > 0.f) ? wn / un : 1.f;
     const float step = row[0] * ratio;
-    for (int i = threadIdx.x; i < len; i += blockDim.x) {
-        const int k = start + i;
-        params[k] -= step * lamb_update(m[k], v[k], params[k], wd, row, a);
-        if (shadow) shadow[k] = __float2bfloat16(params[k]);
-    }
+    float* pc = params + start;
+    const float *mc = m + start, *vc = v + start;
+    __nv_bfloat16* sc = shadow ? shadow + start : nullptr;
+    chunk4(
+        len, aligned16(pc) && aligned16(mc) && aligned16(vc),
+        [&](int i) {
+            float pv[4], mv[4], vv[4];
+            load16<float>(pv, pc + i);
+            load16<float>(mv, mc + i);
+            load16<float>(vv, vc + i);
+#pragma unroll
+            for (int k = 0; k < 4; k++) pv[k] -= step * lamb_update(mv[k], vv[k], pv[k], wd, row, a);
+            store16<float>(pc + i, pv);
+            if (sc)
+#pragma unroll
+                for (int k = 0; k < 4; k++) sc[i + k] = __float2bfloat16(pv[k]);
+        },
+        [&](int i) {
+            pc[i] -= step * lamb_update(mc[i], vc[i], pc[i], wd, row, a);
+            if (sc) sc[i] = __float2bfloat16(pc[i]);
+        });
 }
 
 #define SUM_SQUARES(T, N)                                                                                   \
