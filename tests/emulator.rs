@@ -13,7 +13,6 @@ use bertcuda::backend::device::emu::{self, BlockOrder, Emu, EmuOptions};
 use bertcuda::backend::device::{Device, Launch};
 use bertcuda::backend::{Backend, Dropout, DropoutKey, Kind, IGNORE_INDEX};
 use bertcuda::model::config::Activation;
-use bertcuda::optim::{AdamW, AdamWConfig, Lamb, LambConfig, Optimizer};
 use common::randn;
 
 fn emulated(planted_bug: Option<&str>, order: BlockOrder) -> Cuda {
@@ -140,19 +139,8 @@ fn scenario(be: &dyn Backend, name: &str) -> bertcuda::Result<Vec<Vec<f32>>> {
             let p = upload(be, &init)?;
             let mut grads: Vec<Vec<f32>> = (0..3).map(|k| randn(15 + k, n, 1.0)).collect();
             grads[1][9_003] = f32::NAN;
-            let opt = if name == "adamw" {
-                let c = AdamWConfig { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-6, weight_decay: 0.1 };
-                Optimizer::AdamW(AdamW::new(be, c, &tensors)?)
-            } else {
-                let c = LambConfig {
-                    beta1: 0.9,
-                    beta2: 0.999,
-                    eps: 1e-6,
-                    weight_decay: 0.01,
-                    all_tensors: false,
-                };
-                Optimizer::Lamb(Lamb::new(be, c, &tensors)?)
-            };
+            let lamb = name == "lamb";
+            let opt = common::test_optimizer(be, lamb, if lamb { 0.01 } else { 0.1 }, &tensors)?;
             let control = common::optimizer_steps(be, &opt, p, &grads, &[1e-2, 2e-2, 3e-2], (1.0, 4.0, 2))?;
             let (m, v) = opt.moments();
             let counters = be.download_ints(control.counters)?;

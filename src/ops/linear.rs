@@ -169,48 +169,19 @@ impl<T: Real> Linear for Cpu<T> {
     }
 }
 
-/// What a CUDA product adds to `matmul`'s: a bias on its output, or the bias gradient of its first
+/// What a CUDA product adds to `matmul`'s: a bias on its output, or the bias gradient (+=) of its first
 /// operand (`a`, which must be transposed: the weight gradient's doutᵀ).
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq)]
 enum Extra {
     None,
     Bias(Buf),
-    BiasGrad,
+    BiasGrad(Buf),
 }
 
 impl Cuda {
-    /// The output's storage and the operands': bf16 when any activation involved is (parameters then
-    /// come from their bf16 copy); the output keeps its own storage (fp32 for parameter gradients).
-    fn product_types(&self, c: Buf, a: Buf, b: Buf) -> Result<(StorageType, StorageType)> {
-        let (dc, da, db) = (self.storage(c)?, self.storage(a)?, self.storage(b)?);
-        let op_dt =
-            if [dc, da, db].contains(&StorageType::Bf16) { StorageType::Bf16 } else { StorageType::F32 };
-        Ok((dc, op_dt))
-    }
-
-    /// Whether a product's output `c`, operands `a`, `b` and bias (row-major, rows of the lengths given)
-    /// start at addresses and have rows in bytes that are multiples of EPILOGUE_ALIGNMENT, as a product
-    /// with an epilogue needs.
-    fn fits_epilogue(
-        &self,
-        (c, c_row): (Buf, usize),
-        (a, a_row): (Buf, usize),
-        (b, b_row): (Buf, usize),
-        bias: Option<Buf>,
-    ) -> Result<bool> {
-        let (dc, op_dt) = self.product_types(c, a, b)?;
-        let ([pc], [pa, pb]) = self.ptrs_as(op_dt, [c], [a, b])?;
-        let pc = if dc == StorageType::F32 { self.ptrs([c], [])?.0[0] } else { pc };
-        let mut at = vec![(pc, c_row * dc.size()), (pa, a_row * op_dt.size()), (pb, b_row * op_dt.size())];
-        if let Some(bias) = bias {
-            at.push((self.ptrs_as(dc, [], [bias])?.1[0], 0));
-        }
-        let align = EPILOGUE_ALIGNMENT as u64;
-        Ok(at.iter().all(|&(p, row)| p % align == 0 && row as u64 % align == 0))
-    }
-
-    /// `matmul`, with `extra` in the product's epilogue; the bias gradient of `Extra::BiasGrad` (m floats)
-    /// is left in the partials scratch, whose pointer is returned.
+    /// `matmul`, and `extra` — in the product's epilogue where the output, the operands and the bias
+    /// start at addresses and have rows in bytes that are multiples of EPILOGUE_ALIGNMENT, else by our
+    /// kernels after the plain product (add_bias, bias_grad).
     #[allow(clippy::too_many_arguments)]
     fn product(
         &self,
@@ -222,14 +193,25 @@ impl Cuda {
         b_t: bool,
         accumulate: bool,
         extra: Extra,
-    ) -> Result<Option<u64>> {
+    ) -> Result<()> {
         if c.len < m * n || a.len < m * k || b.len < k * n {
             bail!("internal: matmul regions too small for ({m}, {n}, {k})");
         }
-        let (dc, op_dt) = self.product_types(c, a, b)?;
+        // Operands in bf16 when any activation involved is (parameters then come from their bf16 copy);
+        // the output keeps its own storage (fp32 for parameter gradients).
+        let (dc, da, db) = (self.storage(c)?, self.storage(a)?, self.storage(b)?);
+        let op_dt =
+            if [dc, da, db].contains(&StorageType::Bf16) { StorageType::Bf16 } else { StorageType::F32 };
         let ([pc], [pa, pb]) = self.ptrs_as(op_dt, [c], [a, b])?;
         let pc = if dc == StorageType::F32 { self.ptrs([c], [])?.0[0] } else { pc };
         let elem = |d: StorageType| if d == StorageType::Bf16 { Elem::Bf16 } else { Elem::F32 };
+        let align = EPILOGUE_ALIGNMENT as u64;
+        let rows = [
+            (pc, n * dc.size()),
+            (pa, if a_t { m } else { k } * op_dt.size()),
+            (pb, if b_t { k } else { n } * op_dt.size()),
+        ];
+        let fused = m * n * k > 0 && rows.iter().all(|&(p, row)| p % align == 0 && row as u64 % align == 0);
         // Row-major C (m, n) = op(A) op(B) is column-major Cᵀ (n, m) = op(B)ᵀ op(A)ᵀ: B first; a bias of
         // C's n columns is the column-major bias of its n rows, and the bias gradient of row-major A's
         // columns (A transposed) is that of the column-major B operand.
@@ -238,51 +220,63 @@ impl Cuda {
             Extra::Bias(bias) => {
                 Self::need("bias", bias.len, n)?;
                 let ([], [p]) = self.ptrs_as(dc, [], [bias])?;
-                Epilogue::Bias { bias: p, elem: elem(dc) }
+                if fused && p % align == 0 {
+                    Epilogue::Bias { bias: p, elem: elem(dc) }
+                } else {
+                    Epilogue::None
+                }
             }
-            Extra::BiasGrad => {
+            Extra::BiasGrad(dbias) => {
+                self.need_f32_out("bias gradient", &[dbias])?;
+                Self::need("bias gradient", dbias.len, m)?;
                 if !a_t {
                     bail!("internal: a bias gradient in a product's epilogue needs the transposed operand");
                 }
-                Epilogue::BiasGradB { grad: self.partials(m)? }
+                if fused {
+                    Epilogue::BiasGradB { grad: self.partials(m)? }
+                } else {
+                    Epilogue::None
+                }
             }
         };
-        let grad = match epilogue {
-            Epilogue::BiasGradB { grad } => Some(grad),
-            _ => None,
-        };
-        if m == 0 || n == 0 || k == 0 {
+        if m * n * k == 0 {
             if !accumulate && m * n > 0 {
                 self.dev.memset_zero(pc, dc.size() * m * n)?;
             }
-            if epilogue != Epilogue::None && m * n > 0 {
-                bail!("internal: a product with an epilogue and an empty inner dimension");
-            }
-            return Ok(grad);
+        } else {
+            let (ldb, lda) = (if b_t { k } else { n }, if a_t { m } else { k });
+            let compute = if op_dt == StorageType::Bf16 { Compute::F32 } else { self.gemm.get().0 };
+            self.dev.gemm(&Gemm {
+                trans_a: b_t,
+                trans_b: a_t,
+                m: n,
+                n: m,
+                k,
+                alpha: 1.0,
+                a: pb,
+                a_type: elem(op_dt),
+                lda: ldb.max(1),
+                b: pa,
+                b_type: elem(op_dt),
+                ldb: lda.max(1),
+                beta: if accumulate { 1.0 } else { 0.0 },
+                c: pc,
+                c_type: elem(dc),
+                ldc: n,
+                compute,
+                epilogue,
+            })?;
         }
-        let (ldb, lda) = (if b_t { k } else { n }, if a_t { m } else { k });
-        let compute = if op_dt == StorageType::Bf16 { Compute::F32 } else { self.gemm.get().0 };
-        self.dev.gemm(&Gemm {
-            trans_a: b_t,
-            trans_b: a_t,
-            m: n,
-            n: m,
-            k,
-            alpha: 1.0,
-            a: pb,
-            a_type: elem(op_dt),
-            lda: ldb.max(1),
-            b: pa,
-            b_type: elem(op_dt),
-            ldb: lda.max(1),
-            beta: if accumulate { 1.0 } else { 0.0 },
-            c: pc,
-            c_type: elem(dc),
-            ldc: n,
-            compute,
-            epilogue,
-        })?;
-        Ok(grad)
+        match (extra, epilogue) {
+            // The epilogue wrote the bias gradient (=) into scratch: added to dbias (+=).
+            (Extra::BiasGrad(dbias), Epilogue::BiasGradB { grad }) => {
+                let ([pdb], []) = self.ptrs([dbias], [])?;
+                self.sum_partials(pdb, grad, 1, m, m)
+            }
+            (Extra::Bias(bias), Epilogue::None) => self.add_bias(c, bias, m, n),
+            (Extra::BiasGrad(dbias), Epilogue::None) => self.bias_grad(dbias, a, k, m),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -299,7 +293,7 @@ impl Linear for Cuda {
         b_t: bool,
         accumulate: bool,
     ) -> Result<()> {
-        self.product(c, a, b, (m, n, k), a_t, b_t, accumulate, Extra::None).map(|_| ())
+        self.product(c, a, b, (m, n, k), a_t, b_t, accumulate, Extra::None)
     }
 
     fn linear(
@@ -312,15 +306,8 @@ impl Linear for Cuda {
         in_f: usize,
         out_f: usize,
     ) -> Result<()> {
-        // The product with its epilogue where the layout allows, else the product and add_bias.
-        if rows * in_f * out_f == 0
-            || !self.fits_epilogue((out, out_f), (inp, in_f), (w, in_f), Some(bias))?
-        {
-            self.matmul(out.prefix(rows * out_f), inp, w, rows, out_f, in_f, false, true, false)?;
-            return self.add_bias(out, bias, rows, out_f);
-        }
         let (out, inp) = (out.prefix(rows * out_f), inp.prefix(rows * in_f));
-        self.product(out, inp, w, (rows, out_f, in_f), false, true, false, Extra::Bias(bias)).map(|_| ())
+        self.product(out, inp, w, (rows, out_f, in_f), false, true, false, Extra::Bias(bias))
     }
 
     fn linear_param_grads(
@@ -333,18 +320,8 @@ impl Linear for Cuda {
         in_f: usize,
         out_f: usize,
     ) -> Result<()> {
-        self.need_f32_out("bias gradient", &[dbias])?;
-        Self::need("bias gradient", dbias.len, out_f)?;
         let (dout, inp) = (dout.prefix(rows * out_f), inp.prefix(rows * in_f));
-        // The product with its epilogue where the layout allows, else the product and bias_grad.
-        if rows * in_f * out_f == 0 || !self.fits_epilogue((dw, in_f), (dout, out_f), (inp, in_f), None)? {
-            self.matmul(dw, dout, inp, out_f, in_f, rows, true, false, true)?;
-            return self.bias_grad(dbias, dout, rows, out_f);
-        }
-        // The epilogue writes the bias gradient (=) into scratch; it is added to dbias (+=).
-        let part = self.product(dw, dout, inp, (out_f, in_f, rows), true, false, true, Extra::BiasGrad)?;
-        let ([pdb], []) = self.ptrs([dbias], [])?;
-        self.sum_partials(pdb, part.expect("the bias gradient's scratch"), 1, out_f, out_f)
+        self.product(dw, dout, inp, (out_f, in_f, rows), true, false, true, Extra::BiasGrad(dbias))
     }
 
     fn add_bias(&self, out: Buf, bias: Buf, rows: usize, cols: usize) -> Result<()> {

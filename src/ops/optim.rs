@@ -547,19 +547,7 @@ mod tests {
         for lamb in [false, true] {
             let p = be.alloc_kind(n, Kind::Param).unwrap();
             be.upload(p, &randn(59, n, 0.05)).unwrap();
-            let opt = if lamb {
-                let c = LambConfig {
-                    beta1: 0.9,
-                    beta2: 0.999,
-                    eps: 1e-6,
-                    weight_decay: 0.01,
-                    all_tensors: false,
-                };
-                Optimizer::Lamb(Lamb::new(&be, c, &tensors).unwrap())
-            } else {
-                let c = AdamWConfig { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-6, weight_decay: 0.01 };
-                Optimizer::AdamW(AdamW::new(&be, c, &tensors).unwrap())
-            };
+            let opt = common::test_optimizer(&be, lamb, 0.01, &tensors).unwrap();
             common::optimizer_steps(&be, &opt, p, &grads, &[1e-2, 1e-2], (1.0, 1.0, 0)).unwrap();
             be.gather_rows(copy, p, rows, n, 1).unwrap();
             let (master, bf16) = (be.download(p).unwrap(), be.download(copy).unwrap());

@@ -103,3 +103,22 @@ pub fn optimizer_steps(
     }
     Ok(control)
 }
+
+/// AdamW or LAMB (β 0.9 / 0.999, ε 1e-6, decay `weight_decay`, LAMB's trust ratio on the decayed tensors)
+/// over `tensors` on `be`, for the optimizers' tests.
+pub fn test_optimizer(
+    be: &dyn bertcuda::backend::Backend,
+    lamb: bool,
+    weight_decay: f64,
+    tensors: &[bertcuda::model::params::ParamInfo],
+) -> bertcuda::Result<bertcuda::optim::Optimizer> {
+    use bertcuda::optim::{AdamW, AdamWConfig, Lamb, LambConfig, Optimizer};
+    let (beta1, beta2, eps) = (0.9, 0.999, 1e-6);
+    Ok(if lamb {
+        let c = LambConfig { beta1, beta2, eps, weight_decay, all_tensors: false };
+        Optimizer::Lamb(Lamb::new(be, c, tensors)?)
+    } else {
+        let c = AdamWConfig { lr: 1e-2, beta1, beta2, eps, weight_decay };
+        Optimizer::AdamW(AdamW::new(be, c, tensors)?)
+    })
+}
