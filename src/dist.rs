@@ -304,13 +304,18 @@ pub fn rendezvous(info: &RankInfo, id: Option<[u8; ID_BYTES]>, timeout: Duration
         let sock = addr.to_socket_addrs().ok().and_then(|mut a| a.next());
         let attempt = sock.and_then(|sa| TcpStream::connect_timeout(&sa, Duration::from_millis(500)).ok());
         if let Some(mut s) = attempt {
-            writeln!(s, "{HELLO} {} {}", info.rank, info.world).map_err(|e| Error::Invalid(e.to_string()))?;
+            // The hello in one write; a peer that answers and closes before reading all of it (a foreign
+            // service) may fail the write, so its answer is read before the write's error counts.
+            let wrote = s.write_all(format!("{HELLO} {} {}\n", info.rank, info.world).as_bytes());
             s.set_read_timeout(Some(
                 deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)),
             ))
             .ok();
             let mut head = [0u8; 3];
             if s.read_exact(&mut head).is_err() {
+                if let Err(e) = wrote {
+                    bail!("rank {}: rendezvous with {addr}: {e}", info.rank);
+                }
                 bail!("rank {}: rank 0 at {addr} did not send the id within {timeout:?} (another rank missing?)", info.rank);
             }
             if &head == b"ERR" {
