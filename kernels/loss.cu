@@ -1,5 +1,7 @@
 // Softmax cross-entropy per row, fused with its gradient; used for the MLM head (rows = the predicted
 // positions, classes = the vocabulary) and the NSP head (classes = 2).
+// Rows of v classes, ld elements apart (ld ≥ v: the MLM logits' rows padded to a multiple of 64; the
+// padding is neither read nor written).
 //   cross_entropy_: losses[r] = logsumexp(logits[r]) − logits[r, label_r]; 0 where label_r = -100  (=)
 //     with grad: logits[r] is overwritten by (softmax(logits[r]) − onehot(label_r)) · scale (0 on ignored rows),
 //     scale times *scale_by when scale_by is not null (the loss scale on the device)
@@ -10,13 +12,13 @@
 // One pass for the maximum and the sum together (online: the sum rescaled when the maximum grows), a
 // second for the gradient; both in 16-byte vectors between the row's unaligned ends (common.cuh's row16).
 template <typename T>
-__device__ void cross_entropy_impl(float* losses, T* logits, const int* labels, int m, int v, int grad, float scale,
+__device__ void cross_entropy_impl(float* losses, T* logits, const int* labels, int m, int v, long ld, int grad, float scale,
                                    const float* scale_by) {
     __shared__ float sh[32];
     constexpr int V = 16 / sizeof(T);
     const int r = blockIdx.x;
     if (r >= m) return;
-    T* z = logits + (long)r * v;
+    T* z = logits + r * ld;
     const int label = labels[r];
     if (label == -100) {
         if (threadIdx.x == 0) losses[r] = 0.f;
@@ -70,13 +72,13 @@ __device__ void cross_entropy_impl(float* losses, T* logits, const int* labels, 
 }
 
 template <typename T>
-__device__ void argmax_impl(int* out, const T* logits, int m, int v) {
+__device__ void argmax_impl(int* out, const T* logits, int m, int v, long ld) {
     __shared__ float best_v[32];
     __shared__ int best_i[32];
     constexpr int V = 16 / sizeof(T);
     const int r = blockIdx.x;
     if (r >= m) return;
-    const T* z = logits + (long)r * v;
+    const T* z = logits + r * ld;
     float bv = -INFINITY;
     int bi = 0x7fffffff;
     auto see = [&](float x, int j) {
@@ -107,12 +109,12 @@ __device__ void argmax_impl(int* out, const T* logits, int m, int v) {
 }
 
 #define CROSS_ENTROPY(T, N)                                                                                  \
-    BERTCUDA_KERNEL(cross_entropy_##N, float* losses, T* logits, const int* labels, int m, int v, int grad,   \
-                    float scale, const float* scale_by) {                                                    \
-        cross_entropy_impl(losses, logits, labels, m, v, grad, scale, scale_by);                            \
+    BERTCUDA_KERNEL(cross_entropy_##N, float* losses, T* logits, const int* labels, int m, int v, long ld,    \
+                    int grad, float scale, const float* scale_by) {                                          \
+        cross_entropy_impl(losses, logits, labels, m, v, ld, grad, scale, scale_by);                        \
     }                                                                                                        \
-    BERTCUDA_KERNEL(argmax_rows_##N, int* out, const T* logits, int m, int v) {                     \
-        argmax_impl(out, logits, m, v);                                                                     \
+    BERTCUDA_KERNEL(argmax_rows_##N, int* out, const T* logits, int m, int v, long ld) {                     \
+        argmax_impl(out, logits, m, v, ld);                                                                 \
     }
 
 BERTCUDA_INSTANTIATE_FLOAT_TYPES(CROSS_ENTROPY)

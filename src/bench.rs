@@ -392,6 +392,7 @@ pub fn bench_kernels() -> Result<(String, Vec<KernelBench>)> {
     use crate::backend::{
         Activations, AdamWConsts, Dropout, DropoutKey, LambConsts, Linear, Loss, Memory, Norm, Optim,
     };
+    use crate::model::bert::logit_stride;
     use crate::model::config::Activation;
     let be = Cuda::new(0)?;
     let (b, t, h, i, v) = (32usize, 128usize, 768usize, 3072usize, 30522usize);
@@ -435,18 +436,19 @@ pub fn bench_kernels() -> Result<(String, Vec<KernelBench>)> {
     let d = Dropout { p: 0.1, key: DropoutKey { seed: 0, step: 0, site: 0 } };
     let ms = time(50, &mut || be.dropout_fwd(act2.prefix(nh_), act.prefix(nh_), d))?;
     mem("dropout_fwd (4096×768)", 4.0 * 2.0 * nh_ as f64, ms);
-    // Masked cross-entropy over the vocabulary: 15% of the tokens.
+    // Masked cross-entropy over the vocabulary: 15% of the tokens, in the model's padded rows.
     let rows = n * 15 / 100;
-    let logits = be.alloc(rows * v)?;
+    let ld = logit_stride(v);
+    let logits = be.alloc(rows * ld)?;
     let losses = be.alloc(rows)?;
     let labels = be.alloc_ints(rows)?;
     be.upload_ints(labels, &(0..rows as i32).map(|r| r % v as i32).collect::<Vec<_>>())?;
     let ms = time(20, &mut || {
         be.fill(logits, 0.1)?;
-        be.cross_entropy(losses, logits, labels, rows, v, Some(1.0 / rows as f64), None)
+        be.cross_entropy(losses, logits, labels, (rows, v, ld), Some(1.0 / rows as f64), None)
     })?;
     let fill_ms = time(20, &mut || be.fill(logits, 0.1))?;
-    mem("cross_entropy fwd+bwd (614×30522)", 4.0 * 2.0 * (rows * v) as f64, ms - fill_ms);
+    mem("cross_entropy fwd+bwd (614×30522, rows 30528 apart)", 4.0 * 2.0 * (rows * v) as f64, ms - fill_ms);
     // AdamW and LAMB over BERT-base's tensors, the step control set to apply: AdamW reads param, m, v, the
     // gradient and writes param, m, v; LAMB reads param, m, v twice and the gradient, writes them.
     let table =
@@ -513,9 +515,9 @@ fn bf16_rows(copy_gbs: f64, out: &mut Vec<KernelBench>) -> Result<()> {
         let (w, b) = (b16.alloc_kind(out_f * in_f, Kind::Param)?, b16.alloc_kind(out_f, Kind::Param)?);
         let (dw, db) = (b16.alloc_kind(out_f * in_f, Kind::Grad)?, b16.alloc_kind(out_f, Kind::Grad)?);
         let flops = 2.0 * (n * in_f * out_f) as f64;
-        let ms = time16(20, &mut || b16.linear(y, x, w, b, n, in_f, out_f))?;
+        let ms = time16(20, &mut || b16.linear(y, x, w, b, (n, in_f, out_f), out_f))?;
         out.push(KernelBench::compute(format!("linear + bias bf16, {name} ({n}×{out_f}×{in_f})"), ms, flops));
-        let ms = time16(20, &mut || b16.linear_param_grads(dw, db, y, x, n, in_f, out_f))?;
+        let ms = time16(20, &mut || b16.linear_param_grads(dw, db, y, x, (n, in_f, out_f), out_f))?;
         out.push(KernelBench::compute(format!("weight + bias gradient bf16, {name}"), ms, flops));
     }
     let (ya2, ln_w) = (b16.alloc_kind(n * i, Kind::Activation)?, b16.alloc_kind(h, Kind::Param)?);
@@ -536,7 +538,7 @@ fn bf16_rows(copy_gbs: f64, out: &mut Vec<KernelBench>) -> Result<()> {
     mem16("gelu_bias_bwd bf16 (4096×3072)", 3.0 * 2.0 * (n * i) as f64, ms);
     let ms = time16(50, &mut || {
         b16.gelu_bwd(ya3, ya, ya2, Activation::GeluErf)?;
-        b16.bias_grad(dbias, ya3, n, i)
+        b16.bias_grad(dbias, ya3, n, i, i)
     })?;
     mem16("gelu_bwd + bias_grad bf16, unfused (4096×3072)", 3.0 * 2.0 * (n * i) as f64, ms);
     let (dsum, dw, db) = (

@@ -94,22 +94,42 @@ fn scenario(be: &dyn Backend, name: &str) -> bertcuda::Result<Vec<Vec<f32>>> {
             get(&[out, mean, rstd, dx, dw, db])
         }
         "cross_entropy" => {
+            // 211 classes in rows of 211 (most rows start off a 16-byte boundary), then in rows 256 apart
+            // as the MLM logits' are padded (the padding random: left as it was).
             let (m, v) = (17, 211);
             let mut labels: Vec<i32> = (0..m as i32).map(|k| (k * 37) % v as i32).collect();
             labels[3] = IGNORE_INDEX;
-            let z = upload(be, &randn(7, m * v, 3.0))?;
             let l = upload_ints(be, &labels)?;
-            let losses = be.alloc(m)?;
             let loss_scale = upload(be, &[4.0])?; // on the device, as training keeps it under fp16
-            be.cross_entropy(losses, z, l, m, v, Some(1.0 / 15.0), Some(loss_scale))?;
-            get(&[losses, z])
+            let mut outs = Vec::new();
+            for ld in [v, 256] {
+                let z = upload(be, &randn(7, m * ld, 3.0))?;
+                let losses = be.alloc(m)?;
+                be.cross_entropy(losses, z, l, (m, v, ld), Some(1.0 / 15.0), Some(loss_scale))?;
+                outs.extend(get(&[losses, z])?);
+            }
+            Ok(outs)
         }
         "argmax" => {
             let (m, v) = (17, 211);
-            let z = upload(be, &randn(8, m * v, 1.0))?;
-            let out = be.alloc_ints(m)?;
-            be.argmax_rows(out, z, m, v)?;
-            Ok(vec![be.download_ints(out)?.into_iter().map(|i| i as f32).collect()])
+            let mut outs = Vec::new();
+            for ld in [v, 256] {
+                let z = upload(be, &randn(8, m * ld, 1.0))?;
+                let out = be.alloc_ints(m)?;
+                be.argmax_rows(out, z, (m, v, ld))?;
+                outs.push(be.download_ints(out)?.into_iter().map(|i| i as f32).collect());
+            }
+            Ok(outs)
+        }
+        "bias" => {
+            // An odd width in rows further apart (the padding random: left as it was).
+            let (rows, cols, ld) = (37, 53, 64);
+            let out = upload(be, &randn(32, rows * ld, 1.0))?;
+            let (bias, dout) = (upload(be, &randn(33, cols, 1.0))?, upload(be, &randn(34, rows * ld, 1.0))?);
+            let dbias = upload(be, &randn(35, cols, 1.0))?;
+            be.add_bias(out, bias, rows, cols, ld)?;
+            be.bias_grad(dbias, dout, rows, cols, ld)?;
+            get(&[out, dbias])
         }
         "add" => {
             let n = 1001; // 250 vectors of 4 and a tail of 1

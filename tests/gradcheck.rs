@@ -172,13 +172,13 @@ fn elementwise_gradients_gelu_tanh_dropout_bias() {
     let f = |b: &[f64]| {
         let be = Cpu::<f64>::new();
         let (o, bv) = (buf(&be, &vec![0.5; rows * cols]), buf(&be, b));
-        be.add_bias(o, bv, rows, cols).unwrap();
+        be.add_bias(o, bv, rows, cols, cols).unwrap();
         be.download_f64(o).unwrap()
     };
     let g = |_: &[f64], d: &[f64]| {
         let be = Cpu::<f64>::new();
         let (dv, db) = (buf(&be, d), be.alloc(cols).unwrap());
-        be.bias_grad(db, dv, rows, cols).unwrap();
+        be.bias_grad(db, dv, rows, cols, cols).unwrap();
         be.download_f64(db).unwrap()
     };
     check("bias", &randn(5, cols, 1.0), f, g);
@@ -271,7 +271,7 @@ fn embeddings_gather_and_cross_entropy_gradients() {
         let l = be.alloc_ints(m).unwrap();
         be.upload_ints(l, &labels).unwrap();
         let (z, loss) = (buf(&be, x), be.alloc(m).unwrap());
-        be.cross_entropy(loss, z, l, m, classes, scale, None).unwrap();
+        be.cross_entropy(loss, z, l, (m, classes, classes), scale, None).unwrap();
         (be.download_f64(loss).unwrap(), be.download_f64(z).unwrap())
     };
     let x = randn(9, m * classes, 2.0);

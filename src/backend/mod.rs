@@ -52,6 +52,16 @@ impl Buf {
     }
 }
 
+/// Elements a row-major (rows, cols) matrix whose rows start `ld` elements apart (ld ≥ cols) spans from
+/// its first: what a region must hold for it.
+pub fn strided_len(rows: usize, cols: usize, ld: usize) -> usize {
+    if rows == 0 || cols == 0 {
+        0
+    } else {
+        (rows - 1) * ld + cols
+    }
+}
+
 impl Ints {
     pub fn at(self, off: usize, len: usize) -> Ints {
         assert!(off + len <= self.len, "region [{off}, {}) outside a buffer of {}", off + len, self.len);

@@ -39,7 +39,7 @@ pub trait Activations: Linear {
         cols: usize,
         act: Activation,
     ) -> Result<()> {
-        self.add_bias(pre, bias, rows, cols)?;
+        self.add_bias(pre, bias, rows, cols, cols)?;
         self.gelu_fwd(out, pre, act)
     }
     /// Backward of `out = gelu(pre)`, `pre = … + bias`: dpre (rows, cols) = dout · gelu'(pre); dbias (cols)
@@ -59,7 +59,7 @@ pub trait Activations: Linear {
             crate::bail!("internal: gelu bias backward: a buffer is shorter than {rows}×{cols}");
         }
         self.gelu_bwd(dpre.prefix(n), dout.prefix(n), pre.prefix(n), act)?;
-        self.bias_grad(dbias, dpre.prefix(n), rows, cols)
+        self.bias_grad(dbias, dpre.prefix(n), rows, cols, cols)
     }
 }
 

@@ -10,27 +10,28 @@ use rayon::prelude::*;
 use crate::backend::cpu::{Cpu, Real};
 use crate::backend::cuda::launch::THREADS;
 use crate::backend::cuda::Cuda;
-use crate::backend::{Buf, Ints, Memory, IGNORE_INDEX};
+use crate::backend::{strided_len, Buf, Ints, Memory, IGNORE_INDEX};
 use crate::bail;
 use crate::error::Result;
 
 pub trait Loss {
-    /// Softmax cross-entropy per row: losses (m) = logsumexp(logits) − logits[label], 0 where the label is
-    /// IGNORE_INDEX. With `grad_scale`, logits (m, v) are overwritten by (softmax − onehot) · grad_scale
-    /// (0 on ignored rows), and with `scale_by` also by its one element as the backend holds it (the fp16
-    /// loss scale, which the step control keeps on the device).
+    /// Softmax cross-entropy per row of logits (m, v; rows `ld` apart): losses (m) =
+    /// logsumexp(logits) − logits[label], 0 where the label is IGNORE_INDEX. With `grad_scale`, the logits
+    /// are overwritten by (softmax − onehot) · grad_scale (0 on ignored rows), and with `scale_by` also by
+    /// its one element as the backend holds it (the fp16 loss scale, which the step control keeps on the
+    /// device). The elements between a row's v and the next row are neither read nor written.
     fn cross_entropy(
         &self,
         losses: Buf,
         logits: Buf,
         labels: Ints,
-        m: usize,
-        v: usize,
+        shape: (usize, usize, usize),
         grad_scale: Option<f64>,
         scale_by: Option<Buf>,
     ) -> Result<()>;
-    /// out (m) = the index of each row's largest logit (logits (m, v)); ties take the first.
-    fn argmax_rows(&self, out: Ints, logits: Buf, m: usize, v: usize) -> Result<()>;
+    /// out (m) = the index of each row's largest logit (logits (m, v; rows `ld` apart)); ties take the
+    /// first.
+    fn argmax_rows(&self, out: Ints, logits: Buf, shape: (usize, usize, usize)) -> Result<()>;
 }
 
 impl<T: Real> Loss for Cpu<T> {
@@ -39,13 +40,12 @@ impl<T: Real> Loss for Cpu<T> {
         losses: Buf,
         logits: Buf,
         labels: Ints,
-        m: usize,
-        v: usize,
+        (m, v, ld): (usize, usize, usize),
         grad_scale: Option<f64>,
         scale_by: Option<Buf>,
     ) -> Result<()> {
         self.check(&[losses, logits], &scale_by.into_iter().collect::<Vec<_>>())?;
-        self.need("cross_entropy logits", logits.len, m * v)?;
+        self.need("cross_entropy logits", logits.len, strided_len(m, v, ld))?;
         let labels = self.ints(labels)?;
         if let Some(&bad) = labels[..m].iter().find(|&&l| l != IGNORE_INDEX && (l < 0 || l as usize >= v)) {
             bail!("label {bad} is outside the {v} classes (and not {IGNORE_INDEX})");
@@ -53,8 +53,9 @@ impl<T: Real> Loss for Cpu<T> {
         let (lv, z) = unsafe { (self.w(losses), self.w(logits)) };
         let by = scale_by.map(|b| unsafe { self.r(b) }[0]);
         let scale = grad_scale.map(T::from_f64);
-        lv[..m].par_iter_mut().zip(z[..m * v].par_chunks_mut(v)).zip(&labels[..m]).for_each(
+        lv[..m].par_iter_mut().zip(z[..strided_len(m, v, ld)].par_chunks_mut(ld)).zip(&labels[..m]).for_each(
             |((loss, row), &label)| {
+                let row = &mut row[..v];
                 if label == IGNORE_INDEX {
                     *loss = T::default();
                     if scale.is_some() {
@@ -85,12 +86,12 @@ impl<T: Real> Loss for Cpu<T> {
         Ok(())
     }
 
-    fn argmax_rows(&self, out: Ints, logits: Buf, m: usize, v: usize) -> Result<()> {
+    fn argmax_rows(&self, out: Ints, logits: Buf, (m, v, ld): (usize, usize, usize)) -> Result<()> {
         self.check(&[], &[logits])?;
-        self.need("argmax logits", logits.len, m * v)?;
+        self.need("argmax logits", logits.len, strided_len(m, v, ld))?;
         let z = unsafe { self.r(logits) };
-        let best: Vec<i32> = z[..m * v]
-            .par_chunks(v)
+        let best: Vec<i32> = z[..strided_len(m, v, ld)]
+            .par_chunks(ld)
             .map(|row| {
                 let mut b = 0;
                 for j in 1..v {
@@ -111,14 +112,13 @@ impl Loss for Cuda {
         losses: Buf,
         logits: Buf,
         labels: Ints,
-        m: usize,
-        v: usize,
+        (m, v, ld): (usize, usize, usize),
         grad_scale: Option<f64>,
         scale_by: Option<Buf>,
     ) -> Result<()> {
         self.need_f32("losses", &[losses])?;
         let dt = self.storage(logits)?;
-        Self::need("cross_entropy logits", logits.len, m * v)?;
+        Self::need("cross_entropy logits", logits.len, strided_len(m, v, ld))?;
         Self::need("cross_entropy losses", losses.len, m)?;
         let host = self.host_ints(labels.prefix(m))?;
         if let Some(&bad) = host.iter().find(|&&l| l != IGNORE_INDEX && (l < 0 || l as usize >= v)) {
@@ -136,30 +136,30 @@ impl Loss for Cuda {
             }
             None => 0,
         };
-        let (mm, vv, grad, scale) =
-            (m as i32, v as i32, grad_scale.is_some() as i32, grad_scale.unwrap_or(0.0) as f32);
+        let (mm, vv, ldd, grad, scale) =
+            (m as i32, v as i32, ld as i64, grad_scale.is_some() as i32, grad_scale.unwrap_or(0.0) as f32);
         self.launch(
             self.k.cross_entropy.of(dt),
             (m as u32, 1, 1),
             THREADS,
-            &[&pl, &pz, &pb, &mm, &vv, &grad, &scale, &by],
+            &[&pl, &pz, &pb, &mm, &vv, &ldd, &grad, &scale, &by],
         )?;
         Ok(())
     }
 
-    fn argmax_rows(&self, out: Ints, logits: Buf, m: usize, v: usize) -> Result<()> {
+    fn argmax_rows(&self, out: Ints, logits: Buf, (m, v, ld): (usize, usize, usize)) -> Result<()> {
         let dt = self.storage(logits)?;
-        Self::need("argmax logits", logits.len, m * v)?;
+        Self::need("argmax logits", logits.len, strided_len(m, v, ld))?;
         Self::need("argmax out", out.len, m)?;
         // The device values change; the host copy (for row checks) no longer knows them: mark it invalid.
         self.ints.borrow_mut()[out.id as usize].host[out.off..out.off + m].fill(-1);
         let ([], [pz]) = self.ptrs_as(dt, [], [logits])?;
         let po = self.iptr(out)?;
-        let (mm, vv) = (m as i32, v as i32);
+        let (mm, vv, ldd) = (m as i32, v as i32, ld as i64);
         if m == 0 {
             return Ok(());
         }
-        self.launch(self.k.argmax_rows.of(dt), (m as u32, 1, 1), THREADS, &[&po, &pz, &mm, &vv])?;
+        self.launch(self.k.argmax_rows.of(dt), (m as u32, 1, 1), THREADS, &[&po, &pz, &mm, &vv, &ldd])?;
         Ok(())
     }
 }
@@ -180,7 +180,7 @@ mod tests {
                 outs: vec![(m, None), (m * V, Some(randn(27, m * V, 3.0)))],
             };
             same(&format!("cross_entropy grad={grad:?}"), &c, 1e-5, 1e-5, &|be, _, i, o| {
-                be.cross_entropy(o[0], o[1], i[0], m, V, grad, None)
+                be.cross_entropy(o[0], o[1], i[0], (m, V, V), grad, None)
             });
         }
         // All rows ignored.
@@ -190,13 +190,13 @@ mod tests {
             outs: vec![(m, None), (m * V, Some(randn(28, m * V, 3.0)))],
         };
         same("cross_entropy all ignored", &c, 0.0, 0.0, &|be, _, i, o| {
-            be.cross_entropy(o[0], o[1], i[0], m, V, Some(1.0), None)
+            be.cross_entropy(o[0], o[1], i[0], (m, V, V), Some(1.0), None)
         });
         for be in [&Cpu::<f32>::new() as &dyn Backend, &gpu()] {
             let z = be.alloc(m * V).unwrap();
             be.upload(z, &randn(29, m * V, 1.0)).unwrap();
             let out = be.alloc_ints(m).unwrap();
-            be.argmax_rows(out, z, m, V).unwrap();
+            be.argmax_rows(out, z, (m, V, V)).unwrap();
             let got = be.download_ints(out).unwrap();
             let host = randn(29, m * V, 1.0);
             for (k, g) in got.iter().enumerate() {
@@ -225,11 +225,55 @@ mod tests {
         };
         same_bf16("gelu, bias, cross-entropy", &c, &[A, P], &[A, S, A, G], 3e-2, &|be, f, i, o| {
             be.gelu_fwd(o[0], f[0], Activation::GeluErf)?;
-            be.add_bias(o[0], f[1], 17, cols)?;
-            be.bias_grad(o[3], o[0], 17, cols)?;
-            be.cross_entropy(o[1], o[2], i[0], 17, cols, Some(1.0 / 16.0), None)
+            be.add_bias(o[0], f[1], 17, cols, cols)?;
+            be.bias_grad(o[3], o[0], 17, cols, cols)?;
+            be.cross_entropy(o[1], o[2], i[0], (17, cols, cols), Some(1.0 / 16.0), None)
         });
     }
 
-    on_both_devices!(embeddings_rows_cross_entropy_and_argmax, bf16_ops_against_the_fp32_cpu,);
+    /// Logits in rows padded as the MLM head pads them (v = 211 → 256, and an odd stride): the loss, the
+    /// in-place gradient and the argmax read and write each row's v classes only; the padding (random
+    /// here) is left as it was.
+    fn cross_entropy_and_argmax_in_padded_rows() {
+        let (m, v) = (17, 211);
+        let mut labels: Vec<i32> = (0..m as i32).map(|r| (r * 37) % v as i32).collect();
+        labels[5] = IGNORE_INDEX;
+        for ld in [256, 219] {
+            for grad in [None, Some(1.0 / 16.0)] {
+                let c = Case {
+                    floats: vec![],
+                    ints: vec![labels.clone()],
+                    outs: vec![(m, None), (m * ld, Some(randn(30, m * ld, 3.0)))],
+                };
+                same(
+                    &format!("cross_entropy rows {ld} apart, grad={grad:?}"),
+                    &c,
+                    1e-5,
+                    1e-5,
+                    &|be, _, i, o| be.cross_entropy(o[0], o[1], i[0], (m, v, ld), grad, None),
+                );
+            }
+            let host = randn(31, m * ld, 1.0);
+            for be in [&Cpu::<f32>::new() as &dyn Backend, &gpu()] {
+                let z = be.alloc(m * ld).unwrap();
+                // The padding the largest of all: an argmax that looked past v would find it.
+                let padded: Vec<f32> =
+                    host.iter().enumerate().map(|(e, &x)| if e % ld >= v { 100.0 } else { x }).collect();
+                be.upload(z, &padded).unwrap();
+                let out = be.alloc_ints(m).unwrap();
+                be.argmax_rows(out, z, (m, v, ld)).unwrap();
+                for (r, g) in be.download_ints(out).unwrap().iter().enumerate() {
+                    let row = &host[r * ld..r * ld + v];
+                    let best = (0..v).fold(0, |b, j| if row[j] > row[b] { j } else { b });
+                    assert_eq!(*g as usize, best, "row {r}, rows {ld} apart, {}", be.describe());
+                }
+            }
+        }
+    }
+
+    on_both_devices!(
+        embeddings_rows_cross_entropy_and_argmax,
+        bf16_ops_against_the_fp32_cpu,
+        cross_entropy_and_argmax_in_padded_rows,
+    );
 }

@@ -6,7 +6,7 @@
 //!
 //! | family       | ops                                                                          |
 //! |--------------|------------------------------------------------------------------------------|
-//! | `linear`     | matmul, add_bias, bias_grad                                                  |
+//! | `linear`     | matmul(_strided), add_bias, bias_grad, linear, linear_param_grads            |
 //! | `norm`       | layernorm_fwd/bwd, residual_layernorm_fwd/bwd                                |
 //! | `activation` | gelu_fwd/bwd, tanh_fwd/bwd, dropout_fwd/bwd, bias_gelu_fwd, gelu_bias_bwd    |
 //! | `embedding`  | embeddings_fwd/bwd, embeddings_layernorm_fwd                                 |
@@ -39,7 +39,7 @@ pub mod tensor;
 pub use activation::Activations;
 pub use attention::Attention;
 pub use embedding::Embedding;
-pub use linear::Linear;
+pub use linear::{Linear, Strides};
 pub use loss::Loss;
 pub use norm::Norm;
 pub use optim::Optim;

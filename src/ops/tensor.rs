@@ -87,8 +87,13 @@ impl Tensor for Cuda {
         // Σ as the bias gradient of a one-column matrix: blocks of 64 rows, then the blocks in order.
         let chunks = inp.len.div_ceil(PARTIAL_ROWS as usize).max(1);
         let part = self.partials(chunks)?;
-        let (r, c) = (inp.len as i64, 1i32);
-        self.launch(self.k.bias_grad_partial.of(dt), (chunks as u32, 1, 1), THREADS, &[&part, &pi, &r, &c])?;
+        let (r, c, ld) = (inp.len as i64, 1i32, 1i64);
+        self.launch(
+            self.k.bias_grad_partial.of(dt),
+            (chunks as u32, 1, 1),
+            THREADS,
+            &[&part, &pi, &r, &c, &ld],
+        )?;
         self.sum_partials(po, part, chunks, 1, 1)
     }
 

@@ -27,6 +27,7 @@ use bertcuda::backend::device::emu::EmuOptions;
 pub use bertcuda::backend::{Backend, Buf, Dropout, DropoutKey, Ints, Kind, Memory, IGNORE_INDEX};
 pub use bertcuda::data::rng::KeyedRng;
 pub use bertcuda::model::config::Activation;
+pub use bertcuda::ops::Strides;
 
 pub const B: usize = 3;
 pub const T: usize = 37;

@@ -249,6 +249,25 @@ impl Emu {
         Ok(())
     }
 
+    /// `region` for each column of a column-major operand (rows × cols, leading dimension ld): what
+    /// cuBLAS touches, not the elements between a column's end and the next.
+    fn columns(
+        &self,
+        p: DevPtr,
+        (rows, cols, ld): (usize, usize, usize),
+        t: Elem,
+        write: bool,
+        what: &str,
+    ) -> Result<()> {
+        if ld == rows || cols <= 1 {
+            return self.region(p, operand_span(what, rows, cols, ld)? * t.size(), write, what);
+        }
+        for j in 0..cols {
+            self.region(p + (j * ld * t.size()) as u64, rows * t.size(), write, what)?;
+        }
+        Ok(())
+    }
+
     fn region(&self, p: DevPtr, bytes: usize, write: bool, what: &str) -> Result<()> {
         let what = std::ffi::CString::new(what).expect("no NUL");
         checked(|err, cap| unsafe {
@@ -378,11 +397,11 @@ impl Device for Emu {
         }
         let read_c = g.beta != 0.0;
         if g.k > 0 {
-            self.region(g.a, sa * g.a_type.size(), false, "matrix product operand A")?;
-            self.region(g.b, sb * g.b_type.size(), false, "matrix product operand B")?;
+            self.columns(g.a, (ar, ac, g.lda), g.a_type, false, "matrix product operand A")?;
+            self.columns(g.b, (br, bc, g.ldb), g.b_type, false, "matrix product operand B")?;
         }
         // C is read only when beta is not 0 (then it must have been written).
-        self.region(g.c, sc * g.c_type.size(), !read_c, "matrix product output C")?;
+        self.columns(g.c, (g.m, g.n, g.ldc), g.c_type, !read_c, "matrix product output C")?;
         // SAFETY: each region was checked to lie inside one live allocation.
         let (a, b) = unsafe {
             if g.k > 0 {

@@ -1,7 +1,7 @@
 //! The activations the backward pass needs, allocated once for the largest batch and sequence
 //! ([`Capacity`]) and reused by every step; shapes for N = batch·seq rows, R ≤ N head rows.
 
-use super::Capacity;
+use super::{logit_stride, Capacity};
 use crate::backend::{Backend, Buf, Ints, Kind};
 use crate::error::Result;
 use crate::model::config::ModelConfig;
@@ -119,7 +119,7 @@ impl Acts {
             head_mean: st(n)?,
             head_rstd: st(n)?,
             head_h: f(n * h)?,
-            logits: f(capacity.logit_rows * v)?,
+            logits: f(capacity.logit_rows * logit_stride(v))?,
             mlm_losses: st(n)?,
             loss_sum: st(1)?,
             dx: f(n * h)?,

@@ -30,7 +30,7 @@ impl<'a, B: Backend> Bert<'a, B> {
         in_f: usize,
         out_f: usize,
     ) -> Result<()> {
-        self.be.linear(out, inp, self.p(w, out_f * in_f), self.p(b, out_f), rows, in_f, out_f)
+        self.be.linear(out, inp, self.p(w, out_f * in_f), self.p(b, out_f), (rows, in_f, out_f), out_f)
     }
 
     /// dinp (rows, in) = or += dout · W; dW += doutᵀ · inp; db += Σ dout (unless `b` is None: the bias
@@ -62,9 +62,14 @@ impl<'a, B: Backend> Bert<'a, B> {
             )?;
         }
         match b {
-            Some(b) => {
-                be.linear_param_grads(self.g(w, out_f * in_f), self.g(b, out_f), dout, inp, rows, in_f, out_f)
-            }
+            Some(b) => be.linear_param_grads(
+                self.g(w, out_f * in_f),
+                self.g(b, out_f),
+                dout,
+                inp,
+                (rows, in_f, out_f),
+                out_f,
+            ),
             None => be.matmul(
                 self.g(w, out_f * in_f),
                 dout,

@@ -2,9 +2,10 @@
 //! decoder tied to the word embeddings) on the rows asked for — forward, loss and backward of each.
 
 use super::inputs::{Inputs, Losses, StepOptions};
-use super::Bert;
-use crate::backend::{Backend, Buf, IGNORE_INDEX};
+use super::{logit_stride, Bert};
+use crate::backend::{strided_len, Backend, Buf, IGNORE_INDEX};
 use crate::error::Result;
+use crate::ops::Strides;
 
 impl<'a, B: Backend> Bert<'a, B> {
     pub(super) fn pooler_fwd(&self, inp: &Inputs) -> Result<()> {
@@ -73,19 +74,20 @@ impl<'a, B: Backend> Bert<'a, B> {
         Ok(Some(be.download_f64(self.a.loss_sum)?[0]))
     }
 
-    /// Logits of head rows [r0, r0 + k) into the logits buffer: head_h · word_embeddingsᵀ + bias.
+    /// Logits of head rows [r0, r0 + k) into the logits buffer, (k, V) in rows `logit_stride(V)` apart:
+    /// head_h · word_embeddingsᵀ + bias.
     pub(super) fn decoder_fwd(&self, r0: usize, k: usize) -> Result<Buf> {
         let (be, a, top, c) = (self.be, &self.a, &self.table.top, &self.config);
         let (h, v) = (c.hidden_size, c.vocab_size);
-        let logits = a.logits.prefix(k * v);
+        let ld = logit_stride(v);
+        let logits = a.logits.prefix(strided_len(k, v, ld));
         be.linear(
             logits,
             a.head_h.at(r0 * h, k * h),
             self.p(top.word, v * h),
             self.p(top.mlm_bias, v),
-            k,
-            h,
-            v,
+            (k, h, v),
+            ld,
         )?;
         Ok(logits)
     }
@@ -106,7 +108,7 @@ impl<'a, B: Backend> Bert<'a, B> {
         let denom = o.norm.map_or(b, |n| n.sequences).max(1);
         let scale = backward.then_some(loss_scale as f64 / denom as f64);
         if o.accuracy {
-            be.argmax_rows(a.predictions, a.nsp_logits.prefix(b * 2), b, 2)?;
+            be.argmax_rows(a.predictions, a.nsp_logits.prefix(b * 2), (b, 2, 2))?;
             let pred = be.download_ints(a.predictions.prefix(b))?;
             losses.nsp_correct = pred.iter().zip(nsp).filter(|(p, l)| **p as u32 == **l).count();
         }
@@ -114,8 +116,7 @@ impl<'a, B: Backend> Bert<'a, B> {
             a.nsp_losses.prefix(b),
             a.nsp_logits.prefix(b * 2),
             a.nsp_labels.prefix(b),
-            b,
-            2,
+            (b, 2, 2),
             scale,
             o.loss_scale_by,
         )?;
@@ -155,6 +156,7 @@ impl<'a, B: Backend> Bert<'a, B> {
     pub(super) fn mlm_head(&self, inp: &Inputs, o: &StepOptions, losses: &mut Losses) -> Result<()> {
         let (be, a, top) = (self.be, &self.a, &self.table.top);
         let (n, h, v) = (inp.batch * inp.seq, self.config.hidden_size, self.config.vocab_size);
+        let ld = logit_stride(v);
         let (backward, loss_scale) = (o.backward, o.loss_scale);
         let rows = inp.head_rows.len();
         let counted = inp.head_labels.map(|l| l.iter().filter(|&&x| x != IGNORE_INDEX).count()).unwrap_or(0);
@@ -170,34 +172,25 @@ impl<'a, B: Backend> Bert<'a, B> {
                 let k = self.capacity.logit_rows.min(rows - r0);
                 let logits = self.decoder_fwd(r0, k)?;
                 if o.accuracy {
-                    be.argmax_rows(a.predictions, logits, k, v)?;
+                    be.argmax_rows(a.predictions, logits, (k, v, ld))?;
                     let pred = be.download_ints(a.predictions.prefix(k))?;
                     let labels = &inp.head_labels.expect("counted > 0")[r0..r0 + k];
                     losses.mlm_correct += pred.iter().zip(labels).filter(|(p, l)| *p == *l).count();
                 }
                 let labels = a.head_labels.at(r0, k);
-                be.cross_entropy(a.mlm_losses.at(r0, k), logits, labels, k, v, scale, o.loss_scale_by)?;
+                be.cross_entropy(a.mlm_losses.at(r0, k), logits, labels, (k, v, ld), scale, o.loss_scale_by)?;
                 if backward {
                     // logits now hold d(loss)/d(logits): the decoder's backward, tied weight included
-                    be.matmul(
-                        a.dhead.at(r0 * h, k * h),
-                        logits,
-                        self.p(top.word, v * h),
-                        k,
-                        h,
-                        v,
-                        false,
-                        false,
-                        false,
-                    )?;
+                    let (dhead, word) = (a.dhead.at(r0 * h, k * h), self.p(top.word, v * h));
+                    let strided = Strides { a: Some(ld), ..Strides::DENSE };
+                    be.matmul_strided(dhead, logits, word, (k, h, v), false, false, false, strided)?;
                     be.linear_param_grads(
                         self.g(top.word, v * h),
                         self.g(top.mlm_bias, v),
                         logits,
                         a.head_h.at(r0 * h, k * h),
-                        k,
-                        h,
-                        v,
+                        (k, h, v),
+                        ld,
                     )?;
                 }
                 r0 += k;

@@ -34,6 +34,17 @@ pub struct Capacity {
     pub logit_rows: usize,
 }
 
+/// The MLM logits' rows are this many elements apart at least: the vocabulary (30522 in BERT's) padded
+/// to a multiple of 64 (30528), so every row starts 16-byte aligned and the decoder's products, its bias
+/// epilogues and the cross-entropy's vectors apply. The padding is never read or written; the
+/// parameters and checkpoints keep the vocabulary's shapes.
+pub const LOGIT_ROW_ALIGN: usize = 64;
+
+/// The row stride of the MLM logits for a vocabulary of `v`.
+pub fn logit_stride(v: usize) -> usize {
+    v.next_multiple_of(LOGIT_ROW_ALIGN)
+}
+
 impl Capacity {
     pub fn new(max_batch: usize, max_seq: usize) -> Self {
         Capacity { max_batch, max_seq, logit_rows: 2048.min(max_batch * max_seq).max(1) }
@@ -155,7 +166,7 @@ impl<'a, B: Backend> Bert<'a, B> {
         self.upload_inputs(inp)?;
         self.encoder_fwd(inp, None)?;
         let rows = inp.head_rows.len();
-        let v = self.config.vocab_size;
+        let (v, ld) = (self.config.vocab_size, logit_stride(self.config.vocab_size));
         let mut out = Vec::with_capacity(rows * v);
         if rows == 0 {
             return Ok(out);
@@ -164,7 +175,8 @@ impl<'a, B: Backend> Bert<'a, B> {
         let mut r0 = 0;
         while r0 < rows {
             let k = self.capacity.logit_rows.min(rows - r0);
-            out.extend(self.be.download(self.decoder_fwd(r0, k)?)?);
+            let logits = self.be.download(self.decoder_fwd(r0, k)?)?;
+            out.extend(logits.chunks(ld).flat_map(|row| &row[..v]));
             r0 += k;
         }
         Ok(out)
